@@ -1,0 +1,51 @@
+# atomicfs: `make demo` and `make test` do all set-up on a fresh Debian machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DEB_PACKAGES := fuse3 libfuse3-dev pkg-config gcc libisal-dev xfsprogs e2fsprogs util-linux \
+                fio attr
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+NATIVE := atomicfs/_native$(shell $(PYTHON) -c 'import sysconfig;print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
+DEMO_IMG ?= ./atomicfs.img
+PYTEST_ARGS ?=
+
+.PHONY: setup deps venv native test test-unit demo crashtest bench apps clean
+
+setup: deps venv native
+	@test -x $(VENV)/bin/atomicfs
+
+# Debian packages: install only what is missing (idempotent, quiet when all is there).
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
+	if ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then missing="$$missing python3-venv"; fi; \
+	if ! $(PYTHON) -c 'import sysconfig,os,sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"],"Python.h")))'; then missing="$$missing python3-dev"; fi; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	@touch $@
+
+native: $(NATIVE)
+
+$(NATIVE): native/atomicfs_native.c native/atomicfs_native.h native/build.py $(VENV)/.installed
+	$(PY) native/build.py
+
+test: setup
+	CI=$${CI:-} $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit tests/fs
+
+demo: setup
+	DEMO_IMG=$(DEMO_IMG) $(PY) -m atomicfs.demo
+
+clean:
+	rm -rf build *.egg-info atomicfs/_native.* .pytest_cache

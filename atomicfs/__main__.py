@@ -1,0 +1,3 @@
+from atomicfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""Free space: which device blocks of the data area are in use.
+
+The allocator is not stored on disk. At mount it is rebuilt from the metadata (every file's
+extents, the current snapshot, the fixed regions), so there is no allocation state that a
+crash could leave inconsistent.
+
+Three rules keep it crash-safe and keep writes from failing late:
+
+* Blocks freed by a metadata change become reusable only once the log batch holding that
+  change is durable (`free_after` / `release_durable`); until then a crash could bring the
+  old owner back, and its data must still be there.
+* Writes reserve the blocks they will need when their data reaches the device (delayed
+  allocation); a write that cannot reserve fails with ENOSPC at write time, not later.
+* A reserve of blocks is kept out of reach of file data so that a metadata snapshot can
+  always be written, whatever the fill level.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+from atomicfs import native
+from atomicfs.errors import NoSpace
+
+log = logging.getLogger(__name__)
+
+
+class Allocator:
+    """Bitmap allocator over [data_start, total_blocks)."""
+
+    def __init__(self, total_blocks: int, data_start: int) -> None:
+        self.total_blocks = total_blocks
+        self.data_start = data_start
+        self._bitmap = bytearray((total_blocks + 7) // 8)
+        # Everything before the data area (superblocks, log) is never handed out.
+        native.bitmap_set(self._bitmap, 0, data_start, True)
+        self._used = data_start
+        self._reserved = 0  # blocks promised to dirty data not yet allocated
+        self._pending: list[tuple[int, list[tuple[int, int]]]] = []  # (batch seq, extents)
+        self._pending_blocks = 0
+        self._goal = data_start
+        self.meta_reserve = self._minimum_meta_reserve()
+
+    # ----------------------------------------------------------------------- accounting
+
+    def _minimum_meta_reserve(self) -> int:
+        return max(64, (self.total_blocks - self.data_start) // 256)
+
+    @property
+    def data_blocks(self) -> int:
+        return self.total_blocks - self.data_start
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks neither in use nor waiting for a commit to be freed."""
+        return self.total_blocks - self._used
+
+    @property
+    def available_blocks(self) -> int:
+        """What new file data may still claim (statfs f_bavail)."""
+        return max(0, self.free_blocks - self._pending_blocks - self._reserved
+                   - self.meta_reserve)
+
+    @property
+    def reserved_blocks(self) -> int:
+        return self._reserved
+
+    @property
+    def pending_blocks(self) -> int:
+        return self._pending_blocks
+
+    def set_snapshot_estimate(self, snapshot_bytes: int, block_size: int) -> None:
+        """Keep room for two snapshots of this size (the old one lives until the new one
+        is committed)."""
+        need = 2 * math.ceil(snapshot_bytes / block_size) + 16
+        self.meta_reserve = max(self._minimum_meta_reserve(), need)
+
+    # ------------------------------------------------------------------- reservations
+
+    def reserve(self, count: int) -> None:
+        """Promise count blocks to dirty data; NoSpace when they are not there."""
+        if count <= 0:
+            return
+        if count > self.available_blocks:
+            raise NoSpace(f"cannot reserve {count} blocks")
+        self._reserved += count
+
+    def unreserve(self, count: int) -> None:
+        if count < 0 or count > self._reserved:
+            raise ValueError(f"unreserve {count} of {self._reserved} reserved blocks")
+        self._reserved -= count
+
+    # -------------------------------------------------------------------- allocation
+
+    def mark_used(self, start: int, count: int) -> None:
+        """Record blocks found in use (mount, replay); raise if any is already in use."""
+        self._check_range(start, count)
+        if native.bitmap_count_set(self._bitmap, start, count):
+            raise ValueError(f"blocks {start}+{count} are already in use")
+        native.bitmap_set(self._bitmap, start, count, True)
+        self._used += count
+
+    def is_used(self, start: int, count: int = 1) -> int:
+        """How many of the blocks in [start, start+count) are in use."""
+        return native.bitmap_count_set(self._bitmap, start, count)
+
+    def allocate(self, want: int, goal: int = 0, align: int = 1, min_len: int | None = None,
+                 reserved: int = 0, metadata: bool = False) -> tuple[int, int]:
+        """Allocate up to `want` blocks, at least min_len (default: all of them), starting
+        on a multiple of align, as close after goal as possible.
+
+        reserved: how many blocks of this request the caller reserved earlier (it converts
+        them with `unreserve` afterwards); they may come out of the reserved pool.
+        metadata: a snapshot allocation, which may use the metadata reserve.
+        Returns (start, count); raises NoSpace.
+        """
+        if min_len is None:
+            min_len = want
+        limit = self.free_blocks - self._pending_blocks - self._reserved + reserved
+        if not metadata:
+            limit -= self.meta_reserve
+        if min_len > limit:
+            raise NoSpace(f"no room for {min_len} blocks")
+        want = min(want, max(limit, min_len))
+        start, count = native.bitmap_find(self._bitmap, self.data_start, self.total_blocks,
+                                          goal or self._goal, want, min_len, align)
+        if start < 0:
+            raise NoSpace(f"no free run of {min_len} blocks aligned to {align}")
+        count = min(count, want)
+        native.bitmap_set(self._bitmap, start, count, True)
+        self._used += count
+        self._goal = start + count
+        return start, count
+
+    def free_now(self, start: int, count: int) -> None:
+        """Return blocks that no durable metadata references (e.g. a write that failed)."""
+        self._check_range(start, count)
+        if native.bitmap_count_set(self._bitmap, start, count) != count:
+            raise ValueError(f"freeing blocks {start}+{count} that are not all in use")
+        native.bitmap_set(self._bitmap, start, count, False)
+        self._used -= count
+
+    def free_after(self, seq: int, extents: list[tuple[int, int]]) -> None:
+        """Free extents once log batch `seq` (which records their release) is durable."""
+        if not extents:
+            return
+        for start, count in extents:
+            self._check_range(start, count)
+        self._pending.append((seq, list(extents)))
+        self._pending_blocks += sum(c for _, c in extents)
+
+    def release_durable(self, durable_seq: int) -> int:
+        """Free what was waiting for batches up to durable_seq; returns blocks freed."""
+        freed = 0
+        keep: list[tuple[int, list[tuple[int, int]]]] = []
+        for seq, extents in self._pending:
+            if seq <= durable_seq:
+                for start, count in extents:
+                    self.free_now(start, count)
+                    freed += count
+            else:
+                keep.append((seq, extents))
+        self._pending = keep
+        self._pending_blocks -= freed
+        return freed
+
+    def _check_range(self, start: int, count: int) -> None:
+        if count <= 0 or start < self.data_start or start + count > self.total_blocks:
+            raise ValueError(f"block range {start}+{count} outside the data area")

@@ -1,0 +1,174 @@
+"""The `atomicfs` command: one function per subcommand."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+from atomicfs import __version__
+from atomicfs.errors import UserError
+from atomicfs.sizes import format_size, parse_size
+
+log = logging.getLogger(__name__)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like argparse but shorter
+        self.exit(2, f"atomicfs: {message} (see atomicfs {self.prog.split()[-1]} --help)\n"
+                  if " " in self.prog else f"atomicfs: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="atomicfs", description="FUSE filesystem with buffered atomic writes "
+                "and write-through writes")
+    p.add_argument("--version", action="version", version=f"atomicfs {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("mkfs", help="format a block device or image file")
+    s.add_argument("target")
+    s.add_argument("--size", type=_size, help="create (or resize) an image file of SIZE")
+    s.add_argument("--atomic-unit", type=_size, default=0,
+                   help="atomic unit of the root directory (inherited by new files)")
+    s.add_argument("--block-size", type=_size, default=4096)
+    s.add_argument("--force", action="store_true", help="overwrite an existing filesystem")
+    s.set_defaults(func=cmd_mkfs)
+
+    s = sub.add_parser("mount", help="mount a filesystem")
+    s.add_argument("target")
+    s.add_argument("mountpoint")
+    s.add_argument("-o", dest="options", action="append", default=[],
+                   metavar="OPT[,OPT...]")
+    s.add_argument("--foreground", "-f", action="store_true",
+                   help="stay attached (log to stderr)")
+    s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("umount", help="write back, unmount and wait for the daemon")
+    s.add_argument("mountpoint")
+    s.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("fsck", help="read-only check")
+    s.add_argument("target")
+    s.set_defaults(func=cmd_fsck)
+
+    s = sub.add_parser("stat", help="atomic and write-through state of a file or mount")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_stat)
+
+    s = sub.add_parser("crashtest", help="crash-consistency explorer")
+    s.add_argument("--workload", default="units")
+    s.add_argument("--states", type=int, default=200)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--tear", type=int, default=512)
+    s.add_argument("--kills", type=int, default=0)
+    s.add_argument("--device", choices=["file", "loop", "xfs"], default="file")
+    s.add_argument("--control", action="store_true",
+                   help="switch atomic protection off: the explorer must see torn units")
+    s.add_argument("--workdir", default=None)
+    s.set_defaults(func=cmd_crashtest)
+    return p
+
+
+def cmd_mkfs(args: argparse.Namespace) -> int:
+    from atomicfs.mkfs import mkfs
+    sb = mkfs(args.target, size=args.size, atomic_unit=args.atomic_unit,
+              block_size=args.block_size, force=args.force)
+    print(f"atomicfs: formatted {args.target}: {format_size(sb.total_blocks * sb.block_size)}"
+          f", block size {sb.block_size}, log {format_size(sb.log_bytes)}"
+          + (f", atomic unit {sb.atomic_unit}" if sb.atomic_unit else ""))
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from atomicfs.daemon import mount
+    from atomicfs.options import parse_mount_options
+    try:
+        opts = parse_mount_options(args.options)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return mount(args.target, args.mountpoint, opts, args.foreground)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from atomicfs.daemon import umount
+    return umount(args.mountpoint)
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from atomicfs.fsck import fsck
+    rep = fsck(args.target)
+    for note in rep.notes:
+        print(f"note: {note}")
+    for problem in rep.problems:
+        print(f"damage: {problem}")
+    state = "clean" if rep.clean else f"{len(rep.problems)} problems"
+    print(f"{args.target}: {state}; {rep.inodes} inodes ({rep.files} files, "
+          f"{rep.directories} directories), {rep.used_blocks}/{rep.total_blocks} blocks used")
+    return 0 if rep.clean else 1
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    from atomicfs.daemon import read_stat
+    data = read_stat(args.path)
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        _print_stat(args.path, data)
+    return 0
+
+
+def _print_stat(path: str, data: dict[str, Any]) -> None:
+    if "cache" in data:
+        c, d, k = data["cache"], data["device"], data["counters"]
+        print(f"{path}: atomicfs on {d['path']} (pid {data['pid']})")
+        print(f"  device: atomic path {d['atomic_path']}, atomic writes "
+              f"{d['atomic_unit_min']}..{d['atomic_unit_max']} bytes")
+        print(f"  cache: {format_size(c['bytes'])} of {format_size(c['limit'])}, dirty "
+              f"{format_size(c['dirty_bytes'])}, writeback {format_size(c['writeback_bytes'])}")
+        print("  counters: " + ", ".join(f"{n}={v}" for n, v in sorted(k.items()) if v))
+        return
+    f = data["folios"]
+    unit = data["atomic_unit"]
+    print(f"{path}: " + (f"atomic unit {unit} ({data['atomic_path']} path"
+                         + (", strict" if data["atomic_strict"] else "") + ")"
+                         if unit else "not atomic")
+          + (", write-through" if data["writethrough"] else ""))
+    print(f"  folios: {f['cached']} cached, {f['dirty']} dirty, {f['writeback']} writeback, "
+          f"{f['atomic']} atomic; write-throughs in flight {f['writethrough_inflight']}"
+          + (", stable" if f["stable"] else ""))
+
+
+def cmd_crashtest(args: argparse.Namespace) -> int:
+    from atomicfs.crash import run_crashtest
+    return run_crashtest(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "mount":
+        logging.basicConfig(level=logging.WARNING, format="atomicfs: %(message)s")
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"atomicfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

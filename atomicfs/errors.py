@@ -1,0 +1,29 @@
+"""Exceptions that carry a user-facing, one-line message."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake or condition the user can act on; printed as one line, no traceback."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class NotAtomicfs(UserError):
+    """The target holds no atomicfs filesystem (or not one this version can read)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, exit_code=2)
+
+
+class CorruptFilesystem(Exception):
+    """On-disk structures contradict each other; fsck reports these as damage."""
+
+
+class NoSpace(Exception):
+    """The allocator has no free blocks for the request."""
+
+
+class DeviceError(OSError):
+    """A device read, write or flush failed; errno is that of the system call."""

@@ -1,0 +1,617 @@
+"""The log: checksummed batches of metadata records and atomic data, commit, replay.
+
+Writing. Metadata changes and software-path atomic data are appended to the *pending*
+batch. One writer task takes the pending batch, writes it as one sequential O_DIRECT write
+into the log ring, flushes, and wakes everybody waiting for it. While it does, new records
+gather in the next batch: that is group commit, and it is why four durable writers cost
+about as many device flushes as one.
+
+Ordering. A batch that maps freshly written in-place data (EXTENT_SET after a data write)
+carries a *barrier*: the device flush covering that data completes before the batch is
+written, so a crash never exposes blocks whose data did not reach the disk.
+
+Resident units. A unit whose newest durable version lives only in the log (DATA record,
+home copy not yet written) is *resident*. Every later writeback of it goes through the log
+too, so replay (which applies DATA records in log order) can never roll back a newer
+in-place copy. A checkpoint writes resident units home and then moves the log tail past
+their records.
+
+Replay. Batches are read from the tail while their checksum, sequence number and position
+hold; the first that fails ends the log (a torn tail is dropped whole). Metadata records are
+applied in order; DATA records are written home at the end, but only where the final
+metadata still maps that file block to that device block, so blocks freed (and maybe
+reused) after a DATA record are never overwritten by it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import trio
+
+from atomicfs import format as fmt
+from atomicfs.alloc import Allocator
+from atomicfs.device import Device
+from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace
+from atomicfs.metadata import Extent, Metadata
+from atomicfs.native import Buffer, Segment
+from atomicfs.stats import Counters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataRun:
+    """One DATA record: blocks of a file written into the log."""
+
+    fblock: int
+    dblock: int
+    nblocks: int
+    log_pos: int  # byte offset of its payload within the log region (set when written)
+    seq: int  # the batch holding it
+
+
+@dataclass
+class Resident:
+    """The newest logged version of one folio whose home copy may be older."""
+
+    ino: int
+    index: int  # folio index in the file
+    seq: int  # batch holding the newest record
+    runs: list[DataRun] = field(default_factory=list)
+
+
+class PendingBatch:
+    __slots__ = ("seq", "meta", "payloads", "data_runs", "barrier_gen", "done", "error",
+                 "payload_bytes", "sealed", "checkpoint")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.meta = bytearray()
+        self.payloads: list[tuple[Buffer, int]] = []  # buffer, padded length
+        self.data_runs: list[DataRun] = []
+        self.barrier_gen = -1  # device flush generation that must be covered first
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+        self.payload_bytes = 0
+        self.sealed = trio.Event()
+        self.checkpoint = False  # the boundary of a running checkpoint: may use the reserve
+
+    @property
+    def empty(self) -> bool:
+        return not self.meta and not self.payloads
+
+
+class LogFailed(DeviceError):
+    """The log could not be written; the filesystem refuses further changes."""
+
+
+class Journal:
+    """Owns the log region: appends, the writer task, space, and resident units."""
+
+    def __init__(self, dev: Device, sb: fmt.Superblock, metadata: Metadata, alloc: Allocator,
+                 counters: Counters, head_pos: int, head_seq: int,
+                 commit_interval: float = 5.0) -> None:
+        self.dev = dev
+        self.sb = sb
+        self.md = metadata
+        self.alloc = alloc
+        self.counters = counters
+        self.bs = sb.block_size
+        self.log_size = sb.log_bytes
+        self.max_batch = max(4 * self.bs, min(8 << 20, self.log_size // 8))
+        self.commit_interval = commit_interval
+        self.tail_pos = sb.log_tail
+        self.tail_seq = sb.log_seq
+        self.head_pos = head_pos  # where the next batch goes
+        # Space is counted in cumulative bytes placed (batches and wrap waste), so that the
+        # space between tail and head is exact even while batches are in flight.
+        self._placed = (head_pos - sb.log_tail) % self.log_size
+        self._tail_mark = 0
+        self._pending = PendingBatch(head_seq)
+        self._inflight: PendingBatch | None = None
+        self.durable_seq = head_seq - 1
+        self._batch_end: dict[int, tuple[int, int]] = {head_seq - 1: (head_pos, self._placed)}
+        self.resident: dict[tuple[int, int], Resident] = {}
+        self.failed: BaseException | None = None
+        self.snapshot_extents: list[Extent] = []
+        self._wakeup = trio.Event()
+        self._room = trio.Event()
+        self.want_checkpoint = trio.Event()
+
+    # ------------------------------------------------------------ MetadataSink
+
+    def record(self, rec: bytes) -> None:
+        self._pending.meta += rec
+
+    def release(self, extents: list[Extent]) -> None:
+        self.alloc.free_after(self._pending.seq, extents)
+
+    # ------------------------------------------------------------------ appends
+
+    @property
+    def pending_seq(self) -> int:
+        return self._pending.seq
+
+    def need_barrier(self, write_gen: int) -> None:
+        """The pending batch refers to data whose write completed at flush gen write_gen."""
+        self._pending.barrier_gen = max(self._pending.barrier_gen, write_gen)
+
+    async def wait_for_room(self, nbytes: int) -> None:
+        """Keep the pending batch below max_batch: seal it first if this would overflow."""
+        while not self._pending.empty and \
+                self._pending.payload_bytes + len(self._pending.meta) + nbytes > self.max_batch:
+            self._check_failed()
+            pending = self._pending
+            self._wakeup.set()
+            await pending.sealed.wait()
+
+    def append_data(self, ino: int, index: int, fblock: int, dblock: int,
+                    payload: Buffer, nblocks: int) -> int:
+        """Append a DATA record whose payload (already a private copy) holds nblocks blocks
+        of file block fblock, to land at device block dblock. Returns the batch seq."""
+        self._check_failed()
+        batch = self._pending
+        run = DataRun(fblock, dblock, nblocks, -1, batch.seq)
+        batch.meta += fmt.rec_data(ino, fblock, dblock, nblocks, batch.payload_bytes)
+        length = nblocks * self.bs
+        batch.payloads.append((payload, length))
+        batch.payload_bytes += length
+        batch.data_runs.append(run)
+        key = (ino, index)
+        res = self.resident.get(key)
+        if res is None or res.seq != batch.seq:
+            old_runs = res.runs if res is not None else []
+            # runs of the older record not overwritten now keep their older log copy
+            res = Resident(ino, index, batch.seq, [r for r in old_runs
+                                                   if not _overlaps(r, fblock, nblocks)])
+            self.resident[key] = res
+        else:
+            res.runs = [r for r in res.runs if not _overlaps(r, fblock, nblocks)]
+        res.runs.append(run)
+        return batch.seq
+
+    def is_resident(self, ino: int, index: int) -> bool:
+        return (ino, index) in self.resident
+
+    # ------------------------------------------------------------------- commit
+
+    def _check_failed(self) -> None:
+        if self.failed is not None:
+            raise LogFailed(5, f"the log cannot be written: {self.failed}")
+
+    def has_pending(self) -> bool:
+        return not self._pending.empty or bool(self.md._dirty)
+
+    async def commit(self, seq: int | None = None) -> None:
+        """Wait until every batch up to seq (default: everything appended so far, including
+        dirty inode attributes) is durable."""
+        self._check_failed()
+        if seq is None:
+            seq = self._pending.seq if self.has_pending() else self._pending.seq - 1
+        while self.durable_seq < seq:
+            self._check_failed()
+            if self._inflight is not None and self._inflight.seq >= seq:
+                batch = self._inflight
+            else:
+                batch = self._pending
+                self._wakeup.set()
+            await batch.done.wait()
+            if batch.error is not None:
+                raise LogFailed(5, f"log write failed: {batch.error}")
+
+    def kick(self) -> None:
+        self._wakeup.set()
+
+    # ------------------------------------------------------------------- writer
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            with trio.move_on_after(self.commit_interval):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            if self.failed is None and self.has_pending():
+                await self._write_pending()
+
+    async def _write_pending(self) -> None:
+        self.md.flush_dirty()
+        batch = self._pending
+        if batch.empty:
+            return
+        self._pending = PendingBatch(batch.seq + 1)
+        self._inflight = batch
+        batch.sealed.set()
+        try:
+            await self._write_batch(batch)
+        except BaseException as exc:
+            # A batch that did not reach the log leaves memory ahead of the disk: stop.
+            self.failed = exc
+            batch.error = exc
+            log.error("log write failed, filesystem stops accepting changes: %s", exc)
+            self._pending.error = exc
+            self._pending.done.set()
+            raise_if_cancelled(exc)
+        finally:
+            batch.done.set()
+            self._inflight = None
+
+    def _assemble(self, batch: PendingBatch, pos: int) -> tuple[list[Segment], int]:
+        meta = bytes(batch.meta)
+        hdr_area = fmt.header_area_size(len(meta), self.bs)
+        total = hdr_area + batch.payload_bytes
+        header = fmt.BatchHeader(self.sb.uuid_tag, batch.seq, pos, total, len(meta),
+                                 len(batch.payloads))
+        hbuf = Buffer(hdr_area)
+        hbuf.write(0, header.pack(0))
+        hbuf.write(fmt.BATCH_HEADER_SIZE, meta)
+        crc = hbuf.crc32c()
+        for buf, length in batch.payloads:
+            crc = buf.crc32c(0, length, crc)
+        hbuf.write(0, header.pack(crc))
+        segments: list[Segment] = [(hbuf, 0, hdr_area)]
+        segments += [(buf, 0, length) for buf, length in batch.payloads]
+        off = pos + hdr_area
+        for run in batch.data_runs:
+            run.log_pos = off
+            off += run.nblocks * self.bs
+        return segments, total
+
+    @property
+    def used(self) -> int:
+        """Bytes of the log between the tail and the head."""
+        return self._placed - self._tail_mark
+
+    async def _place(self, size: int, boundary: bool) -> int:
+        """Find the log position for a batch of this size, waiting for a checkpoint to
+        free space when the log is too full. A checkpoint's boundary batch may use the
+        last quarter, which other batches leave free for it."""
+        if size > self.log_size // 4:
+            raise CorruptFilesystem(f"log batch of {size} bytes exceeds the log")
+        while True:
+            pos = self.head_pos
+            waste = 0
+            if pos + size > self.log_size:
+                waste, pos = self.log_size - pos, 0
+            limit = self.log_size - self.bs if boundary else self.log_size * 3 // 4
+            if self.used + waste + size <= limit:
+                self._placed += waste + size
+                self.head_pos = pos + size
+                if self.head_pos + self.bs > self.log_size:
+                    self.head_pos = 0
+                if self.used > self.log_size // 2:
+                    self.want_checkpoint.set()
+                return pos
+            self.want_checkpoint.set()
+            room = self._room
+            await room.wait()
+
+    async def _write_batch(self, batch: PendingBatch) -> None:
+        hdr = fmt.header_area_size(len(batch.meta), self.bs)
+        pos = await self._place(hdr + batch.payload_bytes, batch.checkpoint)
+        placed_after = self._placed
+        segments, total = self._assemble(batch, pos)
+        if batch.barrier_gen >= 0:
+            await self.dev.flush_covering(batch.barrier_gen)
+        for i in range(0, len(segments), 512):
+            chunk = segments[i: i + 512]
+            off = pos + sum(n for _, _, n in segments[:i])
+            await self.dev.writev(self.sb.log_offset + off, chunk, "log")
+        await self.dev.flush()
+        self._batch_end[batch.seq] = (pos + total if pos + total + self.bs <= self.log_size
+                                      else 0, placed_after)
+        self.durable_seq = batch.seq
+        self.counters.log_batches += 1
+        self.counters.log_bytes += total
+        self.alloc.release_durable(batch.seq)
+
+    # --------------------------------------------------------------- checkpoints
+
+    def seal_for_checkpoint(self) -> int:
+        """Mark the current pending batch (if any) as the checkpoint boundary; returns the
+        sequence number of the last batch the checkpoint covers."""
+        self.md.flush_dirty()
+        if self._pending.empty:
+            return self._pending.seq - 1
+        self._pending.checkpoint = True
+        self._wakeup.set()
+        return self._pending.seq
+
+    def batch_end(self, seq: int) -> int:
+        """Log position just after batch seq (where replay continues)."""
+        return self._batch_end[seq][0]
+
+    def advance_tail(self, seq: int) -> None:
+        """The checkpoint covering batches up to seq is durable: reclaim their log space
+        and forget resident units whose newest record it covered."""
+        end_pos, placed = self._batch_end[seq]
+        self.tail_pos = end_pos
+        self.tail_seq = seq + 1
+        self._tail_mark = placed
+        for s in [s for s in self._batch_end if s < seq]:
+            del self._batch_end[s]
+        for key, res in list(self.resident.items()):
+            # runs up to seq are home now; later records of the same folio stay resident
+            res.runs = [r for r in res.runs if r.seq > seq]
+            if not res.runs:
+                del self.resident[key]
+        room, self._room = self._room, trio.Event()
+        room.set()
+        self.want_checkpoint = trio.Event()
+        if self.used > self.log_size // 2:
+            self.want_checkpoint.set()
+
+
+    async def write_checkpoint(self, snapshot: bytes, boundary_seq: int,
+                               next_ino: int) -> None:
+        """Write a snapshot of the metadata as of batch boundary_seq (durable already),
+        then the superblock pointing at it and at the log after that batch. Only then is
+        the old snapshot freed and the log space before the boundary reclaimed."""
+        bs = self.bs
+        sb = self.sb
+        extents, payload_blocks = self._allocate_snapshot(len(snapshot))
+        buf = Buffer((1 + payload_blocks) * bs)
+        buf.write(bs, snapshot)
+        header = fmt.SnapshotHeader(sb.uuid, sb.seq + 1, len(snapshot), next_ino,
+                                    buf.crc32c(bs, len(snapshot)), extents)
+        buf.write(0, header.pack(bs))
+        try:
+            off = 0
+            for dblock, count in extents:
+                await self.dev.writev(dblock * bs, [(buf, off, count * bs)], "snapshot")
+                off += count * bs
+            await self.dev.flush()
+            end_pos = self.batch_end(boundary_seq)
+            new_sb = fmt.Superblock(**{**sb.__dict__})
+            new_sb.seq = sb.seq + 1
+            new_sb.snap_block = extents[0][0]
+            new_sb.snap_seq = new_sb.seq
+            new_sb.log_tail = end_pos
+            new_sb.log_seq = boundary_seq + 1
+            new_sb.next_ino = next_ino
+            new_sb.ckpt_time_ns = time.time_ns()
+            await write_superblock(self.dev, new_sb)
+        except BaseException:
+            for dblock, count in extents:
+                self.alloc.free_now(dblock, count)
+            raise
+        old, self.snapshot_extents = self.snapshot_extents, extents
+        for dblock, count in old:
+            self.alloc.free_now(dblock, count)
+        self.sb = new_sb
+        self.advance_tail(boundary_seq)
+        self.alloc.set_snapshot_estimate(len(snapshot), bs)
+
+    def _allocate_snapshot(self, length: int) -> tuple[list[Extent], int]:
+        bs = self.bs
+        payload_blocks = (length + bs - 1) // bs
+        need = 1 + payload_blocks
+        extents: list[Extent] = []
+        limit = fmt.SnapshotHeader.max_extents(bs)
+        try:
+            while need > 0:
+                if len(extents) == limit:
+                    raise NoSpace("free space too fragmented for the metadata snapshot")
+                start, count = self.alloc.allocate(need, min_len=1, metadata=True)
+                extents.append((start, count))
+                need -= count
+        except NoSpace:
+            for dblock, count in extents:
+                self.alloc.free_now(dblock, count)
+            raise
+        return extents, payload_blocks
+
+
+async def write_superblock(dev: Device, sb: fmt.Superblock) -> None:
+    """Write sb into the slot its sequence number selects, durably."""
+    await dev.writev(superblock_offset(sb), [(_sb_buffer(sb), 0, fmt.MIN_BLOCK_SIZE)], "super")
+    await dev.flush()
+
+
+def write_superblock_sync(dev: Device, sb: fmt.Superblock) -> None:
+    dev.writev_sync(superblock_offset(sb), [(_sb_buffer(sb), 0, fmt.MIN_BLOCK_SIZE)], "super")
+    dev.flush_sync()
+
+
+def superblock_offset(sb: fmt.Superblock) -> int:
+    return (sb.seq % fmt.SB_SLOTS) * sb.block_size
+
+
+def _sb_buffer(sb: fmt.Superblock) -> Buffer:
+    buf = Buffer(fmt.MIN_BLOCK_SIZE)
+    buf.write(0, sb.pack())
+    return buf
+
+
+def read_superblock(dev: Device) -> fmt.Superblock:
+    """The valid superblock slot with the highest sequence number."""
+    from atomicfs.errors import NotAtomicfs
+    head = dev.read_sync(0, 128 << 10).bytes()
+    slot0: fmt.Superblock | None = None
+    errors: list[str] = []
+    try:
+        slot0 = fmt.Superblock.unpack(head[: fmt.MIN_BLOCK_SIZE])
+    except CorruptFilesystem as exc:
+        errors.append(str(exc))
+    found = [slot0] if slot0 is not None else []
+    bs = fmt.MIN_BLOCK_SIZE
+    while bs <= fmt.MAX_BLOCK_SIZE:  # slot 1 sits at one block; its size is in the slot
+        if slot0 is None or slot0.block_size == bs:
+            try:
+                sb = fmt.Superblock.unpack(head[bs: bs + fmt.MIN_BLOCK_SIZE])
+                if sb.block_size == bs and (slot0 is None or sb.uuid == slot0.uuid):
+                    found.append(sb)
+            except CorruptFilesystem as exc:
+                errors.append(str(exc))
+        bs *= 2
+    if not found:
+        foreign = fmt.identify_foreign(head)
+        if foreign:
+            raise NotAtomicfs(f"{dev.path} holds {foreign}, not atomicfs")
+        if head[:8] == fmt.MAGIC:
+            raise NotAtomicfs(f"{dev.path}: atomicfs superblock damaged ({errors[0]})")
+        if not any(head):
+            raise NotAtomicfs(f"{dev.path} is not an atomicfs filesystem (it is all zeros)")
+        raise NotAtomicfs(f"{dev.path} is not an atomicfs filesystem (no superblock)")
+    sb = max(found, key=lambda s: s.seq)
+    if sb.total_blocks * sb.block_size > dev.caps.size:
+        raise NotAtomicfs(f"{dev.path} is smaller ({dev.caps.size} bytes) than the "
+                          f"filesystem on it ({sb.total_blocks * sb.block_size} bytes)")
+    return sb
+
+
+def read_snapshot(dev: Device, sb: fmt.Superblock) -> tuple[bytes, list[Extent]]:
+    """The metadata stream of the snapshot the superblock points to, and its extents."""
+    bs = sb.block_size
+    if not sb.snap_block:
+        raise CorruptFilesystem("the superblock points to no metadata snapshot")
+    header = fmt.SnapshotHeader.unpack(dev.read_sync(sb.snap_block * bs, bs).bytes())
+    if header.uuid != sb.uuid:
+        raise CorruptFilesystem("the metadata snapshot belongs to another filesystem")
+    if not header.extents or header.extents[0][0] != sb.snap_block:
+        raise CorruptFilesystem("the metadata snapshot header lists no extents")
+    total = sum(c for _, c in header.extents)
+    if total * bs < bs + header.length:
+        raise CorruptFilesystem("the metadata snapshot is shorter than its header says")
+    for dblock, count in header.extents:
+        if dblock < sb.data_start or dblock + count > sb.total_blocks:
+            raise CorruptFilesystem("the metadata snapshot lies outside the data area")
+    buf = Buffer(total * bs)
+    off = 0
+    for dblock, count in header.extents:
+        dev.readv_sync(dblock * bs, [(buf, off, count * bs)])
+        off += count * bs
+    if buf.crc32c(bs, header.length) != header.payload_crc:
+        raise CorruptFilesystem("metadata snapshot checksum mismatch")
+    return buf.bytes(bs, header.length), header.extents
+
+
+def _overlaps(run: DataRun, fblock: int, nblocks: int) -> bool:
+    return run.fblock < fblock + nblocks and fblock < run.fblock + run.nblocks
+
+
+def raise_if_cancelled(exc: BaseException) -> None:
+    if isinstance(exc, trio.Cancelled):
+        raise exc
+
+
+# ---------------------------------------------------------------------------- replay
+
+@dataclass
+class ScannedBatch:
+    seq: int
+    pos: int
+    end: int
+    records: list[fmt.Record]
+    data: list[tuple[int, int, int, int, int]]  # ino, fblock, dblock, nblocks, log_pos
+
+
+def scan_log(dev: Device, sb: fmt.Superblock) -> Iterator[ScannedBatch]:
+    """Valid batches from the tail on, in order; stops at the first torn or stale one."""
+    bs = sb.block_size
+    size = sb.log_bytes
+    pos, seq = sb.log_tail, sb.log_seq
+    while True:
+        batch = _read_batch(dev, sb, pos, seq)
+        if batch is None and pos != 0:
+            batch = _read_batch(dev, sb, 0, seq)  # the writer wrapped around
+        if batch is None:
+            return
+        yield batch
+        pos, seq = batch.end, seq + 1
+        if pos + bs > size:
+            pos = 0
+
+
+def _read_batch(dev: Device, sb: fmt.Superblock, pos: int, seq: int) -> ScannedBatch | None:
+    bs = sb.block_size
+    if pos + bs > sb.log_bytes:
+        return None
+    first = dev.read_sync(sb.log_offset + pos, bs)
+    hdr = fmt.BatchHeader.unpack(first.bytes(0, fmt.BATCH_HEADER_SIZE))
+    if hdr is None or hdr.uuid_tag != sb.uuid_tag or hdr.seq != seq or hdr.pos != pos:
+        return None
+    total = hdr.total_len
+    hdr_area = fmt.header_area_size(hdr.meta_len, bs)
+    if total % bs or total < hdr_area or pos + total > sb.log_bytes:
+        return None
+    whole = dev.read_sync(sb.log_offset + pos, total) if total > bs else first
+    raw = bytearray(whole.bytes(0, hdr_area))
+    raw[fmt.CRC_FIELD_OFFSET: fmt.CRC_FIELD_OFFSET + 4] = b"\0\0\0\0"
+    from atomicfs.native import crc32c
+    crc = crc32c(raw)
+    crc = whole.crc32c(hdr_area, total - hdr_area, crc)
+    if crc != hdr.crc:
+        return None
+    meta = bytes(raw[fmt.BATCH_HEADER_SIZE: fmt.BATCH_HEADER_SIZE + hdr.meta_len])
+    records = []
+    data = []
+    try:
+        for r in fmt.decode_records(meta):
+            if r.rtype == fmt.REC_DATA:
+                ino, fblock, dblock, nblocks, poff = r.args
+                if hdr_area + poff + nblocks * bs > total:
+                    raise CorruptFilesystem("data record payload outside its batch")
+                data.append((ino, fblock, dblock, nblocks, pos + hdr_area + poff))
+            else:
+                records.append(r)
+    except CorruptFilesystem:
+        # A batch whose checksum holds but whose records do not parse was written by
+        # something else; treat it as the end of the log.
+        log.warning("log batch %d at %d has a valid checksum but bad records", seq, pos)
+        return None
+    return ScannedBatch(seq, pos, pos + total, records, data)
+
+
+@dataclass
+class ReplayResult:
+    batches: int = 0
+    records: int = 0
+    data_records: int = 0
+    data_blocks_written: int = 0
+    head_pos: int = 0
+    head_seq: int = 0
+
+
+def replay(dev: Device, sb: fmt.Superblock, md: Metadata, write_home: bool) -> ReplayResult:
+    """Apply the log to metadata loaded from the snapshot; with write_home, also write the
+    surviving DATA records to their home blocks (and flush)."""
+    res = ReplayResult(head_pos=sb.log_tail, head_seq=sb.log_seq)
+    data: list[tuple[int, int, int, int, int]] = []
+    for batch in scan_log(dev, sb):
+        for r in batch.records:
+            try:
+                md.apply(r)
+            except CorruptFilesystem as exc:
+                raise CorruptFilesystem(
+                    f"log batch {batch.seq} does not apply to the metadata: {exc}") from exc
+        data.extend(batch.data)
+        res.batches += 1
+        res.records += len(batch.records) + len(batch.data)
+        res.data_records += len(batch.data)
+        res.head_pos, res.head_seq = batch.end, batch.seq + 1
+    if res.head_pos + sb.block_size > sb.log_bytes:
+        res.head_pos = 0
+    if write_home and data:
+        res.data_blocks_written = _write_data_home(dev, sb, md, data)
+        dev.flush_sync()
+    return res
+
+
+def _write_data_home(dev: Device, sb: fmt.Superblock, md: Metadata,
+                     data: list[tuple[int, int, int, int, int]]) -> int:
+    bs = sb.block_size
+    written = 0
+    for ino, fblock, dblock, nblocks, log_pos in data:
+        inode = md.inodes.get(ino)
+        if inode is None or inode.extents is None:
+            continue
+        for f, d, n in inode.extents.runs(fblock, nblocks):
+            if d is None or d != dblock + (f - fblock):
+                continue  # unmapped or remapped since: this record was revoked
+            buf = dev.read_sync(sb.log_offset + log_pos + (f - fblock) * bs, n * bs)
+            dev.writev_sync(d * bs, [(buf, 0, n * bs)], "data")
+            written += n
+    return written

@@ -1,0 +1,679 @@
+"""The daemon's page cache: folios with per-block state, mappings, dirty accounting, LRU.
+
+A *folio* is a folio_size-aligned piece of one file in an aligned native buffer. For a file
+with atomic unit U the folio size is U; other files use the mount's default folio size.
+Its state, after iomap's per-folio state:
+
+    uptodate   bitmap: blocks whose buffer content is valid
+    dirty      bitmap: blocks newer in memory than on the device
+    reserved   bitmap: dirty blocks with no device block yet, for which space is reserved
+    atomic     the last write covered the whole folio: write it back as one untorn unit
+    writeback  an I/O from this buffer is in flight
+    wb_stable  that I/O needs the buffer unchanged (atomic, write-through, or home copy)
+    locked     blocks are being read in
+    logged_seq the newest copy of this folio is in log batch logged_seq (software path);
+               the folio stays in memory until a checkpoint has written it home
+
+The *mapping* of a file holds its folios and two pieces of RFC state: the number of
+write-throughs in flight and the stable flag (set by the first, cleared by the last). While
+a mapping is stable, nobody modifies a folio under writeback; they wait (stable_waits).
+
+This module also holds the generic buffered read and write paths (the role of
+mm/filemap.c): they decide which blocks to read, wait, copy and mark; the I/O itself is done
+by a FolioIO (the writeback layer).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections import OrderedDict
+from typing import Iterator, Protocol
+
+import trio
+
+from atomicfs.metadata import Inode
+from atomicfs.native import Buffer, copy_into
+from atomicfs.stats import Counters
+
+log = logging.getLogger(__name__)
+
+
+class InvalidTransition(AssertionError):
+    """A folio state change that the state machine does not allow."""
+
+
+class FolioIO(Protocol):
+    """What the page cache needs from the writeback layer."""
+
+    async def read_folios(self, inode: Inode, mapping: "Mapping",
+                          needs: list[tuple["Folio", int]]) -> None: ...
+
+    async def balance_dirty(self) -> None: ...
+
+    async def write_through(self, inode: Inode, mapping: "Mapping",
+                            items: list[tuple["Folio", int]], size_grew: bool) -> None: ...
+
+    def inode_written(self, inode: Inode) -> None: ...
+
+    def reserve_for_write(self, inode: Inode, mapping: "Mapping",
+                          items: list[tuple["Folio", int]]) -> None: ...
+
+
+def mask_range(first: int, count: int) -> int:
+    """Bitmask of blocks first..first+count-1."""
+    return ((1 << count) - 1) << first
+
+
+def mask_runs(mask: int) -> Iterator[tuple[int, int]]:
+    """(first block, count) of each run of set bits, in order."""
+    i = 0
+    while mask:
+        if mask & 1:
+            start = i
+            while mask & 1:
+                mask >>= 1
+                i += 1
+            yield start, i - start
+        else:
+            low = (mask & -mask).bit_length() - 1
+            mask >>= low
+            i += low
+
+
+def popcount(mask: int) -> int:
+    return mask.bit_count()
+
+
+class Folio:
+    __slots__ = ("mapping", "index", "buf", "uptodate", "dirty", "reserved", "atomic",
+                 "writeback", "wb_stable", "wb_mask", "locked", "logged_seq", "dirty_since",
+                 "_event", "in_lru", "pins")
+
+    def __init__(self, mapping: "Mapping", index: int) -> None:
+        self.mapping = mapping
+        self.index = index
+        self.buf = Buffer(mapping.folio_size)
+        self.uptodate = 0
+        self.dirty = 0
+        self.reserved = 0
+        self.atomic = False
+        self.writeback = False
+        self.wb_stable = False
+        self.wb_mask = 0
+        self.locked = False
+        self.logged_seq = 0
+        self.dirty_since = 0.0
+        self._event: trio.Event | None = None
+        self.in_lru = False
+        self.pins = 0  # requests using the folio right now
+
+    @property
+    def fblock(self) -> int:
+        """First file block of this folio."""
+        return self.index * self.mapping.blocks_per_folio
+
+    @property
+    def evictable(self) -> bool:
+        return not (self.dirty or self.writeback or self.locked or self.logged_seq
+                    or self.pins)
+
+    def state(self) -> str:
+        return (f"folio {self.mapping.ino}:{self.index} uptodate={self.uptodate:#x} "
+                f"dirty={self.dirty:#x} atomic={self.atomic} writeback={self.writeback} "
+                f"locked={self.locked} logged={self.logged_seq}")
+
+    async def wait_unlocked_or_written(self) -> None:
+        """Wait for the current lock holder or writeback to finish."""
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()
+
+    def _wake(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+
+class Mapping:
+    """The page-cache side of one file."""
+
+    __slots__ = ("cache", "ino", "folio_size", "blocks_per_folio", "folios", "dirty",
+                 "stable", "wt_inflight", "err_seq", "err_seen", "flush_gen", "atomic",
+                 "ra_next", "ra_window")
+
+    def __init__(self, cache: "PageCache", ino: int, folio_size: int, atomic: bool) -> None:
+        self.cache = cache
+        self.ino = ino
+        self.folio_size = folio_size
+        self.blocks_per_folio = folio_size // cache.block_size
+        self.folios: dict[int, Folio] = {}
+        self.dirty: dict[int, Folio] = {}  # folios with dirty blocks
+        self.stable = False
+        self.wt_inflight = 0
+        self.err_seq = 0  # writeback errors recorded (errseq counter)
+        self.err_seen = True  # has any descriptor seen the latest error?
+        self.flush_gen = -1  # device flush generation covering its last in-place write
+        self.atomic = atomic
+        self.ra_next = -1
+        self.ra_window = 0
+
+    # ---------------------------------------------------------------- RFC state
+
+    def writethrough_begin(self) -> None:
+        """A write-through starts: the first one makes the mapping stable."""
+        self.wt_inflight += 1
+        self.stable = True
+
+    def writethrough_end(self) -> None:
+        if self.wt_inflight <= 0:
+            raise InvalidTransition(f"write-through end without begin on {self.ino}")
+        self.wt_inflight -= 1
+        if self.wt_inflight == 0:
+            self.stable = False
+
+    def record_error(self) -> None:
+        """A background writeback of this file failed (errseq_set)."""
+        self.err_seq += 1
+        self.err_seen = False
+
+    def must_wait(self, folio: Folio) -> bool:
+        """May folio be modified now? Not while its I/O needs it stable."""
+        return folio.locked or (folio.writeback and (self.stable or folio.wb_stable))
+
+    def counts(self) -> dict[str, int]:
+        folios = self.folios.values()
+        return {
+            "cached": len(self.folios),
+            "dirty": len(self.dirty),
+            "writeback": sum(1 for f in folios if f.writeback),
+            "atomic": sum(1 for f in folios if f.atomic),
+            "logged": sum(1 for f in folios if f.logged_seq),
+            "writethrough_inflight": self.wt_inflight,
+            "stable": int(self.stable),
+        }
+
+
+class PageCache:
+    """All mappings, the memory bound, dirty accounting and the LRU of clean folios."""
+
+    def __init__(self, block_size: int, limit: int, default_folio_size: int,
+                 counters: Counters) -> None:
+        self.block_size = block_size
+        self.limit = limit
+        self.default_folio_size = default_folio_size
+        self.counters = counters
+        self.mappings: dict[int, Mapping] = {}
+        self.lru: OrderedDict[tuple[int, int], Folio] = OrderedDict()
+        self.bytes = 0
+        self.dirty_bytes = 0
+        self.writeback_bytes = 0
+        self.logged_bytes = 0  # folios pinned until a checkpoint writes them home
+        self.dirty_changed = trio.Event()
+
+    # ------------------------------------------------------------------ mappings
+
+    def mapping(self, inode: Inode, folio_size: int) -> Mapping:
+        m = self.mappings.get(inode.ino)
+        if m is None:
+            m = Mapping(self, inode.ino, folio_size, folio_size != self.default_folio_size
+                        or inode.atomic_unit > 0)
+            self.mappings[inode.ino] = m
+        return m
+
+    def drop_mapping(self, ino: int) -> None:
+        """Forget a file's folios (it was deleted or is being re-shaped); none may be busy."""
+        m = self.mappings.pop(ino, None)
+        if m is None:
+            return
+        for folio in list(m.folios.values()):
+            if folio.writeback or folio.locked:
+                raise InvalidTransition(f"dropping busy {folio.state()}")
+            self._remove_folio(folio)
+
+    # -------------------------------------------------------------------- folios
+
+    def find_folio(self, m: Mapping, index: int) -> Folio | None:
+        folio = m.folios.get(index)
+        if folio is not None and folio.in_lru:
+            self.lru.move_to_end((m.ino, index))
+        return folio
+
+    def get_folio(self, m: Mapping, index: int) -> Folio:
+        folio = self.find_folio(m, index)
+        if folio is not None:
+            self.counters.cache_hits += 1
+            return folio
+        self.counters.cache_misses += 1
+        self.evict(m.folio_size)
+        folio = Folio(m, index)
+        m.folios[index] = folio
+        self.bytes += m.folio_size
+        self._lru_add(folio)
+        return folio
+
+    def _lru_add(self, folio: Folio) -> None:
+        if not folio.in_lru and folio.evictable:
+            self.lru[(folio.mapping.ino, folio.index)] = folio
+            folio.in_lru = True
+
+    def _lru_remove(self, folio: Folio) -> None:
+        if folio.in_lru:
+            del self.lru[(folio.mapping.ino, folio.index)]
+            folio.in_lru = False
+
+    def _refresh_lru(self, folio: Folio) -> None:
+        if folio.evictable:
+            self._lru_add(folio)
+        else:
+            self._lru_remove(folio)
+
+    def _remove_folio(self, folio: Folio) -> None:
+        m = folio.mapping
+        self._lru_remove(folio)
+        if folio.logged_seq:
+            folio.logged_seq = 0
+            self.logged_bytes -= m.folio_size
+        if folio.dirty:
+            self.dirty_bytes -= popcount(folio.dirty) * self.block_size
+            m.dirty.pop(folio.index, None)
+        del m.folios[folio.index]
+        self.bytes -= m.folio_size
+
+    def evict(self, room: int = 0) -> int:
+        """Drop clean folios, least recently used first, until `room` more bytes fit."""
+        evicted = 0
+        while self.lru and self.bytes + room > self.limit:
+            _, folio = self.lru.popitem(last=False)
+            folio.in_lru = False
+            self._remove_folio(folio)
+            evicted += 1
+        self.counters.cache_evictions += evicted
+        return evicted
+
+    # --------------------------------------------------------- state transitions
+
+    def mark_uptodate(self, folio: Folio, mask: int) -> None:
+        folio.uptodate |= mask
+
+    def mark_dirty(self, folio: Folio, mask: int) -> None:
+        """Blocks in mask now hold data newer than the device (they must be uptodate)."""
+        if mask & ~folio.uptodate:
+            raise InvalidTransition(f"dirtying blocks that are not uptodate: {folio.state()}")
+        new = mask & ~folio.dirty
+        if not new:
+            return
+        if not folio.dirty:
+            folio.dirty_since = time.monotonic()
+            folio.mapping.dirty[folio.index] = folio
+        folio.dirty |= new
+        self.dirty_bytes += popcount(new) * self.block_size
+        self._lru_remove(folio)
+
+    def set_atomic(self, folio: Folio) -> None:
+        """A write covered the whole folio: it goes out as one untorn unit."""
+        full = mask_range(0, folio.mapping.blocks_per_folio)
+        if folio.dirty != full or folio.uptodate != full:
+            raise InvalidTransition(f"atomic folio must be wholly dirty: {folio.state()}")
+        folio.atomic = True
+
+    def clear_atomic(self, folio: Folio) -> bool:
+        """A partial write touched the folio; returns whether it was atomic."""
+        was = folio.atomic
+        folio.atomic = False
+        return was
+
+    def start_writeback(self, folio: Folio, mask: int, stable: bool) -> bool:
+        """Take the dirty blocks in mask for I/O; returns whether the folio was atomic
+        (writeback clears the tag)."""
+        if folio.writeback:
+            raise InvalidTransition(f"writeback already running: {folio.state()}")
+        if folio.locked:
+            raise InvalidTransition(f"writeback of a locked folio: {folio.state()}")
+        if mask & ~folio.dirty or not mask:
+            raise InvalidTransition(f"writeback of clean blocks {mask:#x}: {folio.state()}")
+        folio.writeback = True
+        folio.wb_stable = stable
+        folio.wb_mask = mask
+        self._clear_dirty(folio, mask)
+        self.writeback_bytes += popcount(mask) * self.block_size
+        was_atomic = folio.atomic
+        folio.atomic = False
+        self._lru_remove(folio)
+        return was_atomic
+
+    def end_writeback(self, folio: Folio, failed_mask: int = 0,
+                      restore_atomic: bool = False) -> None:
+        """The I/O finished; blocks in failed_mask did not reach the device and are dirty
+        again (with the atomic tag back if the whole unit failed)."""
+        if not folio.writeback:
+            raise InvalidTransition(f"end of writeback that was not running: {folio.state()}")
+        self.writeback_bytes -= popcount(folio.wb_mask) * self.block_size
+        failed_mask &= folio.wb_mask
+        folio.writeback = False
+        folio.wb_stable = False
+        folio.wb_mask = 0
+        if failed_mask:
+            self.mark_dirty(folio, failed_mask)
+            if restore_atomic:
+                folio.atomic = True
+        self._refresh_lru(folio)
+        folio._wake()
+        self._dirty_changed()
+
+    def take_clean(self, folio: Folio, mask: int) -> bool:
+        """Blocks in mask were copied into the log: clean now. Returns was_atomic."""
+        if mask & ~folio.dirty:
+            raise InvalidTransition(f"logging clean blocks {mask:#x}: {folio.state()}")
+        self._clear_dirty(folio, mask)
+        was_atomic = folio.atomic
+        folio.atomic = False
+        self._refresh_lru(folio)
+        self._dirty_changed()
+        return was_atomic
+
+    def start_home_write(self, folio: Folio) -> None:
+        """A checkpoint copies the folio's logged blocks home from its buffer: they must
+        not change meanwhile, so it counts as stable writeback of no dirty blocks."""
+        if folio.writeback or folio.locked:
+            raise InvalidTransition(f"home write of a busy folio: {folio.state()}")
+        folio.writeback = True
+        folio.wb_stable = True
+        folio.wb_mask = 0
+        self._lru_remove(folio)
+
+    def set_logged(self, folio: Folio, seq: int) -> None:
+        """Its newest copy is in log batch seq: keep it in memory until it is home."""
+        if not folio.logged_seq:
+            self.logged_bytes += folio.mapping.folio_size
+        folio.logged_seq = seq
+        self._lru_remove(folio)
+
+    def clear_logged(self, folio: Folio, upto_seq: int) -> None:
+        """A checkpoint covering batch upto_seq wrote the folio home."""
+        if folio.logged_seq and folio.logged_seq <= upto_seq:
+            folio.logged_seq = 0
+            self.logged_bytes -= folio.mapping.folio_size
+            self._refresh_lru(folio)
+
+    def lock(self, folio: Folio) -> None:
+        if folio.locked:
+            raise InvalidTransition(f"folio already locked: {folio.state()}")
+        folio.locked = True
+        self._lru_remove(folio)
+
+    def unlock(self, folio: Folio) -> None:
+        if not folio.locked:
+            raise InvalidTransition(f"unlocking an unlocked folio: {folio.state()}")
+        folio.locked = False
+        self._refresh_lru(folio)
+        folio._wake()
+
+    def pin(self, folio: Folio) -> None:
+        """Keep the folio in memory while a request uses it."""
+        folio.pins += 1
+        self._lru_remove(folio)
+
+    def unpin(self, folio: Folio) -> None:
+        if folio.pins <= 0:
+            raise InvalidTransition(f"unpinning an unpinned folio: {folio.state()}")
+        folio.pins -= 1
+        self._refresh_lru(folio)
+
+    def reserve_blocks(self, folio: Folio, mask: int) -> None:
+        folio.reserved |= mask
+
+    def unreserve_blocks(self, folio: Folio, mask: int) -> int:
+        """Forget reservations of blocks in mask; returns how many were reserved."""
+        n = popcount(folio.reserved & mask)
+        folio.reserved &= ~mask
+        return n
+
+    def _clear_dirty(self, folio: Folio, mask: int) -> None:
+        cleared = folio.dirty & mask
+        folio.dirty &= ~mask
+        self.dirty_bytes -= popcount(cleared) * self.block_size
+        if not folio.dirty:
+            folio.mapping.dirty.pop(folio.index, None)
+
+    def discard_blocks(self, folio: Folio, mask: int) -> int:
+        """Blocks beyond a truncation: not valid, not dirty, zeroed. Returns reservations
+        released."""
+        bs = self.block_size
+        for first, count in mask_runs(mask):
+            folio.buf.zero(first * bs, count * bs)
+        self._clear_dirty(folio, mask)
+        folio.uptodate &= ~mask
+        released = self.unreserve_blocks(folio, mask)
+        folio.atomic = False
+        self._refresh_lru(folio)
+        return released
+
+    def _dirty_changed(self) -> None:
+        ev, self.dirty_changed = self.dirty_changed, trio.Event()
+        ev.set()
+
+    # -------------------------------------------------------------- generic paths
+
+    async def wait_folio(self, folio: Folio) -> None:
+        """Wait for a folio's lock or stable writeback; counts stable waits."""
+        m = folio.mapping
+        stable = folio.writeback and (m.stable or folio.wb_stable)
+        t0 = time.monotonic_ns()
+        await folio.wait_unlocked_or_written()
+        if stable:
+            self.counters.stable_waits += 1
+            self.counters.stable_wait_ns += time.monotonic_ns() - t0
+
+    def _pinned_folio(self, m: Mapping, index: int, pinned: dict[int, Folio]) -> Folio:
+        folio = pinned.get(index)
+        if folio is None:
+            folio = self.get_folio(m, index)
+            self.pin(folio)
+            pinned[index] = folio
+        return folio
+
+    def _unpin_all(self, pinned: dict[int, Folio]) -> None:
+        for folio in pinned.values():
+            self.unpin(folio)
+        pinned.clear()
+
+    async def read(self, io: FolioIO, inode: Inode, m: Mapping, off: int,
+                   size: int) -> bytes | memoryview:
+        """Read up to size bytes at off, from the cache, reading missing blocks first."""
+        end = min(off + size, inode.size)
+        if off >= end:
+            return b""
+        fs = m.folio_size
+        bs = self.block_size
+        first, last = off // fs, (end - 1) // fs
+        ra_end = max(end, self._readahead_end(m, inode, off, end))
+        pinned: dict[int, Folio] = {}
+        try:
+            while True:
+                needs: list[tuple[Folio, int]] = []
+                waited = False
+                for index in range(first, (ra_end - 1) // fs + 1):
+                    folio = self._pinned_folio(m, index, pinned)
+                    if folio.locked:
+                        if index <= last:
+                            await self.wait_folio(folio)
+                            waited = True
+                            break
+                        continue
+                    lo = max(off, index * fs) - index * fs
+                    hi = min(ra_end, (index + 1) * fs) - index * fs
+                    want = mask_range(lo // bs, (hi + bs - 1) // bs - lo // bs)
+                    missing = want & ~folio.uptodate & ~folio.dirty
+                    if missing:
+                        needs.append((folio, missing))
+                if waited:
+                    continue
+                if not needs:
+                    break
+                await io.read_folios(inode, m, needs)
+            end = min(end, inode.size)  # a truncate may have raced with the read
+            if off >= end:
+                return b""
+            if (end - 1) // fs == first:
+                return pinned[first].buf.view(off - first * fs, end - off)
+            out = bytearray(end - off)
+            pos = off
+            while pos < end:
+                index = pos // fs
+                start = pos - index * fs
+                n = min(end - pos, fs - start)
+                copy_into(out, pos - off, pinned[index].buf, start, n)
+                pos += n
+            return out
+        finally:
+            self._unpin_all(pinned)
+
+    def _readahead_end(self, m: Mapping, inode: Inode, off: int, end: int) -> int:
+        """Sequential reads grow a readahead window (up to 1 MiB); others reset it."""
+        if off == m.ra_next:
+            m.ra_window = min(max(2 * m.ra_window, 128 << 10), 1 << 20)
+        else:
+            m.ra_window = 0
+        m.ra_next = end
+        return min(inode.size, end + m.ra_window)
+
+    async def write(self, io: FolioIO, inode: Inode, m: Mapping, off: int, data: bytes,
+                    writethrough: bool = False, strict: bool = False,
+                    now: int | None = None) -> int:
+        """Copy data into the cache at off; the generic buffered write (or write-through)."""
+        n = len(data)
+        if n == 0:
+            return 0
+        fs = m.folio_size
+        end = off + n
+        if strict and m.atomic and (off % fs or end % fs):
+            self.counters.atomic_strict_rejected += 1
+            raise OSError(errno.EINVAL, "write not aligned to the atomic unit")
+        await io.balance_dirty()
+        pinned: dict[int, Folio] = {}
+        if writethrough:
+            m.writethrough_begin()
+        try:
+            items = await self._prepare_write(io, inode, m, off, end, pinned)
+            io.reserve_for_write(inode, m, items)  # ENOSPC here changes nothing
+            self._copy_in(m, items, off, end, data)
+            size_grew = end > inode.size
+            if size_grew:
+                inode.size = end
+            inode.mtime_ns = inode.ctime_ns = now if now is not None else time.time_ns()
+            io.inode_written(inode)
+            if writethrough:
+                await io.write_through(inode, m, items, size_grew)
+        finally:
+            if writethrough:
+                m.writethrough_end()
+            self._unpin_all(pinned)
+        return n
+
+    async def _prepare_write(self, io: FolioIO, inode: Inode, m: Mapping, off: int,
+                             end: int, pinned: dict[int, Folio]) -> list[tuple[Folio, int]]:
+        """Get the folios of [off, end) ready for copying: wait for locks and stable
+        writeback, read partial blocks. Returns (folio, mask of blocks written)."""
+        fs = m.folio_size
+        bs = self.block_size
+        first, last = off // fs, (end - 1) // fs
+        while True:
+            items: list[tuple[Folio, int]] = []
+            needs: list[tuple[Folio, int]] = []
+            waited = False
+            for index in range(first, last + 1):
+                folio = self._pinned_folio(m, index, pinned)
+                if m.must_wait(folio):
+                    await self.wait_folio(folio)
+                    waited = True
+                    break
+                base = index * fs
+                lo = max(off, base) - base
+                hi = min(end, base + fs) - base
+                b0, b1 = lo // bs, (hi + bs - 1) // bs
+                items.append((folio, mask_range(b0, b1 - b0)))
+                partial = (1 << b0 if lo % bs else 0) | (1 << (b1 - 1) if hi % bs else 0)
+                partial &= ~folio.uptodate & ~folio.dirty
+                for b, _ in mask_runs(partial):
+                    if base + b * bs >= inode.size:
+                        # nothing on the device beyond EOF: the (zeroed) block is valid
+                        partial &= ~(1 << b)
+                        folio.uptodate |= 1 << b
+                if partial:
+                    needs.append((folio, partial))
+            if waited:
+                continue
+            if not needs:
+                return items
+            await io.read_folios(inode, m, needs)
+
+    def _copy_in(self, m: Mapping, items: list[tuple[Folio, int]], off: int, end: int,
+                 data: bytes) -> None:
+        """Copy and mark; tag folios covered whole as atomic, clear the tag of others."""
+        fs = m.folio_size
+        src = memoryview(data)
+        for folio, mask in items:
+            base = folio.index * fs
+            lo = max(off, base)
+            hi = min(end, base + fs)
+            folio.buf.write(lo - base, src[lo - off: hi - off])
+            folio.uptodate |= mask
+            self.mark_dirty(folio, mask)
+            if m.atomic:
+                if lo == base and hi == base + fs:
+                    self.set_atomic(folio)
+                elif self.clear_atomic(folio):
+                    self.counters.atomic_cleared_partial += 1
+
+    async def truncate(self, io: FolioIO, inode: Inode, m: Mapping, size: int) -> int:
+        """Drop cached data beyond size and zero the rest of the block holding the new EOF
+        (in the cache, to be written back), so that a later extension reads zeros.
+        Returns the number of block reservations released; the caller unmaps blocks."""
+        fs = m.folio_size
+        bs = self.block_size
+        while True:
+            busy = [f for i, f in m.folios.items()
+                    if (i + 1) * fs > size and (f.writeback or f.locked)]
+            if not busy:
+                break
+            await self.wait_folio(busy[0])
+        released = 0
+        full = mask_range(0, m.blocks_per_folio)
+        for index, folio in sorted(m.folios.items()):
+            if index * fs >= size:
+                if folio.pins:  # a reader holds it: keep the object, drop its contents
+                    self.clear_logged(folio, folio.logged_seq)
+                    released += self.discard_blocks(folio, full)
+                else:
+                    released += self.unreserve_blocks(folio, folio.reserved)
+                    self._remove_folio(folio)
+        if size % fs == 0:
+            return released
+        index = size // fs
+        start = size - index * fs
+        first_gone = (start + bs - 1) // bs
+        b = start // bs
+        tail_mapped = start % bs and inode.extents is not None and \
+            inode.extents.lookup(index * m.blocks_per_folio + b)[0] is not None
+        last = m.folios.get(index)
+        if last is None and not tail_mapped:
+            return released
+        pinned: dict[int, Folio] = {}
+        try:
+            last = self._pinned_folio(m, index, pinned)
+            gone = mask_range(first_gone, m.blocks_per_folio - first_gone)
+            released += self.discard_blocks(last, gone)
+            if start % bs:
+                if not (last.uptodate | last.dirty) >> b & 1:
+                    await io.read_folios(inode, m, [(last, 1 << b)])
+                while m.must_wait(last):
+                    await self.wait_folio(last)
+                last.buf.zero(start, (b + 1) * bs - start)
+                if tail_mapped or last.dirty >> b & 1:
+                    self.mark_dirty(last, 1 << b)  # the zeros must reach the device
+            if self.clear_atomic(last):
+                self.counters.atomic_cleared_partial += 1
+        finally:
+            self._unpin_all(pinned)
+        return released

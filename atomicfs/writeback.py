@@ -1,0 +1,694 @@
+"""Writeback: what goes out, when and how.
+
+Routing of a dirty folio:
+
+* atomic, and the device can write the unit untorn (hardware path): one
+  pwritev2(RWF_ATOMIC) of exactly the unit, in place, from the folio buffer, at a
+  unit-aligned device address (a unit mapped elsewhere moves to an aligned extent, and the
+  remap commits with the metadata);
+* atomic without hardware support, or *resident* (its newest copy is in the log): its
+  blocks are copied into a DATA record of the log (software path); the log write is one
+  sequential device write, and a checkpoint writes the home copy later;
+* anything else: the dirty blocks are written in place, adjacent folios merged into large
+  O_DIRECT writes; blocks without a home get one now (delayed allocation) and the mapping is
+  committed after the data is on the device.
+
+Write-through runs the same routing at once for the blocks a write just copied, holds those
+folios under stable writeback until the data is durable, and only then lets the write
+return. While any write-through is in flight on a file, writers to a folio under writeback
+wait (stable pages).
+
+A failed background write is recorded in the mapping (errseq) and reported by the next
+fsync of every descriptor; the blocks stay dirty and are retried, up to a limit after which
+the error stays and the data is given up (as Linux does), so that a dead device never hangs
+writers.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from atomicfs.alloc import Allocator
+from atomicfs.device import Device
+from atomicfs.errors import DeviceError, NoSpace
+from atomicfs.journal import DataRun, Journal, LogFailed
+from atomicfs.metadata import Inode, Metadata
+from atomicfs.native import MAX_IOV, Buffer, Segment
+from atomicfs.pagecache import Folio, Mapping, PageCache, mask_range, mask_runs, popcount
+from atomicfs.stats import Counters
+
+log = logging.getLogger(__name__)
+
+MAX_IO_BYTES = 4 << 20
+MAX_WB_RETRIES = 3
+
+
+@dataclass
+class WritebackPolicy:
+    atomic_path: str = "auto"  # auto, hardware, software
+    dirty_expire: float = 30.0
+    debug: bool = False
+    unsafe_atomic: bool = False  # crash-test control: atomic folios go out unprotected
+
+
+@dataclass
+class _InPlaceIO:
+    """One device write: consecutive device blocks, gathered from folio buffers."""
+
+    dblock: int
+    nblocks: int = 0
+    segments: list[Segment] = field(default_factory=list)
+    parts: list[tuple[Folio, int]] = field(default_factory=list)  # folio, block mask
+    new_extents: list[tuple[int, int, int]] = field(default_factory=list)  # fblock, dblock, n
+
+
+class WriteOutcome:
+    __slots__ = ("failed", "logged_seq", "meta_changed", "flush_gen", "error")
+
+    def __init__(self) -> None:
+        self.failed = False
+        self.logged_seq = -1
+        self.meta_changed = False
+        self.flush_gen = -1
+        self.error: BaseException | None = None
+
+
+class Writeback:
+    """The FolioIO of the page cache, and the flusher and checkpoint tasks."""
+
+    def __init__(self, dev: Device, md: Metadata, alloc: Allocator, journal: Journal,
+                 cache: PageCache, counters: Counters, policy: WritebackPolicy) -> None:
+        self.dev = dev
+        self.md = md
+        self.alloc = alloc
+        self.journal = journal
+        self.cache = cache
+        self.counters = counters
+        self.policy = policy
+        self.bs = md.block_size
+        self.dirty_limit = cache.limit // 2
+        self.background_bytes = cache.limit // 4
+        self._flusher_wake = trio.Event()
+        self._ckpt_lock = trio.Lock()
+        self._wb_failures: dict[tuple[int, int], int] = {}
+
+    # ------------------------------------------------------------------ routing
+
+    def hardware_ok(self, unit: int) -> bool:
+        """Can this unit go out as one RWF_ATOMIC write on this device?"""
+        caps = self.dev.caps
+        return (self.policy.atomic_path != "software" and caps.atomic_unit_min > 0
+                and caps.atomic_unit_min <= unit <= caps.atomic_unit_max)
+
+    def atomic_path_of(self, unit: int) -> str | None:
+        if unit <= 0:
+            return None
+        return "hardware" if self.hardware_ok(unit) else "software"
+
+    # ---------------------------------------------------------------- FolioIO: reads
+
+    async def read_folios(self, inode: Inode, m: Mapping,
+                          needs: list[tuple[Folio, int]]) -> None:
+        """Fill the blocks in each mask from the device (holes read as zeros)."""
+        bs = self.bs
+        locked: list[tuple[Folio, int]] = []
+        for folio, mask in needs:
+            if folio.locked:
+                continue  # somebody else fills it; the caller looks again
+            self.cache.lock(folio)
+            locked.append((folio, mask & ~folio.uptodate & ~folio.dirty))
+        try:
+            ios: list[tuple[int, list[Segment], list[tuple[Folio, int]]]] = []
+            for folio, mask in locked:
+                for b, n in mask_runs(mask):
+                    for f, d, k in inode.extents.runs(folio.fblock + b, n) \
+                            if inode.extents is not None else [(folio.fblock + b, None, n)]:
+                        fb = f - folio.fblock
+                        part = mask_range(fb, k)
+                        if d is None:
+                            folio.buf.zero(fb * bs, k * bs)
+                            folio.uptodate |= part
+                            continue
+                        seg: Segment = (folio.buf, fb * bs, k * bs)
+                        last = ios[-1] if ios else None
+                        if last is not None and last[0] + sum(x[2] for x in last[1]) // bs == d \
+                                and len(last[1]) < MAX_IOV:
+                            last[1].append(seg)
+                            last[2].append((folio, part))
+                        else:
+                            ios.append((d, [seg], [(folio, part)]))
+            for dblock, segments, parts in ios:
+                try:
+                    await self.dev.readv(dblock * bs, segments)
+                except DeviceError as exc:
+                    raise OSError(errno.EIO, f"read error: {exc}") from exc
+                for folio, part in parts:
+                    folio.uptodate |= part & ~folio.dirty
+        finally:
+            for folio, _ in locked:
+                self.cache.unlock(folio)
+
+    # ----------------------------------------------------------- FolioIO: dirtying
+
+    def reserve_for_write(self, inode: Inode, m: Mapping,
+                          items: list[tuple[Folio, int]]) -> None:
+        """Reserve space for blocks about to become dirty that have no device block."""
+        need: list[tuple[Folio, int]] = []
+        total = 0
+        for folio, mask in items:
+            new = mask & ~folio.reserved & ~folio.dirty
+            if not new:
+                continue
+            unmapped = 0
+            for b, n in mask_runs(new):
+                for f, d, k in inode.extents.runs(folio.fblock + b, n):
+                    if d is None:
+                        unmapped |= mask_range(f - folio.fblock, k)
+            if unmapped:
+                need.append((folio, unmapped))
+                total += popcount(unmapped)
+        if total:
+            self.alloc.reserve(total)  # NoSpace propagates: nothing has changed yet
+            for folio, mask in need:
+                self.cache.reserve_blocks(folio, mask)
+
+    async def make_room(self) -> bool:
+        """Try to free space for a write that hit ENOSPC: commit the log so that blocks
+        freed by recent deletes become usable. Returns whether anything could help."""
+        if self.alloc.pending_blocks == 0:
+            return False
+        await self.journal.commit()
+        return True
+
+    async def balance_dirty(self) -> None:
+        """Throttle writers at the dirty limit; never fail them."""
+        while self.cache.dirty_bytes + self.cache.writeback_bytes > self.dirty_limit:
+            self.counters.throttle_waits += 1
+            self.kick_flusher()
+            ev = self.cache.dirty_changed
+            with trio.move_on_after(1.0):
+                await ev.wait()
+
+    def kick_flusher(self) -> None:
+        self._flusher_wake.set()
+
+    # ------------------------------------------------------------------ submission
+
+    async def write_folios(self, inode: Inode, m: Mapping, items: list[tuple[Folio, int]],
+                           writethrough: bool = False) -> WriteOutcome:
+        """Write the given dirty blocks by the right path; waits for the device writes
+        (and, for writethrough, for the log batch) but does not flush."""
+        out = WriteOutcome()
+        hw: list[Folio] = []
+        logged: list[tuple[Folio, int]] = []
+        inplace: list[tuple[Folio, int]] = []
+        for folio, mask in items:
+            mask &= folio.dirty
+            if not mask or folio.writeback or folio.locked:
+                continue
+            if folio.atomic and self.policy.unsafe_atomic:
+                inplace.append((folio, mask))
+            elif self.journal.is_resident(m.ino, folio.index):
+                logged.append((folio, mask))
+            elif folio.atomic:
+                (hw.append(folio) if self.hardware_ok(m.folio_size)
+                 else logged.append((folio, folio.dirty)))
+            else:
+                inplace.append((folio, mask))
+        holds: list[tuple[Folio, bool]] = []
+        try:
+            for folio in hw:
+                if not await self._write_atomic_hardware(inode, m, folio, out, writethrough):
+                    logged.append((folio, folio.dirty))
+            for folio, mask in logged:
+                await self._write_logged(inode, m, folio, mask, out, writethrough, holds)
+            if inplace:
+                await self._write_in_place(inode, m, inplace, out, writethrough)
+            if writethrough and out.logged_seq >= 0:
+                await self.journal.commit(out.logged_seq)
+        except LogFailed as exc:
+            out.failed = True
+            out.error = exc
+        finally:
+            for folio, was_atomic in holds:
+                failed = out.failed and self.journal.failed is not None
+                self.cache.end_writeback(folio, folio.wb_mask if failed else 0,
+                                         restore_atomic=was_atomic and failed)
+        return out
+
+    async def _write_atomic_hardware(self, inode: Inode, m: Mapping, folio: Folio,
+                                     out: WriteOutcome, writethrough: bool) -> bool:
+        """One RWF_ATOMIC write of the whole unit; False if it must take the log instead
+        (no aligned space for a unit that has to move)."""
+        bs = self.bs
+        nb = m.blocks_per_folio
+        fb = folio.fblock
+        full = mask_range(0, nb)
+        runs = list(inode.extents.runs(fb, nb))
+        dblock = runs[0][1] if len(runs) == 1 else None
+        moved = dblock is None or dblock % nb != 0
+        reserved = popcount(folio.reserved)
+        if moved:
+            try:
+                dblock, _ = self.alloc.allocate(nb, goal=runs[0][1] or 0, align=nb,
+                                                min_len=nb, reserved=reserved)
+            except NoSpace:
+                return False
+            self.alloc.unreserve(reserved)
+            old_reserved, folio.reserved = folio.reserved, 0
+        assert dblock is not None
+        self.cache.start_writeback(folio, full, stable=True)
+        try:
+            await self._device_write(dblock, [(folio.buf, 0, m.folio_size)], atomic=True,
+                                     check=[folio])
+        except DeviceError as exc:
+            if moved:
+                self.alloc.free_now(dblock, nb)
+                self.alloc.reserve(reserved)
+                folio.reserved = old_reserved
+            self._write_failed(m, [(folio, full)], exc, writethrough, out, restore_atomic=True)
+            return True
+        gen = self.dev.write_gen()
+        if moved:
+            self.md.map_extent(inode, fb, dblock, nb)
+            self.journal.need_barrier(gen)
+            out.meta_changed = True
+        m.flush_gen = out.flush_gen = max(m.flush_gen, gen)
+        self._wb_failures.pop((m.ino, folio.index), None)
+        self.cache.end_writeback(folio)
+        self.counters.atomic_writebacks_hardware += 1
+        self.counters.writeback_ios += 1
+        self.counters.writeback_bytes += m.folio_size
+        return True
+
+    async def _write_logged(self, inode: Inode, m: Mapping, folio: Folio, mask: int,
+                            out: WriteOutcome, hold: bool,
+                            holds: list[tuple[Folio, bool]]) -> None:
+        """Copy the blocks into DATA records of the pending log batch (software path)."""
+        bs = self.bs
+        await self.journal.wait_for_room(popcount(mask) * bs + 256)
+        # From here to the end nothing awaits: the copy, the records and the state change
+        # are one step.
+        mask &= folio.dirty
+        if not mask or folio.writeback or folio.locked:
+            return
+        whole_hole = folio.atomic and all(d is None for _, d, _ in
+                                          inode.extents.runs(folio.fblock, m.blocks_per_folio))
+        seq = -1
+        for b, n in mask_runs(mask):
+            f0 = folio.fblock + b
+            for f, d, k in list(inode.extents.runs(f0, n)):
+                if d is None:
+                    self._allocate_home(inode, m, folio, f, k, aligned=whole_hole)
+                    out.meta_changed = True
+            for f, d, k in list(inode.extents.runs(f0, n)):
+                assert d is not None
+                payload = Buffer(k * bs)
+                payload.copy_from(0, folio.buf, (f - folio.fblock) * bs, k * bs)
+                seq = self.journal.append_data(m.ino, folio.index, f, d, payload, k)
+        if hold:
+            was_atomic = self.cache.start_writeback(folio, mask, stable=True)
+            holds.append((folio, was_atomic))
+        else:
+            was_atomic = self.cache.take_clean(folio, mask)
+        self.cache.set_logged(folio, seq)
+        out.logged_seq = max(out.logged_seq, seq)
+        if was_atomic:
+            self.counters.atomic_writebacks_software += 1
+        if self.cache.logged_bytes > self.cache.limit // 4:
+            self.journal.want_checkpoint.set()
+
+    def _allocate_home(self, inode: Inode, m: Mapping, folio: Folio, fblock: int, count: int,
+                       aligned: bool) -> None:
+        """Give the reserved blocks [fblock, fblock+count) of a logged folio a home and map
+        them in the pending batch (with the DATA records, so no barrier is needed). A whole
+        unit gets a unit-aligned extent when there is one, for later hardware writes."""
+        nb = m.blocks_per_folio
+        part = mask_range(fblock - folio.fblock, count)
+        reserved = popcount(folio.reserved & part)
+        done = 0
+        if aligned and count == nb:
+            try:
+                start, _ = self.alloc.allocate(nb, align=nb, reserved=reserved)
+                self.alloc.unreserve(reserved)
+                reserved = 0
+                self.md.map_extent(inode, fblock, start, nb)
+                done = nb
+            except NoSpace:
+                pass
+        while done < count:
+            start, got = self.alloc.allocate(count - done, min_len=1, reserved=reserved)
+            conv = min(reserved, got)
+            self.alloc.unreserve(conv)
+            reserved -= conv
+            self.md.map_extent(inode, fblock + done, start, got)
+            done += got
+        folio.reserved &= ~part
+
+    async def _write_in_place(self, inode: Inode, m: Mapping,
+                              items: list[tuple[Folio, int]], out: WriteOutcome,
+                              writethrough: bool) -> None:
+        """Write dirty blocks to their homes, merging neighbours into large writes."""
+        ios = self._plan_in_place(inode, m, items)
+        stable = writethrough or m.stable
+        taken: dict[int, int] = {}
+        for io in ios:
+            for folio, mask in io.parts:
+                taken[id(folio)] = taken.get(id(folio), 0) | mask
+        started: dict[int, tuple[Folio, int]] = {}
+        for io in ios:
+            for folio, _ in io.parts:
+                if id(folio) not in started:
+                    self.cache.start_writeback(folio, taken[id(folio)], stable=stable)
+                    started[id(folio)] = (folio, taken[id(folio)])
+        failed: dict[int, int] = {}
+        errors: list[DeviceError] = []
+
+        async def run(io: _InPlaceIO) -> None:
+            try:
+                await self._device_write(io.dblock, io.segments, atomic=False,
+                                         check=[f for f, _ in io.parts] if stable else [])
+            except DeviceError as exc:
+                errors.append(exc)
+                for folio, mask in io.parts:
+                    failed[id(folio)] = failed.get(id(folio), 0) | mask
+                for _, dblock, n in io.new_extents:
+                    self.alloc.free_now(dblock, n)
+                return
+            gen = self.dev.write_gen()
+            for fblock, dblock, n in io.new_extents:
+                self.md.map_extent(inode, fblock, dblock, n)
+                self.journal.need_barrier(gen)
+                out.meta_changed = True
+            m.flush_gen = out.flush_gen = max(m.flush_gen, gen)
+            self.counters.writeback_ios += 1
+            self.counters.writeback_bytes += io.nblocks * self.bs
+
+        async with trio.open_nursery() as nursery:
+            for io in ios:
+                nursery.start_soon(run, io)
+        # put reservations back for blocks whose new home was given up
+        for io in ios:
+            if any(id(f) in failed for f, _ in io.parts):
+                for fblock, _, n in io.new_extents:
+                    self._rereserve(m, fblock, n)
+        for folio, mask in started.values():
+            fmask = failed.get(id(folio), 0)
+            if fmask:
+                continue
+            self._wb_failures.pop((m.ino, folio.index), None)
+            self.cache.end_writeback(folio)
+        if errors:
+            parts = [(f, failed[id(f)]) for f, _ in started.values() if id(f) in failed]
+            self._write_failed(m, parts, errors[0], writethrough, out)
+
+    def _plan_in_place(self, inode: Inode, m: Mapping,
+                       items: list[tuple[Folio, int]]) -> list[_InPlaceIO]:
+        """Group dirty block runs into device writes, allocating homes for holes."""
+        bs = self.bs
+        ios: list[_InPlaceIO] = []
+        goal = 0
+        for folio, mask in sorted(items, key=lambda it: it[0].index):
+            for b, n in mask_runs(mask):
+                for f, d, k in list(inode.extents.runs(folio.fblock + b, n)):
+                    while k > 0:
+                        fb = f - folio.fblock
+                        if d is None:
+                            part = mask_range(fb, k)
+                            reserved = popcount(folio.reserved & part)
+                            try:
+                                start, got = self.alloc.allocate(k, goal=goal, min_len=1,
+                                                                 reserved=reserved)
+                            except NoSpace:
+                                log.warning("no space to write back inode %d", m.ino)
+                                break
+                            got_mask = mask_range(fb, got)
+                            conv = popcount(folio.reserved & got_mask)
+                            self.alloc.unreserve(conv)
+                            folio.reserved &= ~got_mask
+                            dblock, new = start, True
+                        else:
+                            dblock, got, new = d, k, False
+                        io = ios[-1] if ios else None
+                        if io is None or io.dblock + io.nblocks != dblock or \
+                                len(io.segments) >= MAX_IOV or \
+                                (io.nblocks + got) * bs > MAX_IO_BYTES:
+                            io = _InPlaceIO(dblock)
+                            ios.append(io)
+                        io.segments.append((folio.buf, fb * bs, got * bs))
+                        io.parts.append((folio, mask_range(fb, got)))
+                        if new:
+                            io.new_extents.append((f, dblock, got))
+                        io.nblocks += got
+                        goal = dblock + got
+                        f += got
+                        k -= got
+                        if d is not None:
+                            d += got
+        return ios
+
+    def _rereserve(self, m: Mapping, fblock: int, count: int) -> None:
+        """A write into fresh blocks failed: they are free again, their data dirty and
+        reserved again."""
+        self.alloc.reserve(count)
+        bpf = m.blocks_per_folio
+        for fb in range(fblock, fblock + count):
+            folio = m.folios.get(fb // bpf)
+            if folio is not None:
+                self.cache.reserve_blocks(folio, 1 << (fb % bpf))
+
+    async def _device_write(self, dblock: int, segments: list[Segment], atomic: bool,
+                            check: list[Folio]) -> None:
+        """The device write, with the debug-mode check that stable data did not change."""
+        before = [f.buf.crc32c() for f in check] if self.policy.debug and check else None
+        await self.dev.writev(dblock * self.bs, segments, "data", atomic=atomic)
+        if before is not None:
+            after = [f.buf.crc32c() for f in check]
+            if after != before:
+                log.critical("stable page violated: buffer changed under I/O at block %d",
+                             dblock)
+                raise AssertionError("data under I/O changed (stable pages violated)")
+
+    def _write_failed(self, m: Mapping, parts: list[tuple[Folio, int]], exc: BaseException,
+                      writethrough: bool, out: WriteOutcome,
+                      restore_atomic: bool = False) -> None:
+        """Record a failed device write: the blocks are dirty again; a background failure
+        is reported to fsync (errseq), a write-through's to its writer only."""
+        self.counters.writeback_errors += 1
+        out.failed = True
+        out.error = exc
+        log.warning("writeback of inode %d failed: %s", m.ino, exc)
+        if not writethrough:
+            m.record_error()
+        for folio, mask in parts:
+            key = (m.ino, folio.index)
+            tries = self._wb_failures.get(key, 0) + 1
+            self._wb_failures[key] = tries
+            if tries >= MAX_WB_RETRIES and not writethrough:
+                # Give up on these blocks: clean but in memory; the error stays recorded.
+                self._wb_failures.pop(key, None)
+                self.alloc.unreserve(self.cache.unreserve_blocks(folio, mask))
+                self.cache.end_writeback(folio)
+            else:
+                self.cache.end_writeback(folio, mask, restore_atomic=restore_atomic)
+
+    # ------------------------------------------------------------- write-through
+
+    def inode_written(self, inode: Inode) -> None:
+        """A write changed size or times: log the inode with the next batch."""
+        self.md.mark_dirty(inode)
+
+    async def write_through(self, inode: Inode, m: Mapping, items: list[tuple[Folio, int]],
+                            size_grew: bool) -> None:
+        """Write the blocks just copied now, wait, make them durable (with the new size
+        when the write extended the file); EIO on failure."""
+        self.counters.writethrough_writes += 1
+        out = await self.write_folios(inode, m, items, writethrough=True)
+        if out.failed:
+            raise OSError(errno.EIO, f"write-through failed: {out.error}")
+        try:
+            if out.meta_changed or size_grew:
+                await self.journal.commit()
+            await self.dev.flush_covering(out.flush_gen)
+        except (DeviceError, LogFailed) as exc:
+            raise OSError(errno.EIO, f"write-through flush failed: {exc}") from exc
+
+    # ------------------------------------------------------------- fsync and sync
+
+    async def writeback_mapping(self, inode: Inode, m: Mapping, wait: bool) -> WriteOutcome:
+        """Write every dirty folio of the file; with wait, also wait for writeback that
+        others started, so that all data dirty at the call is on the device after."""
+        if wait:
+            for folio in [f for f in m.folios.values() if f.writeback or f.locked]:
+                while folio.writeback or folio.locked:
+                    await folio.wait_unlocked_or_written()
+        items = [(f, f.dirty) for f in sorted(m.dirty.values(), key=lambda f: f.index)]
+        out = await self.write_folios(inode, m, items) if items else WriteOutcome()
+        if wait:
+            for folio in [f for f in m.dirty.values() if f.writeback or f.locked]:
+                while folio.writeback or folio.locked:
+                    await folio.wait_unlocked_or_written()
+        return out
+
+    async def fsync(self, inode: Inode, datasync: bool) -> None:
+        """Write back the file's data and commit its metadata (raises DeviceError/LogFailed
+        for failures of this call; errseq reporting is the caller's)."""
+        m = self.cache.mappings.get(inode.ino)
+        if m is not None:
+            await self.writeback_mapping(inode, m, wait=True)
+        if self.journal.has_pending():
+            await self.journal.commit()
+        if m is not None:
+            await self.dev.flush_covering(m.flush_gen)
+
+    async def sync_all(self) -> bool:
+        """Write back everything and commit; returns False if any write failed."""
+        ok = True
+        for ino, m in list(self.cache.mappings.items()):
+            inode = self.md.inodes.get(ino)
+            if inode is None or not (m.dirty or any(f.writeback for f in m.folios.values())):
+                continue
+            out = await self.writeback_mapping(inode, m, wait=True)
+            ok &= not out.failed and not m.dirty
+        await self.journal.commit()
+        await self.dev.flush()
+        return ok
+
+    async def drop_inode(self, inode: Inode) -> None:
+        """The file is gone: wait for its I/O, release reservations, forget its folios."""
+        m = self.cache.mappings.get(inode.ino)
+        if m is None:
+            return
+        while True:
+            busy = [f for f in m.folios.values() if f.writeback or f.locked or f.pins]
+            if not busy:
+                break
+            await busy[0].wait_unlocked_or_written()
+        released = sum(self.cache.unreserve_blocks(f, f.reserved) for f in m.folios.values())
+        if released:
+            self.alloc.unreserve(released)
+        self.cache.drop_mapping(inode.ino)
+
+    # ------------------------------------------------------------------ the flusher
+
+    async def run_flusher(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+        task_status.started()
+        while True:
+            with trio.move_on_after(min(1.0, self.policy.dirty_expire / 4 or 1.0)):
+                await self._flusher_wake.wait()
+            self._flusher_wake = trio.Event()
+            await self.flush_some()
+
+    async def flush_some(self) -> None:
+        """Write back expired dirty data, and more while over the background threshold."""
+        now = time.monotonic()
+        expire = self.policy.dirty_expire
+        over = self.cache.dirty_bytes > self.background_bytes
+        for ino, m in sorted(self.cache.mappings.items(),
+                             key=lambda kv: min((f.dirty_since for f in kv[1].dirty.values()),
+                                                default=now)):
+            if not m.dirty:
+                continue
+            inode = self.md.inodes.get(ino)
+            if inode is None:
+                continue
+            if over:
+                items = [(f, f.dirty) for f in sorted(m.dirty.values(), key=lambda f: f.index)]
+            else:
+                items = [(f, f.dirty) for f in sorted(m.dirty.values(), key=lambda f: f.index)
+                         if now - f.dirty_since >= expire]
+            if items:
+                await self.write_folios(inode, m, items)
+            over = self.cache.dirty_bytes > self.background_bytes
+
+    # ------------------------------------------------------------------ checkpoints
+
+    async def run_checkpointer(self, interval: float = 30.0,
+                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                               ) -> None:
+        task_status.started()
+        while True:
+            with trio.move_on_after(interval):
+                await self.journal.want_checkpoint.wait()
+            if self.journal.failed is None and self.journal.used > 0:
+                try:
+                    await self.checkpoint()
+                except (DeviceError, NoSpace) as exc:
+                    log.error("checkpoint failed: %s", exc)
+                    self.journal.failed = exc
+
+    async def checkpoint(self) -> None:
+        """Make the log reclaimable: write resident units home, then a metadata snapshot,
+        then the superblock that points at both."""
+        async with self._ckpt_lock:
+            boundary = self.journal.seal_for_checkpoint()
+            snapshot = self.md.serialize()
+            next_ino = self.md.next_ino
+            runs = [(res.ino, res.index, DataRun(r.fblock, r.dblock, r.nblocks, r.log_pos,
+                                                 r.seq))
+                    for res in self.journal.resident.values() for r in res.runs
+                    if r.seq <= boundary]
+            await self.journal.commit(boundary)
+            await self._write_home(runs)
+            await self.dev.flush()
+            await self.journal.write_checkpoint(snapshot, boundary, next_ino)
+            for m in self.cache.mappings.values():
+                for folio in m.folios.values():
+                    self.cache.clear_logged(folio, boundary)
+            self.counters.checkpoints += 1
+
+    async def _write_home(self, runs: list[tuple[int, int, DataRun]]) -> None:
+        """Copy logged runs to their home blocks: from the folio when it still holds that
+        version, else from the log. Runs whose blocks were unmapped since are skipped."""
+        bs = self.bs
+        jobs: list[tuple[int, Buffer, int, int, Folio | None]] = []  # dblock, buf, off, n
+        for ino, index, run in runs:
+            inode = self.md.inodes.get(ino)
+            if inode is None or inode.extents is None:
+                continue
+            m = self.cache.mappings.get(ino)
+            folio = m.folios.get(index) if m is not None else None
+            for f, d, n in inode.extents.runs(run.fblock, run.nblocks):
+                if d is None or d != run.dblock + (f - run.fblock):
+                    continue
+                part = None
+                if folio is not None and folio.logged_seq == run.seq and not folio.writeback \
+                        and not folio.locked:
+                    fb = f - folio.fblock
+                    part = mask_range(fb, n)
+                    if folio.dirty & part or (folio.uptodate & part) != part:
+                        part = None
+                if part is not None:
+                    jobs.append((d, folio.buf, (f - folio.fblock) * bs, n, folio))
+                else:
+                    buf = await self.dev.read(self.journal.sb.log_offset + run.log_pos
+                                              + (f - run.fblock) * bs, n * bs)
+                    jobs.append((d, buf, 0, n, None))
+        jobs.sort(key=lambda j: j[0])
+        held: list[Folio] = []
+        for _, _, _, _, folio in jobs:
+            if folio is not None and not folio.writeback:
+                self.cache.start_home_write(folio)
+                held.append(folio)
+        try:
+            i = 0
+            while i < len(jobs):
+                d0 = jobs[i][0]
+                segs: list[Segment] = []
+                nblocks = 0
+                while i < len(jobs) and jobs[i][0] == d0 + nblocks and len(segs) < MAX_IOV \
+                        and nblocks * bs < MAX_IO_BYTES:
+                    _, buf, off, n, _ = jobs[i]
+                    segs.append((buf, off, n * bs))
+                    nblocks += n
+                    i += 1
+                await self.dev.writev(d0 * bs, segs, "data")
+        finally:
+            for folio in held:
+                self.cache.end_writeback(folio)
+

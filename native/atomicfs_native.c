@@ -1,0 +1,303 @@
+/*
+ * atomicfs native core: the bytes-moving half of the filesystem.
+ *
+ * Python decides what to do; these functions do the work that must be fast or must not hold
+ * the GIL: aligned buffers, copies, CRC32C (ISA-L), vectored O_DIRECT I/O with
+ * pwritev2/preadv2 (RWF_ATOMIC where asked), the statx atomic-write probe and the free-space
+ * bitmap search. cffi releases the GIL around every call, and the I/O functions are run from
+ * trio worker threads, so the event loop keeps serving FUSE requests while a device write is
+ * in flight.
+ *
+ * Every function that touches the kernel returns a negative errno on failure instead of
+ * setting errno, so that the caller in another thread needs no thread-local state.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <linux/fs.h>
+#include <isa-l/crc.h>
+
+#include "atomicfs_native.h"
+
+/* Debian 12's UAPI headers predate the untorn-write interface (Linux 6.11). */
+#ifndef RWF_ATOMIC
+#define RWF_ATOMIC 0x00000040
+#endif
+#define AFS_STATX_WRITE_ATOMIC 0x00010000U
+#define AFS_STATX_DIOALIGN 0x00002000U
+
+/* struct statx as of Linux 6.16, declared here for the same reason. */
+struct afs_statx {
+    uint32_t stx_mask, stx_blksize;
+    uint64_t stx_attributes;
+    uint32_t stx_nlink, stx_uid, stx_gid;
+    uint16_t stx_mode, spare0;
+    uint64_t stx_ino, stx_size, stx_blocks, stx_attributes_mask;
+    uint8_t timestamps[64];
+    uint32_t stx_rdev_major, stx_rdev_minor, stx_dev_major, stx_dev_minor;
+    uint64_t stx_mnt_id;
+    uint32_t stx_dio_mem_align, stx_dio_offset_align;
+    uint64_t stx_subvol;
+    uint32_t stx_atomic_write_unit_min, stx_atomic_write_unit_max;
+    uint32_t stx_atomic_write_segments_max, stx_dio_read_offset_align;
+    uint32_t stx_atomic_write_unit_max_opt, spare2;
+    uint64_t spare3[8];
+};
+
+int afs_rwf_atomic(void) { return RWF_ATOMIC; }
+
+void *afs_alloc(size_t size, size_t align)
+{
+    void *p = NULL;
+    if (posix_memalign(&p, align, size ? size : align) != 0)
+        return NULL;
+    memset(p, 0, size);
+    return p;
+}
+
+void afs_free(void *p) { free(p); }
+
+void afs_copy(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
+
+void afs_zero(void *dst, size_t n) { memset(dst, 0, n); }
+
+int afs_is_zero(const void *p, size_t n)
+{
+    const unsigned char *c = p;
+    /* Compare the buffer with itself shifted by one byte after checking the first byte. */
+    return n == 0 || (c[0] == 0 && memcmp(c, c + 1, n - 1) == 0);
+}
+
+uint32_t afs_crc32c(uint32_t crc, const void *p, size_t n)
+{
+    /* ISA-L returns the raw register; keep the usual convention: start at 0, chainable. */
+    uint32_t reg = ~crc;
+    const unsigned char *c = p;
+    while (n > 0) {
+        int chunk = n > (1u << 30) ? (1 << 30) : (int)n;
+        reg = crc32_iscsi((unsigned char *)c, chunk, reg);
+        c += chunk;
+        n -= (size_t)chunk;
+    }
+    return ~reg;
+}
+
+/* Write the whole vector, resuming after short writes. A short write of an RWF_ATOMIC
+ * request would break its promise, so it is reported as EIO instead of resumed. */
+int64_t afs_pwritev(int fd, void *const *bufs, const size_t *lens, int n, int64_t off, int flags)
+{
+    struct iovec iov[AFS_MAX_IOV];
+    if (n <= 0 || n > AFS_MAX_IOV)
+        return -EINVAL;
+    size_t total = 0;
+    for (int i = 0; i < n; i++) {
+        iov[i].iov_base = bufs[i];
+        iov[i].iov_len = lens[i];
+        total += lens[i];
+    }
+    struct iovec *cur = iov;
+    int left = n;
+    size_t done = 0;
+    while (done < total) {
+        ssize_t r = pwritev2(fd, cur, left, off + (off_t)done, flags);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            return -EIO;
+        if ((size_t)r < total - done && (flags & RWF_ATOMIC))
+            return -EIO;
+        done += (size_t)r;
+        while (left > 0 && (size_t)r >= cur->iov_len) {
+            r -= (ssize_t)cur->iov_len;
+            cur++;
+            left--;
+        }
+        if (left > 0 && r > 0) {
+            cur->iov_base = (char *)cur->iov_base + r;
+            cur->iov_len -= (size_t)r;
+        }
+    }
+    return (int64_t)done;
+}
+
+/* Read the whole vector; bytes past the end of the backing store read as zeros. */
+int64_t afs_preadv(int fd, void *const *bufs, const size_t *lens, int n, int64_t off)
+{
+    struct iovec iov[AFS_MAX_IOV];
+    if (n <= 0 || n > AFS_MAX_IOV)
+        return -EINVAL;
+    size_t total = 0;
+    for (int i = 0; i < n; i++) {
+        iov[i].iov_base = bufs[i];
+        iov[i].iov_len = lens[i];
+        total += lens[i];
+    }
+    struct iovec *cur = iov;
+    int left = n;
+    size_t done = 0;
+    while (done < total) {
+        ssize_t r = preadv2(fd, cur, left, off + (off_t)done, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0) {
+            for (int i = 0; i < left; i++)
+                memset(cur[i].iov_base, 0, cur[i].iov_len);
+            return (int64_t)total;
+        }
+        done += (size_t)r;
+        while (left > 0 && (size_t)r >= cur->iov_len) {
+            r -= (ssize_t)cur->iov_len;
+            cur++;
+            left--;
+        }
+        if (left > 0 && r > 0) {
+            cur->iov_base = (char *)cur->iov_base + r;
+            cur->iov_len -= (size_t)r;
+        }
+    }
+    return (int64_t)done;
+}
+
+int afs_fdatasync(int fd)
+{
+    while (fdatasync(fd) != 0) {
+        if (errno != EINTR)
+            return -errno;
+    }
+    return 0;
+}
+
+int afs_probe(int fd, struct afs_probe_result *out)
+{
+    struct stat st;
+    memset(out, 0, sizeof(*out));
+    if (fstat(fd, &st) != 0)
+        return -errno;
+    out->is_blockdev = S_ISBLK(st.st_mode) ? 1 : 0;
+    out->logical_block_size = 512;
+    if (out->is_blockdev) {
+        uint64_t bytes = 0;
+        int ssz = 0;
+        if (ioctl(fd, BLKGETSIZE64, &bytes) != 0)
+            return -errno;
+        if (ioctl(fd, BLKSSZGET, &ssz) == 0 && ssz > 0)
+            out->logical_block_size = (uint32_t)ssz;
+        out->size = bytes;
+    } else {
+        out->size = (uint64_t)st.st_size;
+    }
+    struct afs_statx sx;
+    memset(&sx, 0, sizeof(sx));
+    if (syscall(SYS_statx, fd, "", AT_EMPTY_PATH, AFS_STATX_WRITE_ATOMIC | AFS_STATX_DIOALIGN,
+                &sx) == 0) {
+        if (sx.stx_mask & AFS_STATX_DIOALIGN) {
+            out->dio_mem_align = sx.stx_dio_mem_align;
+            out->dio_offset_align = sx.stx_dio_offset_align;
+        }
+        if (sx.stx_mask & AFS_STATX_WRITE_ATOMIC) {
+            out->atomic_unit_min = sx.stx_atomic_write_unit_min;
+            out->atomic_unit_max = sx.stx_atomic_write_unit_max;
+            out->atomic_segments_max = sx.stx_atomic_write_segments_max;
+        }
+    }
+    return 0;
+}
+
+/* ---- free-space bitmap: bit set = block in use ---- */
+
+static inline int bit_get(const uint8_t *bm, int64_t i) { return (bm[i >> 3] >> (i & 7)) & 1; }
+
+void afs_bitmap_set(uint8_t *bm, int64_t start, int64_t count, int value)
+{
+    int64_t i = start, end = start + count;
+    while (i < end && (i & 7)) {
+        if (value) bm[i >> 3] |= (uint8_t)(1u << (i & 7));
+        else bm[i >> 3] &= (uint8_t)~(1u << (i & 7));
+        i++;
+    }
+    if (end - i >= 8) {
+        int64_t bytes = (end - i) >> 3;
+        memset(bm + (i >> 3), value ? 0xff : 0x00, (size_t)bytes);
+        i += bytes << 3;
+    }
+    while (i < end) {
+        if (value) bm[i >> 3] |= (uint8_t)(1u << (i & 7));
+        else bm[i >> 3] &= (uint8_t)~(1u << (i & 7));
+        i++;
+    }
+}
+
+int64_t afs_bitmap_count_set(const uint8_t *bm, int64_t start, int64_t count)
+{
+    int64_t n = 0, i = start, end = start + count;
+    while (i < end && (i & 7)) n += bit_get(bm, i++);
+    while (end - i >= 8) { n += __builtin_popcount(bm[i >> 3]); i += 8; }
+    while (i < end) n += bit_get(bm, i++);
+    return n;
+}
+
+/* Length of the run of clear bits starting at i, up to limit. */
+static int64_t clear_run(const uint8_t *bm, int64_t i, int64_t limit)
+{
+    int64_t j = i;
+    while (j < limit && (j & 7)) { if (bit_get(bm, j)) return j - i; j++; }
+    while (limit - j >= 8 && bm[j >> 3] == 0) j += 8;
+    while (j < limit) { if (bit_get(bm, j)) break; j++; }
+    return j - i;
+}
+
+/*
+ * Find free space in [lo, hi): the first position p >= goal (wrapping around to lo) with
+ * p % align == 0 where at least `want` clear bits start. When no such run exists and
+ * min_len < want, the longest aligned run of at least min_len is returned instead.
+ * Returns the start, or -1; *found gets the usable length (at most want).
+ */
+int64_t afs_bitmap_find(const uint8_t *bm, int64_t lo, int64_t hi, int64_t goal, int64_t want,
+                        int64_t min_len, int64_t align, int64_t *found)
+{
+    int64_t best = -1, best_len = 0;
+    if (align < 1) align = 1;
+    if (goal < lo || goal >= hi) goal = lo;
+    for (int pass = 0; pass < 2; pass++) {
+        int64_t from = pass == 0 ? goal : lo;
+        int64_t to = pass == 0 ? hi : goal;
+        int64_t i = from;
+        while (i < to) {
+            /* skip whole used bytes quickly */
+            if (!(i & 7) && to - i >= 8 && bm[i >> 3] == 0xff) { i += 8; continue; }
+            if (bit_get(bm, i)) { i++; continue; }
+            int64_t start = i;
+            if (start % align) start += align - start % align;
+            if (start >= hi) break;
+            if (start > i) {
+                int64_t gap = clear_run(bm, i, start);
+                if (gap < start - i) { i += gap + 1; continue; }
+            }
+            int64_t len = clear_run(bm, start, hi);
+            if (len >= want) { *found = want; return start; }
+            if (len >= min_len && len > best_len) { best = start; best_len = len; }
+            i = start + len + 1;
+        }
+    }
+    if (best >= 0) {
+        /* keep partial allocations aligned in length too */
+        best_len -= best_len % align;
+        if (best_len < min_len) return -1;
+        *found = best_len;
+    }
+    return best;
+}

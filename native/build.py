@@ -1,0 +1,38 @@
+"""cffi build script for the native core: ``python native/build.py`` builds it in place.
+
+Also referenced from setup.py (``cffi_modules``) so that wheels carry the compiled module.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _cdef() -> str:
+    text = (HERE / "atomicfs_native.h").read_text()
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    # cffi's cdef does not evaluate macros; give it the constant as a plain int.
+    return re.sub(r"#define AFS_MAX_IOV (\d+)", r"#define AFS_MAX_IOV \1", text)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(_cdef())
+ffibuilder.set_source(
+    "atomicfs._native",
+    '#include <stdint.h>\n#include "atomicfs_native.h"\n',
+    sources=[str((HERE / "atomicfs_native.c").relative_to(ROOT))],
+    include_dirs=[str(HERE.relative_to(ROOT))],
+    libraries=["isal"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+)
+
+if __name__ == "__main__":
+    import os
+
+    os.chdir(ROOT)
+    ffibuilder.compile(verbose=False)
