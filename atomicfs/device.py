@@ -1,16 +1,19 @@
 """The backing store: a block device or a regular image file, opened O_DIRECT and exclusively.
 
-All I/O of the filesystem goes through a Device, and from here through the native core in
-worker threads (cffi drops the GIL), so the trio loop keeps serving while I/O is in flight.
+All I/O of the filesystem goes through a Device, and from here through the native I/O queue
+(native/atomicfs_native.c): C worker threads run the system calls with no Python involved
+and signal completions on an eventfd that one trio task (`run_reaper`) waits on, so the trio
+loop keeps serving while I/O is in flight and no request waits for the GIL. Requests made
+before trio runs (mkfs, recovery, fsck) execute the same C code in the calling thread.
 
-Every write carries a *kind* (super, log, snapshot, data) so that the test-only layers can
-aim at it:
+Every request carries a *kind* (super, log, snapshot, data; flush; read) so that the
+test-only layers, also in C, can aim at it:
 
 * fault injection (`inject=`): chosen writes, flushes or reads fail with EIO;
 * a slow device (`delay=`): data writes take at least that long, so tests can hold a write
   in flight;
-* recording (`record=`): every completed write (offset, flags, data) and every flush, in
-  completion order, for the crash explorer (see atomicfs.crash).
+* recording (`record=`): every completed write (offset, flags, data) and every flush start
+  and end, in completion order, for the crash explorer (see atomicfs.crash).
 
 Concurrent flush requests share device flushes (group flush): a flush that starts after a
 caller asked covers it, however many asked.
@@ -22,94 +25,91 @@ import fcntl
 import logging
 import os
 import stat
-import struct
-import threading
-import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import trio
 
 from atomicfs import native
 from atomicfs.errors import DeviceError, UserError
-from atomicfs.native import Buffer, Segment
+from atomicfs.native import Buffer, Segment, ffi, lib
 
 log = logging.getLogger(__name__)
 
+KIND_BITS = {"super": lib.AFS_KIND_SUPER, "log": lib.AFS_KIND_LOG,
+             "snapshot": lib.AFS_KIND_SNAPSHOT, "data": lib.AFS_KIND_DATA,
+             "flush": lib.AFS_KIND_FLUSH, "read": lib.AFS_KIND_READ}
 KINDS = ("super", "log", "snapshot", "data")
 INJECT_TARGETS = KINDS + ("write", "flush", "read")
+IO_THREADS = 4
 
 
 @dataclass
-class InjectRule:
-    target: str
-    remaining: int | None  # None: every matching request fails
+class InjectSpec:
+    """Requests of the kinds in mask fail with EIO; count of them (None: all)."""
+
+    targets: tuple[str, ...] = ()
+    count: int | None = None
+
+    @property
+    def mask(self) -> int:
+        bits = 0
+        for t in self.targets:
+            kinds = KINDS if t == "write" else (t,)
+            for k in kinds:
+                bits |= 1 << KIND_BITS[k]
+        return bits
 
     def __str__(self) -> str:
-        return self.target if self.remaining is None else f"{self.target}:{self.remaining}"
+        if not self.targets:
+            return "off"
+        return "+".join(self.targets) + (f":{self.count}" if self.count is not None else "")
 
 
-def parse_inject(spec: str) -> list[InjectRule]:
-    """`KIND[:COUNT][+KIND[:COUNT]...]`, KIND one of data, log, super, snapshot, write,
-    flush, read; `off` (or empty) for none. COUNT limits how many requests fail."""
+def parse_inject(spec: str) -> InjectSpec:
+    """`TARGET[+TARGET...][:COUNT]`, TARGET one of data, log, super, snapshot, write (all
+    writes), flush, read; `off` for none. COUNT limits how many requests fail."""
     spec = spec.strip()
     if spec in ("", "off", "none"):
-        return []
-    rules = []
-    for part in spec.split("+"):
-        target, _, count = part.partition(":")
-        if target not in INJECT_TARGETS:
-            raise ValueError(f"unknown inject target {target!r} "
+        return InjectSpec()
+    targets_part, _, count = spec.partition(":")
+    targets = tuple(t for t in targets_part.split("+") if t)
+    for t in targets:
+        if t not in INJECT_TARGETS:
+            raise ValueError(f"unknown inject target {t!r} "
                              f"(one of {', '.join(INJECT_TARGETS)}, or off)")
-        if count and (not count.isdigit() or int(count) < 1):
-            raise ValueError(f"bad inject count {count!r}")
-        rules.append(InjectRule(target, int(count) if count else None))
-    return rules
+    if not targets:
+        raise ValueError("inject needs a target")
+    if count and (not count.isdigit() or int(count) < 1):
+        raise ValueError(f"bad inject count {count!r}")
+    return InjectSpec(targets, int(count) if count else None)
 
 
 @dataclass
 class DeviceOptions:
-    inject: list[InjectRule] = field(default_factory=list)
+    inject: InjectSpec = field(default_factory=InjectSpec)
     delay_s: float = 0.0  # extra latency of each data write
     record: str | None = None  # path of a write recording
 
 
 class Recorder:
-    """Appends every completed write and every flush to a file (see atomicfs.crash)."""
+    """The recording format (written by the native I/O queue, read by atomicfs.crash):
+    MAGIC, then events of EVENT (type, seq, offset, length, flags, time ns), a write's
+    data following its event."""
 
     MAGIC = b"AFSREC01"
-    EVENT = struct.Struct("<cQQIIQ")  # type, seq, offset, length, flags, time ns
+    EVENT_FORMAT = "<cQQIIQ"
     WRITE, FLUSH_START, FLUSH_END = b"W", b"S", b"F"
     FLAG_ATOMIC, FLAG_DSYNC = 1, 2
     KIND_FLAGS = {"super": 0x10, "log": 0x20, "snapshot": 0x40, "data": 0x80}
 
-    def __init__(self, path: str) -> None:
-        new = not os.path.exists(path) or os.path.getsize(path) == 0
-        self._f = open(path, "ab", buffering=1 << 20)
-        if new:
-            self._f.write(self.MAGIC)
-        self._lock = threading.Lock()
-        self._seq = 0
-
-    def write(self, offset: int, segments: Sequence[Segment], flags: int) -> None:
-        length = sum(n for _, _, n in segments)
-        with self._lock:
-            self._seq += 1
-            self._f.write(self.EVENT.pack(self.WRITE, self._seq, offset, length, flags,
-                                          time.monotonic_ns()))
-            for buf, off, n in segments:
-                self._f.write(buf.view(off, n))
-
-    def flush_event(self, kind: bytes) -> None:
-        with self._lock:
-            self._seq += 1
-            self._f.write(self.EVENT.pack(kind, self._seq, 0, 0, 0, time.monotonic_ns()))
-            if kind == self.FLUSH_END:
-                self._f.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._f.close()
+    @classmethod
+    def open(cls, path: str) -> int:
+        """An append descriptor for the C recorder, with the magic written if new."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        if os.fstat(fd).st_size == 0:
+            os.write(fd, cls.MAGIC)
+        return fd
 
 
 @dataclass
@@ -132,8 +132,19 @@ class Device:
         self.caps = caps
         self.readonly = readonly
         self.options = options or DeviceOptions()
-        self._recorder = Recorder(self.options.record) if self.options.record else None
-        self._inject_lock = threading.Lock()
+        q = lib.afs_ioq_new(IO_THREADS)
+        if q == ffi.NULL:
+            raise OSError(errno.ENOMEM, "cannot start the I/O threads")
+        self._q = q
+        self._record_fd = -1
+        if self.options.record:
+            self._record_fd = Recorder.open(self.options.record)
+            lib.afs_ioq_set_record(q, self._record_fd)
+        self.set_inject(self.options.inject)
+        self.set_delay(self.options.delay_s)
+        self._pending: dict[int, tuple[Any, Any, Any, trio.Event]] = {}
+        self._next_id = 1
+        self._reaper_running = False
         # group flush state
         self._flush_started = 0
         self._flush_done = 0
@@ -190,36 +201,104 @@ class Device:
         return cls(path, fd, caps, readonly, options)
 
     def close(self) -> None:
+        if self._q is not None:
+            lib.afs_ioq_free(self._q)
+            self._q = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self._recorder is not None:
-            self._recorder.close()
-            self._recorder = None
+        if self._record_fd >= 0:
+            os.close(self._record_fd)
+            self._record_fd = -1
 
     # ------------------------------------------------------------- runtime controls
 
-    def set_inject(self, rules: list[InjectRule]) -> None:
-        with self._inject_lock:
-            self.options.inject = rules
+    def set_inject(self, spec: InjectSpec) -> None:
+        self.options.inject = spec
+        lib.afs_ioq_set_inject(self._q, spec.mask, -1 if spec.count is None else spec.count)
 
     def set_delay(self, seconds: float) -> None:
         self.options.delay_s = seconds
+        lib.afs_ioq_set_delay(self._q, int(seconds * 1_000_000))
 
-    def _injected(self, target: str) -> bool:
-        """Consume one matching injection rule; True if this request must fail."""
-        if not self.options.inject:
-            return False
-        with self._inject_lock:
-            for rule in self.options.inject:
-                if rule.target == target or (rule.target == "write" and target in KINDS):
-                    if rule.remaining is not None:
-                        rule.remaining -= 1
-                        if rule.remaining <= 0:
-                            self.options.inject = [r for r in self.options.inject
-                                                   if r is not rule]
-                    return True
-        return False
+    # ----------------------------------------------------------------- requests
+
+    def _request(self, op: int, kind: str, offset: int = 0,
+                 segments: Sequence[Segment] = (), flags: int = 0) -> tuple[Any, Any, Any]:
+        io = ffi.new("struct afs_io *")
+        io.op = op
+        io.kind = KIND_BITS[kind]
+        io.fd = self.fd
+        io.offset = offset
+        io.flags = flags
+        bufs = lens = ffi.NULL
+        n = len(segments)
+        if n:
+            if n > native.MAX_IOV:
+                raise ValueError(f"too many segments ({n})")
+            bufs = ffi.new("void *[]", n)
+            lens = ffi.new("size_t[]", n)
+            for i, (buf, off, length) in enumerate(segments):
+                bufs[i] = buf.ptr + off
+                lens[i] = length
+        io.niov = n
+        io.bufs = bufs
+        io.lens = lens
+        return io, bufs, lens
+
+    def _check(self, io: Any, what: str) -> int:
+        rc = int(io.result)
+        if rc < 0:
+            raise DeviceError(-rc, f"{what} failed: {os.strerror(-rc)}")
+        if io.op == lib.AFS_OP_WRITE:
+            self.write_ios += 1
+            self.write_bytes += rc
+        elif io.op == lib.AFS_OP_READ:
+            self.read_ios += 1
+        else:
+            self.flushes += 1
+        return rc
+
+    def _execute(self, io: Any, what: str) -> int:
+        lib.afs_ioq_execute(self._q, io)
+        return self._check(io, what)
+
+    async def _submit(self, req: tuple[Any, Any, Any], what: str) -> int:
+        io = req[0]
+        if not self._reaper_running:  # before trio runs the reaper: run it here
+            return await trio.to_thread.run_sync(self._execute, io, what)
+        ident = self._next_id
+        self._next_id += 1
+        io.id = ident
+        done = trio.Event()
+        self._pending[ident] = (*req, done)
+        lib.afs_ioq_submit(self._q, io)
+        try:
+            await done.wait()
+        except BaseException:
+            # the request is in a C thread and will complete; keep its memory alive
+            if ident in self._pending:
+                self._pending[ident] = (*req, trio.Event())
+            raise
+        return self._check(io, what)
+
+    async def run_reaper(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+        """Hand completions from the C threads to the tasks waiting for them."""
+        efd = lib.afs_ioq_eventfd(self._q)
+        out = ffi.new("struct afs_io *[]", 256)
+        self._reaper_running = True
+        task_status.started()
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(efd)
+                n = lib.afs_ioq_reap(self._q, out, 256)
+                for i in range(n):
+                    entry = self._pending.pop(int(out[i].id), None)
+                    if entry is not None:
+                        entry[3].set()
+        finally:
+            self._reaper_running = False
 
     # ----------------------------------------------------------- blocking primitives
 
@@ -229,44 +308,19 @@ class Device:
         return buf
 
     def readv_sync(self, offset: int, segments: Sequence[Segment]) -> None:
-        if self._injected("read"):
-            raise DeviceError(errno.EIO, f"injected read error at {offset}")
-        rc = native.preadv(self.fd, segments, offset)
-        self.read_ios += 1
-        if rc < 0:
-            raise DeviceError(-rc, f"read at {offset} failed: {os.strerror(-rc)}")
+        self._execute(self._request(lib.AFS_OP_READ, "read", offset, segments)[0],
+                      f"read at {offset}")
 
     def writev_sync(self, offset: int, segments: Sequence[Segment], kind: str,
                     atomic: bool = False, dsync: bool = False) -> None:
         if self.readonly:
             raise DeviceError(errno.EROFS, "device opened read-only")
-        if kind == "data" and self.options.delay_s:
-            time.sleep(self.options.delay_s)
-        if self._injected(kind):
-            raise DeviceError(errno.EIO, f"injected {kind} write error at {offset}")
         flags = (native.RWF_ATOMIC if atomic else 0) | (native.RWF_DSYNC if dsync else 0)
-        rc = native.pwritev(self.fd, segments, offset, flags)
-        if rc < 0:
-            raise DeviceError(-rc, f"{kind} write at {offset} failed: {os.strerror(-rc)}")
-        self.write_ios += 1
-        self.write_bytes += rc
-        if self._recorder is not None:
-            rflags = Recorder.KIND_FLAGS[kind]
-            rflags |= Recorder.FLAG_ATOMIC if atomic else 0
-            rflags |= Recorder.FLAG_DSYNC if dsync else 0
-            self._recorder.write(offset, segments, rflags)
+        req = self._request(lib.AFS_OP_WRITE, kind, offset, segments, flags)
+        self._execute(req[0], f"{kind} write at {offset}")
 
     def flush_sync(self) -> None:
-        if self._recorder is not None:
-            self._recorder.flush_event(Recorder.FLUSH_START)
-        if self._injected("flush"):
-            raise DeviceError(errno.EIO, "injected flush error")
-        rc = native.fdatasync(self.fd)
-        if rc < 0:
-            raise DeviceError(-rc, f"flush failed: {os.strerror(-rc)}")
-        self.flushes += 1
-        if self._recorder is not None:
-            self._recorder.flush_event(Recorder.FLUSH_END)
+        self._execute(self._request(lib.AFS_OP_FLUSH, "flush")[0], "flush")
 
     # ------------------------------------------------------------------ async I/O
 
@@ -276,11 +330,16 @@ class Device:
         return buf
 
     async def readv(self, offset: int, segments: Sequence[Segment]) -> None:
-        await trio.to_thread.run_sync(self.readv_sync, offset, segments)
+        await self._submit(self._request(lib.AFS_OP_READ, "read", offset, segments),
+                           f"read at {offset}")
 
     async def writev(self, offset: int, segments: Sequence[Segment], kind: str,
                      atomic: bool = False, dsync: bool = False) -> None:
-        await trio.to_thread.run_sync(self.writev_sync, offset, segments, kind, atomic, dsync)
+        if self.readonly:
+            raise DeviceError(errno.EROFS, "device opened read-only")
+        flags = (native.RWF_ATOMIC if atomic else 0) | (native.RWF_DSYNC if dsync else 0)
+        await self._submit(self._request(lib.AFS_OP_WRITE, kind, offset, segments, flags),
+                           f"{kind} write at {offset}")
 
     def write_gen(self) -> int:
         """Flush generation of a write that has completed by now: any flush numbered
@@ -304,7 +363,7 @@ class Device:
             self._flush_started += 1
             gen = self._flush_started
             try:
-                await trio.to_thread.run_sync(self.flush_sync)
+                await self._submit(self._request(lib.AFS_OP_FLUSH, "flush"), "flush")
                 self._flush_done = gen
             finally:
                 self._flush_running = False

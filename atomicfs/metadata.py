@@ -192,6 +192,7 @@ class Metadata:
         self.inodes: dict[int, Inode] = {}
         self.next_ino = fmt.ROOT_INO + 1
         self._dirty: set[int] = set()
+        self._size_dirty: set[int] = set()  # subset whose size changed (fdatasync needs it)
         self.records_emitted = 0
         self.bytes_emitted = 0
 
@@ -207,12 +208,22 @@ class Metadata:
         if extents and self.sink is not None:
             self.sink.release(extents)
 
-    def mark_dirty(self, inode: Inode) -> None:
+    def mark_dirty(self, inode: Inode, size_changed: bool = False) -> None:
         """The inode's attributes changed; log them with the next batch."""
         self._dirty.add(inode.ino)
+        if size_changed:
+            self._size_dirty.add(inode.ino)
 
     def is_dirty(self, ino: int) -> bool:
         return ino in self._dirty
+
+    def size_dirty(self, ino: int) -> bool:
+        """Is a size change of this inode not logged yet (what fdatasync must commit)?"""
+        return ino in self._size_dirty
+
+    @property
+    def any_dirty(self) -> bool:
+        return bool(self._dirty)
 
     def flush_dirty(self) -> int:
         """Emit an INODE record for every dirty inode; returns how many."""
@@ -223,11 +234,13 @@ class Metadata:
                 self._emit(fmt.rec_inode(inode.record_fields()))
                 n += 1
         self._dirty.clear()
+        self._size_dirty.clear()
         return n
 
     def log_inode(self, inode: Inode) -> None:
         """Emit the inode's attributes now (structural changes log them at once)."""
         self._dirty.discard(inode.ino)
+        self._size_dirty.discard(inode.ino)
         self._emit(fmt.rec_inode(inode.record_fields()))
 
     # ------------------------------------------------------------ lookups and queries
@@ -275,6 +288,7 @@ class Metadata:
         if inode is None:
             raise CorruptFilesystem(f"deleting missing inode {ino}")
         self._dirty.discard(ino)
+        self._size_dirty.discard(ino)
         if inode.entries:
             raise CorruptFilesystem(f"deleting non-empty directory {ino}")
         return inode.extents.device_extents() if inode.extents is not None else []

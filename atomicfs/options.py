@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from atomicfs import format as fmt
-from atomicfs.device import InjectRule, parse_inject
+from atomicfs.device import InjectSpec, parse_inject
 from atomicfs.sizes import is_power_of_two, parse_size
 
 MIN_CACHE = 4 << 20
@@ -22,7 +22,7 @@ class MountOptions:
     allow_other: bool = False
     debug: bool = False
     # device-layer and test options
-    inject: list[InjectRule] = field(default_factory=list)
+    inject: InjectSpec = field(default_factory=InjectSpec)
     inject_enabled: bool = False
     delay_ms: float = 0.0
     record: str | None = None
@@ -36,7 +36,7 @@ class MountOptions:
             "writethrough": self.writethrough, "cache_size": self.cache_size,
             "dirty_expire": self.dirty_expire, "atomic_path": self.atomic_path,
             "allow_other": self.allow_other, "debug": self.debug,
-            "inject": "+".join(str(r) for r in self.inject) or None,
+            "inject": str(self.inject) if self.inject_enabled else None,
             "delay_ms": self.delay_ms, "record": self.record,
             "unsafe_atomic": self.unsafe_atomic,
         }

@@ -54,7 +54,7 @@ class FolioIO(Protocol):
     async def write_through(self, inode: Inode, mapping: "Mapping",
                             items: list[tuple["Folio", int]], size_grew: bool) -> None: ...
 
-    def inode_written(self, inode: Inode) -> None: ...
+    def inode_written(self, inode: Inode, size_grew: bool) -> None: ...
 
     def reserve_for_write(self, inode: Inode, mapping: "Mapping",
                           items: list[tuple["Folio", int]]) -> None: ...
@@ -139,8 +139,8 @@ class Mapping:
     """The page-cache side of one file."""
 
     __slots__ = ("cache", "ino", "folio_size", "blocks_per_folio", "folios", "dirty",
-                 "stable", "wt_inflight", "err_seq", "err_seen", "flush_gen", "atomic",
-                 "ra_next", "ra_window")
+                 "stable", "wt_inflight", "err_seq", "err_seen", "flush_gen", "meta_seq",
+                 "atomic", "ra_next", "ra_window", "busy")
 
     def __init__(self, cache: "PageCache", ino: int, folio_size: int, atomic: bool) -> None:
         self.cache = cache
@@ -154,6 +154,8 @@ class Mapping:
         self.err_seq = 0  # writeback errors recorded (errseq counter)
         self.err_seen = True  # has any descriptor seen the latest error?
         self.flush_gen = -1  # device flush generation covering its last in-place write
+        self.meta_seq = -1  # newest log batch holding this file's extents or data
+        self.busy: dict[int, Folio] = {}  # folios under writeback or locked
         self.atomic = atomic
         self.ra_next = -1
         self.ra_window = 0
@@ -335,6 +337,7 @@ class PageCache:
         folio.writeback = True
         folio.wb_stable = stable
         folio.wb_mask = mask
+        folio.mapping.busy[folio.index] = folio
         self._clear_dirty(folio, mask)
         self.writeback_bytes += popcount(mask) * self.block_size
         was_atomic = folio.atomic
@@ -353,6 +356,8 @@ class PageCache:
         folio.writeback = False
         folio.wb_stable = False
         folio.wb_mask = 0
+        if not folio.locked:
+            folio.mapping.busy.pop(folio.index, None)
         if failed_mask:
             self.mark_dirty(folio, failed_mask)
             if restore_atomic:
@@ -380,6 +385,7 @@ class PageCache:
         folio.writeback = True
         folio.wb_stable = True
         folio.wb_mask = 0
+        folio.mapping.busy[folio.index] = folio
         self._lru_remove(folio)
 
     def set_logged(self, folio: Folio, seq: int) -> None:
@@ -400,12 +406,15 @@ class PageCache:
         if folio.locked:
             raise InvalidTransition(f"folio already locked: {folio.state()}")
         folio.locked = True
+        folio.mapping.busy[folio.index] = folio
         self._lru_remove(folio)
 
     def unlock(self, folio: Folio) -> None:
         if not folio.locked:
             raise InvalidTransition(f"unlocking an unlocked folio: {folio.state()}")
         folio.locked = False
+        if not folio.writeback:
+            folio.mapping.busy.pop(folio.index, None)
         self._refresh_lru(folio)
         folio._wake()
 
@@ -562,7 +571,7 @@ class PageCache:
             if size_grew:
                 inode.size = end
             inode.mtime_ns = inode.ctime_ns = now if now is not None else time.time_ns()
-            io.inode_written(inode)
+            io.inode_written(inode, size_grew)
             if writethrough:
                 await io.write_through(inode, m, items, size_grew)
         finally:
@@ -633,8 +642,7 @@ class PageCache:
         fs = m.folio_size
         bs = self.block_size
         while True:
-            busy = [f for i, f in m.folios.items()
-                    if (i + 1) * fs > size and (f.writeback or f.locked)]
+            busy = [f for i, f in m.busy.items() if (i + 1) * fs > size]
             if not busy:
                 break
             await self.wait_folio(busy[0])

@@ -72,7 +72,7 @@ class Volume:
 
     @classmethod
     def open(cls, path: str, opts: MountOptions) -> "Volume":
-        dev = Device.open(path, options=DeviceOptions(list(opts.inject),
+        dev = Device.open(path, options=DeviceOptions(opts.inject,
                                                       opts.delay_ms / 1000.0, opts.record))
         try:
             return cls._load(dev, opts)
@@ -119,6 +119,7 @@ class Volume:
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Run the background tasks; finish recovery (orphans, checkpoint)."""
+        await nursery.start(self.dev.run_reaper)
         await nursery.start(self.journal.run)
         await nursery.start(self.wb.run_flusher)
         await nursery.start(self.wb.run_checkpointer)

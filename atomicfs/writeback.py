@@ -277,6 +277,7 @@ class Writeback:
             self.md.map_extent(inode, fb, dblock, nb)
             self.journal.need_barrier(gen)
             out.meta_changed = True
+            m.meta_seq = self.journal.pending_seq
         m.flush_gen = out.flush_gen = max(m.flush_gen, gen)
         self._wb_failures.pop((m.ino, folio.index), None)
         self.cache.end_writeback(folio)
@@ -317,6 +318,7 @@ class Writeback:
             was_atomic = self.cache.take_clean(folio, mask)
         self.cache.set_logged(folio, seq)
         out.logged_seq = max(out.logged_seq, seq)
+        m.meta_seq = max(m.meta_seq, seq)
         if was_atomic:
             self.counters.atomic_writebacks_software += 1
         if self.cache.logged_bytes > self.cache.limit // 4:
@@ -384,6 +386,7 @@ class Writeback:
                 self.md.map_extent(inode, fblock, dblock, n)
                 self.journal.need_barrier(gen)
                 out.meta_changed = True
+                m.meta_seq = self.journal.pending_seq
             m.flush_gen = out.flush_gen = max(m.flush_gen, gen)
             self.counters.writeback_ios += 1
             self.counters.writeback_bytes += io.nblocks * self.bs
@@ -498,9 +501,9 @@ class Writeback:
 
     # ------------------------------------------------------------- write-through
 
-    def inode_written(self, inode: Inode) -> None:
+    def inode_written(self, inode: Inode, size_grew: bool) -> None:
         """A write changed size or times: log the inode with the next batch."""
-        self.md.mark_dirty(inode)
+        self.md.mark_dirty(inode, size_grew)
 
     async def write_through(self, inode: Inode, m: Mapping, items: list[tuple[Folio, int]],
                             size_grew: bool) -> None:
@@ -523,24 +526,36 @@ class Writeback:
         """Write every dirty folio of the file; with wait, also wait for writeback that
         others started, so that all data dirty at the call is on the device after."""
         if wait:
-            for folio in [f for f in m.folios.values() if f.writeback or f.locked]:
-                while folio.writeback or folio.locked:
-                    await folio.wait_unlocked_or_written()
+            await self._wait_busy(m)
         items = [(f, f.dirty) for f in sorted(m.dirty.values(), key=lambda f: f.index)]
         out = await self.write_folios(inode, m, items) if items else WriteOutcome()
         if wait:
-            for folio in [f for f in m.dirty.values() if f.writeback or f.locked]:
-                while folio.writeback or folio.locked:
-                    await folio.wait_unlocked_or_written()
+            await self._wait_busy(m)
         return out
+
+    @staticmethod
+    async def _wait_busy(m: Mapping) -> None:
+        """Wait for the writeback of dirty blocks and the reads in flight on this file when
+        called. A checkpoint's home copies (writeback of no dirty blocks) are of data
+        already durable in the log: nobody syncing the file needs to wait for them."""
+        for folio in list(m.busy.values()):
+            while folio.locked or (folio.writeback and folio.wb_mask):
+                await folio.wait_unlocked_or_written()
 
     async def fsync(self, inode: Inode, datasync: bool) -> None:
         """Write back the file's data and commit its metadata (raises DeviceError/LogFailed
-        for failures of this call; errseq reporting is the caller's)."""
+        for failures of this call; errseq reporting is the caller's). fdatasync commits
+        only what reading the data back needs: the size, extents and logged data, not
+        timestamps (so an O_DSYNC write-through costs one log write, not two)."""
         m = self.cache.mappings.get(inode.ino)
         if m is not None:
             await self.writeback_mapping(inode, m, wait=True)
-        if self.journal.has_pending():
+        if datasync:
+            need = self.md.size_dirty(inode.ino) or \
+                (m is not None and m.meta_seq > self.journal.durable_seq)
+        else:
+            need = self.journal.has_pending()
+        if need:
             await self.journal.commit()
         if m is not None:
             await self.dev.flush_covering(m.flush_gen)
@@ -550,7 +565,7 @@ class Writeback:
         ok = True
         for ino, m in list(self.cache.mappings.items()):
             inode = self.md.inodes.get(ino)
-            if inode is None or not (m.dirty or any(f.writeback for f in m.folios.values())):
+            if inode is None or not (m.dirty or m.busy):
                 continue
             out = await self.writeback_mapping(inode, m, wait=True)
             ok &= not out.failed and not m.dirty
@@ -564,10 +579,14 @@ class Writeback:
         if m is None:
             return
         while True:
-            busy = [f for f in m.folios.values() if f.writeback or f.locked or f.pins]
-            if not busy:
+            for folio in list(m.busy.values()):
+                while folio.locked or folio.writeback:
+                    await folio.wait_unlocked_or_written()
+            pinned = [f for f in m.folios.values() if f.pins]
+            if not pinned and not m.busy:
                 break
-            await busy[0].wait_unlocked_or_written()
+            if pinned:
+                await trio.sleep(0.001)  # a request is using it; it unpins when done
         released = sum(self.cache.unreserve_blocks(f, f.reserved) for f in m.folios.values())
         if released:
             self.alloc.unreserve(released)

@@ -27,3 +27,43 @@ void afs_bitmap_set(uint8_t *bm, int64_t start, int64_t count, int value);
 int64_t afs_bitmap_count_set(const uint8_t *bm, int64_t start, int64_t count);
 int64_t afs_bitmap_find(const uint8_t *bm, int64_t lo, int64_t hi, int64_t goal, int64_t want,
                         int64_t min_len, int64_t align, int64_t *found);
+
+/* ---- asynchronous I/O queue: C worker threads, completions signalled on an eventfd ---- */
+#define AFS_OP_WRITE 1
+#define AFS_OP_READ 2
+#define AFS_OP_FLUSH 3
+/* kinds of requests, for fault injection, delay and recording (bit = 1 << kind) */
+#define AFS_KIND_SUPER 0
+#define AFS_KIND_LOG 1
+#define AFS_KIND_SNAPSHOT 2
+#define AFS_KIND_DATA 3
+#define AFS_KIND_FLUSH 4
+#define AFS_KIND_READ 5
+
+struct afs_io {
+    int64_t id;         /* the caller's cookie */
+    int op;
+    int kind;
+    int fd;
+    int niov;
+    int flags;          /* RWF_* for writes */
+    int pad;
+    int64_t offset;
+    void **bufs;
+    size_t *lens;
+    int64_t result;     /* bytes, 0 for a flush, or -errno */
+    struct afs_io *next;
+};
+
+struct afs_ioq;
+
+struct afs_ioq *afs_ioq_new(int nthreads);
+int afs_ioq_eventfd(struct afs_ioq *q);
+void afs_ioq_submit(struct afs_ioq *q, struct afs_io *io);
+int afs_ioq_reap(struct afs_ioq *q, struct afs_io **out, int max);
+void afs_ioq_execute(struct afs_ioq *q, struct afs_io *io);
+void afs_ioq_free(struct afs_ioq *q);
+void afs_ioq_set_delay(struct afs_ioq *q, int64_t usec);
+void afs_ioq_set_inject(struct afs_ioq *q, int kind_mask, int64_t count);
+int64_t afs_ioq_inject_left(struct afs_ioq *q);
+int afs_ioq_set_record(struct afs_ioq *q, int fd);

@@ -28,11 +28,18 @@ ffibuilder.set_source(
     sources=[str((HERE / "atomicfs_native.c").relative_to(ROOT))],
     include_dirs=[str(HERE.relative_to(ROOT))],
     libraries=["isal"],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11",
+                        "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":
     import os
 
     os.chdir(ROOT)
-    ffibuilder.compile(verbose=False)
+    built = Path(ffibuilder.compile(verbose=False)).resolve()
+    # An older build for another ABI tag (e.g. from `pip install -e`) would shadow nothing
+    # but confuse; keep only the module just built.
+    for stale in (ROOT / "atomicfs").glob("_native*.so"):
+        if stale.resolve() != built:
+            stale.unlink()
