@@ -10,8 +10,8 @@ Every request carries a *kind* (super, log, snapshot, data; flush; read) so that
 test-only layers, also in C, can aim at it:
 
 * fault injection (`inject=`): chosen writes, flushes or reads fail with EIO;
-* a slow device (`delay=`): data writes take at least that long, so tests can hold a write
-  in flight;
+* a slow device (`delay=`): every write takes at least that long, so tests can hold a
+  write in flight;
 * recording (`record=`): every completed write (offset, flags, data) and every flush start
   and end, in completion order, for the crash explorer (see atomicfs.crash).
 
@@ -88,7 +88,7 @@ def parse_inject(spec: str) -> InjectSpec:
 @dataclass
 class DeviceOptions:
     inject: InjectSpec = field(default_factory=InjectSpec)
-    delay_s: float = 0.0  # extra latency of each data write
+    delay_s: float = 0.0  # extra latency of each write
     record: str | None = None  # path of a write recording
 
 

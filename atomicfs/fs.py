@@ -753,8 +753,8 @@ class AtomicFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EIO)
         elif cmd == "checkpoint":
             await self.wb.checkpoint()
-        elif cmd == "flush":
-            await self.wb.flush_some()
+        elif cmd == "flush":  # background writeback of all dirty data, now
+            await self.wb.flush_some(everything=True)
         elif cmd == "inject":
             if not self.vol.opts.inject_enabled:
                 raise pyfuse3.FUSEError(errno.EPERM)

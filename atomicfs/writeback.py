@@ -603,11 +603,12 @@ class Writeback:
             self._flusher_wake = trio.Event()
             await self.flush_some()
 
-    async def flush_some(self) -> None:
-        """Write back expired dirty data, and more while over the background threshold."""
+    async def flush_some(self, everything: bool = False) -> None:
+        """Write back expired dirty data, and more while over the background threshold
+        (or everything, as background writeback: failures go to errseq)."""
         now = time.monotonic()
         expire = self.policy.dirty_expire
-        over = self.cache.dirty_bytes > self.background_bytes
+        over = everything or self.cache.dirty_bytes > self.background_bytes
         for ino, m in sorted(self.cache.mappings.items(),
                              key=lambda kv: min((f.dirty_since for f in kv[1].dirty.values()),
                                                 default=now)):
@@ -623,7 +624,7 @@ class Writeback:
                          if now - f.dirty_since >= expire]
             if items:
                 await self.write_folios(inode, m, items)
-            over = self.cache.dirty_bytes > self.background_bytes
+            over = everything or self.cache.dirty_bytes > self.background_bytes
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -431,7 +431,7 @@ static void perform(struct afs_ioq *q, struct afs_io *io)
         io->result = afs_preadv(io->fd, io->bufs, io->lens, io->niov, io->offset);
         return;
     }
-    if (io->kind == AFS_KIND_DATA && q->delay_usec > 0) {
+    if (q->delay_usec > 0) {  /* a slow device: every write takes at least this long */
         struct timespec ts = {q->delay_usec / 1000000, (q->delay_usec % 1000000) * 1000};
         while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
             ;
