@@ -753,6 +753,8 @@ class AtomicFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EIO)
         elif cmd == "checkpoint":
             await self.wb.checkpoint()
+        elif cmd == "commit":  # make everything logged so far durable
+            await self.vol.journal.commit()
         elif cmd == "flush":  # background writeback of all dirty data, now
             await self.wb.flush_some(everything=True)
         elif cmd == "inject":

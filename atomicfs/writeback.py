@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 MAX_IO_BYTES = 4 << 20
 MAX_WB_RETRIES = 3
+# A synchronous write (fsync, write-through) of at most this much data into blocks that
+# have no home yet goes into the log: one device write and one flush, instead of a data
+# write, a flush ordering it before the batch that maps it, the batch, and a flush.
+SMALL_SYNC_LOG_BYTES = 256 << 10
 
 
 @dataclass
@@ -199,9 +203,10 @@ class Writeback:
     # ------------------------------------------------------------------ submission
 
     async def write_folios(self, inode: Inode, m: Mapping, items: list[tuple[Folio, int]],
-                           writethrough: bool = False) -> WriteOutcome:
+                           writethrough: bool = False, sync: bool = False) -> WriteOutcome:
         """Write the given dirty blocks by the right path; waits for the device writes
-        (and, for writethrough, for the log batch) but does not flush."""
+        (and, for writethrough, for the log batch) but does not flush. sync: the caller
+        makes the data durable at once (fsync, write-through)."""
         out = WriteOutcome()
         hw: list[Folio] = []
         logged: list[tuple[Folio, int]] = []
@@ -219,6 +224,9 @@ class Writeback:
                  else logged.append((folio, folio.dirty)))
             else:
                 inplace.append((folio, mask))
+        if (sync or writethrough) and inplace and self._small_new_data(inode, inplace):
+            logged += inplace
+            inplace = []
         holds: list[tuple[Folio, bool]] = []
         try:
             for folio in hw:
@@ -239,6 +247,19 @@ class Writeback:
                 self.cache.end_writeback(folio, folio.wb_mask if failed else 0,
                                          restore_atomic=was_atomic and failed)
         return out
+
+    def _small_new_data(self, inode: Inode, items: list[tuple[Folio, int]]) -> bool:
+        """Is this a small write whose blocks have no home yet (an append)?"""
+        total = 0
+        for folio, mask in items:
+            total += popcount(mask) * self.bs
+            if total > SMALL_SYNC_LOG_BYTES:
+                return False
+            for b, n in mask_runs(mask):
+                for _, d, _ in inode.extents.runs(folio.fblock + b, n):
+                    if d is not None:
+                        return False
+        return total > 0
 
     async def _write_atomic_hardware(self, inode: Inode, m: Mapping, folio: Folio,
                                      out: WriteOutcome, writethrough: bool) -> bool:
@@ -528,7 +549,7 @@ class Writeback:
         if wait:
             await self._wait_busy(m)
         items = [(f, f.dirty) for f in sorted(m.dirty.values(), key=lambda f: f.index)]
-        out = await self.write_folios(inode, m, items) if items else WriteOutcome()
+        out = await self.write_folios(inode, m, items, sync=wait) if items else WriteOutcome()
         if wait:
             await self._wait_busy(m)
         return out
@@ -550,12 +571,10 @@ class Writeback:
         m = self.cache.mappings.get(inode.ino)
         if m is not None:
             await self.writeback_mapping(inode, m, wait=True)
-        if datasync:
-            need = self.md.size_dirty(inode.ino) or \
-                (m is not None and m.meta_seq > self.journal.durable_seq)
-        else:
-            need = self.journal.has_pending()
-        if need:
+        # fsync commits everything logged so far (nothing to do costs nothing);
+        # fdatasync only what this file's data needs.
+        if not datasync or self.md.size_dirty(inode.ino) or \
+                (m is not None and m.meta_seq > self.journal.durable_seq):
             await self.journal.commit()
         if m is not None:
             await self.dev.flush_covering(m.flush_gen)

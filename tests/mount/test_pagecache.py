@@ -125,7 +125,8 @@ def test_fsync_reports_its_own_failed_writeback(image: str, mounter: MountFactor
     m = mounter(image, "inject=off")
     fd = os.open(m / "f", os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        os.pwrite(fd, b"x" * 100_000, 0)
+        # more than a small sync write (which goes into the log): this goes in place
+        os.pwrite(fd, b"x" * 400_000, 0)
         m.control("inject=data:1")
         with pytest.raises(OSError) as exc:
             os.fsync(fd)
@@ -134,7 +135,7 @@ def test_fsync_reports_its_own_failed_writeback(image: str, mounter: MountFactor
     finally:
         os.close(fd)
     with open(m / "f", "rb") as f:
-        assert f.read() == b"x" * 100_000
+        assert f.read() == b"x" * 400_000
 
 
 def test_no_stale_reads_across_descriptors(mnt: Mount) -> None:
