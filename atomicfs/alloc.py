@@ -85,6 +85,11 @@ class Allocator:
             raise NoSpace(f"cannot reserve {count} blocks")
         self._reserved += count
 
+    def reserve_again(self, count: int) -> None:
+        """Reserve blocks that were just freed (a write into fresh blocks failed, its data
+        stays dirty); never fails, as those blocks are back in the pool."""
+        self._reserved += max(0, count)
+
     def unreserve(self, count: int) -> None:
         if count < 0 or count > self._reserved:
             raise ValueError(f"unreserve {count} of {self._reserved} reserved blocks")

@@ -265,10 +265,11 @@ class Writeback:
                                      out: WriteOutcome, writethrough: bool) -> bool:
         """One RWF_ATOMIC write of the whole unit; False if it must take the log instead
         (no aligned space for a unit that has to move)."""
-        bs = self.bs
         nb = m.blocks_per_folio
         fb = folio.fblock
         full = mask_range(0, nb)
+        if folio.writeback or folio.locked or not folio.atomic or folio.dirty != full:
+            return True  # it changed since it was chosen; a later writeback takes it
         runs = list(inode.extents.runs(fb, nb))
         dblock = runs[0][1] if len(runs) == 1 else None
         moved = dblock is None or dblock % nb != 0
@@ -289,7 +290,7 @@ class Writeback:
         except DeviceError as exc:
             if moved:
                 self.alloc.free_now(dblock, nb)
-                self.alloc.reserve(reserved)
+                self.alloc.reserve_again(reserved)
                 folio.reserved = old_reserved
             self._write_failed(m, [(folio, full)], exc, writethrough, out, restore_atomic=True)
             return True
@@ -318,15 +319,21 @@ class Writeback:
         mask &= folio.dirty
         if not mask or folio.writeback or folio.locked:
             return
-        whole_hole = folio.atomic and all(d is None for _, d, _ in
-                                          inode.extents.runs(folio.fblock, m.blocks_per_folio))
+        holes = [(f, k) for b, n in mask_runs(mask)
+                 for f, d, k in inode.extents.runs(folio.fblock + b, n) if d is None]
+        if holes:
+            whole = folio.atomic and holes == [(folio.fblock, m.blocks_per_folio)]
+            try:
+                homes = self._allocate_homes(folio, holes, aligned=whole)
+            except NoSpace:
+                log.warning("no space to log inode %d folio %d", m.ino, folio.index)
+                return
+            for fblock, dblock, count in homes:  # in the batch of the DATA records
+                self.md.map_extent(inode, fblock, dblock, count)
+            out.meta_changed = True
         seq = -1
         for b, n in mask_runs(mask):
             f0 = folio.fblock + b
-            for f, d, k in list(inode.extents.runs(f0, n)):
-                if d is None:
-                    self._allocate_home(inode, m, folio, f, k, aligned=whole_hole)
-                    out.meta_changed = True
             for f, d, k in list(inode.extents.runs(f0, n)):
                 assert d is not None
                 payload = Buffer(k * bs)
@@ -345,37 +352,47 @@ class Writeback:
         if self.cache.logged_bytes > self.cache.limit // 4:
             self.journal.want_checkpoint.set()
 
-    def _allocate_home(self, inode: Inode, m: Mapping, folio: Folio, fblock: int, count: int,
-                       aligned: bool) -> None:
-        """Give the reserved blocks [fblock, fblock+count) of a logged folio a home and map
-        them in the pending batch (with the DATA records, so no barrier is needed). A whole
-        unit gets a unit-aligned extent when there is one, for later hardware writes."""
-        nb = m.blocks_per_folio
-        part = mask_range(fblock - folio.fblock, count)
-        reserved = popcount(folio.reserved & part)
-        done = 0
-        if aligned and count == nb:
-            try:
-                start, _ = self.alloc.allocate(nb, align=nb, reserved=reserved)
-                self.alloc.unreserve(reserved)
-                reserved = 0
-                self.md.map_extent(inode, fblock, start, nb)
-                done = nb
-            except NoSpace:
-                pass
-        while done < count:
-            start, got = self.alloc.allocate(count - done, min_len=1, reserved=reserved)
-            conv = min(reserved, got)
-            self.alloc.unreserve(conv)
-            reserved -= conv
-            self.md.map_extent(inode, fblock + done, start, got)
-            done += got
-        folio.reserved &= ~part
+    def _allocate_homes(self, folio: Folio, holes: list[tuple[int, int]],
+                        aligned: bool) -> list[tuple[int, int, int]]:
+        """Device blocks for the reserved holes of a folio about to be logged, all or none
+        (NoSpace). A whole unit gets a unit-aligned extent when there is one, for later
+        hardware writes. Returns (file block, device block, count) pieces."""
+        nb = folio.mapping.blocks_per_folio
+        homes: list[tuple[int, int, int]] = []
+        reserved = popcount(folio.reserved & sum(mask_range(f - folio.fblock, k)
+                                                 for f, k in holes))
+        try:
+            for fblock, count in holes:
+                done = 0
+                if aligned:
+                    try:
+                        start, _ = self.alloc.allocate(nb, align=nb, reserved=reserved)
+                        homes.append((fblock, start, nb))
+                        done = nb
+                    except NoSpace:
+                        pass
+                while done < count:
+                    start, got = self.alloc.allocate(count - done, min_len=1,
+                                                     reserved=reserved)
+                    homes.append((fblock + done, start, got))
+                    done += got
+        except NoSpace:
+            for _, start, got in homes:
+                self.alloc.free_now(start, got)
+            raise
+        used = sum(c for _, _, c in homes)
+        self.alloc.unreserve(min(reserved, used))
+        for fblock, count in holes:
+            folio.reserved &= ~mask_range(fblock - folio.fblock, count)
+        return homes
 
     async def _write_in_place(self, inode: Inode, m: Mapping,
                               items: list[tuple[Folio, int]], out: WriteOutcome,
                               writethrough: bool) -> None:
         """Write dirty blocks to their homes, merging neighbours into large writes."""
+        # Earlier awaits may have changed the folios: take what is still writable now.
+        items = [(f, mask & f.dirty) for f, mask in items
+                 if mask & f.dirty and not f.writeback and not f.locked]
         ios = self._plan_in_place(inode, m, items)
         stable = writethrough or m.stable
         taken: dict[int, int] = {}
@@ -478,7 +495,7 @@ class Writeback:
     def _rereserve(self, m: Mapping, fblock: int, count: int) -> None:
         """A write into fresh blocks failed: they are free again, their data dirty and
         reserved again."""
-        self.alloc.reserve(count)
+        self.alloc.reserve_again(count)
         bpf = m.blocks_per_folio
         for fb in range(fblock, fblock + count):
             folio = m.folios.get(fb // bpf)
