@@ -123,6 +123,15 @@ class AtomicFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    def _child(self, parent: Inode, name: bytes) -> Inode:
+        """The inode parent/name names; ENAMETOOLONG before ENOENT, as ext4 answers."""
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        found = self.md.lookup(parent, name)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return found
+
     @staticmethod
     def _check_name(name: bytes) -> None:
         if len(name) > NAME_MAX:
@@ -234,12 +243,7 @@ class AtomicFS(pyfuse3.Operations):
         elif name == b"..":
             inode = self._get(parent.parent)
         else:
-            if len(name) > NAME_MAX:
-                raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-            found = self.md.lookup(parent, name)
-            if found is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            inode = found
+            inode = self._child(parent, name)
         inode.lookups += 1
         return self._attr(inode)
 
@@ -377,10 +381,7 @@ class AtomicFS(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> None:
         parent = self._dir(parent_inode)
         self._check_writable()
-        child = self.md.lookup(parent, name)
-        if child is None:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG if len(name) > NAME_MAX
-                                    else errno.ENOENT)
+        child = self._child(parent, name)
         if child.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         now = self._now()
@@ -396,9 +397,7 @@ class AtomicFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         if name == b"..":
             raise pyfuse3.FUSEError(errno.ENOTEMPTY)
-        child = self.md.lookup(parent, name)
-        if child is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        child = self._child(parent, name)
         if not child.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if child.entries:
@@ -417,9 +416,7 @@ class AtomicFS(pyfuse3.Operations):
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
                 flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        src = self.md.lookup(old_dir, name_old)
-        if src is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        src = self._child(old_dir, name_old)
         dst = self.md.lookup(new_dir, name_new)
         if flags & RENAME_EXCHANGE:
             if dst is None:
