@@ -44,7 +44,7 @@ NAME_MAX = 255
 PATH_MAX = 4096
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
-MAX_FILE_SIZE = 1 << 44  # 16 TiB, as ext4 with 4 KiB blocks
+MAX_FILE_BLOCKS = (1 << 32) - 1  # as ext4 extents: 16 TiB - 4 KiB with 4 KiB blocks
 XATTR_STAT = b"user.atomicfs.stat"
 XATTR_CONTROL = b"user.atomicfs.control"
 RENAME_NOREPLACE = 1
@@ -102,6 +102,7 @@ class AtomicFS(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
+        self.max_file_size = MAX_FILE_BLOCKS * vol.bs
         self._on_ready = on_ready
         self.nursery: trio.Nursery | None = None
 
@@ -274,7 +275,7 @@ class AtomicFS(pyfuse3.Operations):
         if fields.update_size:
             if not node.is_reg:
                 raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
-            if attr.st_size > MAX_FILE_SIZE:
+            if attr.st_size > self.max_file_size:
                 raise pyfuse3.FUSEError(errno.EFBIG)
             await self._truncate(node, attr.st_size)
             node.mtime_ns = node.ctime_ns = now
@@ -528,8 +529,10 @@ class AtomicFS(pyfuse3.Operations):
         h = self.handles[fh]
         inode = h.inode
         self._check_writable()
-        if off + len(buf) > MAX_FILE_SIZE:
-            raise pyfuse3.FUSEError(errno.EFBIG)
+        if off + len(buf) > self.max_file_size:  # as generic_write_checks: clip, or EFBIG
+            if off >= self.max_file_size:
+                raise pyfuse3.FUSEError(errno.EFBIG)
+            buf = buf[:self.max_file_size - off]
         m = self.vol.mapping(inode)
         wt = h.writethrough or self.vol.writethrough_of(inode)
         strict = self.vol.strict_of(inode)
