@@ -44,6 +44,19 @@ def outcome(fn: Callable[[], Any]) -> Any:
         return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
+Step = tuple[str, Callable[[str], Any]]
+
+
+def run_steps(root: str, steps: list[Step]) -> list[tuple[str, Any]]:
+    """Each step's outcome on the tree at root, labelled."""
+    return [(name, outcome(lambda: fn(root))) for name, fn in steps]
+
+
+def compare_steps(got: list[tuple[str, Any]], want: list[tuple[str, Any]]) -> None:
+    mismatches = [(g[0], g[1], w[1]) for g, w in zip(got, want) if g != w]
+    assert not mismatches, "step, atomicfs, ext4:\n" + "\n".join(map(repr, mismatches))
+
+
 def sha256_of(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -107,15 +120,21 @@ def afs(backing: str, mounter: MountFactory) -> Mount:
 
 # ------------------------------------------------------------------ another user's view
 
-def as_user(fn: Callable[[], Any], uid: int = NOBODY, gid: int = NOBODY) -> Any:
+def as_user(fn: Callable[[], Any], uid: int = NOBODY, gid: int = NOBODY,
+            cwd: str | None = None, umask: int = 0o022) -> Any:
     """Run fn in a forked child with the given ids (no supplementary groups) and return
-    its result; exceptions come back as their errno names (see `outcome`)."""
+    its result; OSErrors come back as their errno names (see `outcome`). The child enters
+    cwd while still root: the test's temporary directories are private to root, so
+    another user can only reach the tree through relative paths."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never return into pytest
         code = 0
         try:
             os.close(rfd)
+            if cwd is not None:
+                os.chdir(cwd)
+            os.umask(umask)
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)

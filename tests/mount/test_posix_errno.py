@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any, Callable
 
 from tests.conftest import Mount
-from tests.mount.posix_helpers import (RENAME_EXCHANGE, RENAME_NOREPLACE, afs, backing,
-                                       ext4_dir, ext4_root, outcome, renameat2)
+from tests.mount.posix_helpers import (RENAME_EXCHANGE, RENAME_NOREPLACE, Step, afs, backing,
+                                       compare_steps, ext4_dir, ext4_root, renameat2,
+                                       run_steps)
 
 __all__ = ["afs", "backing", "ext4_dir", "ext4_root"]  # fixtures used below
-
-Step = tuple[str, Callable[[str], Any]]
-
 
 def _touch(path: str, data: bytes = b"") -> None:
     with open(path, "wb") as f:
@@ -140,16 +137,11 @@ def _fsync_dir(path: str) -> str:
     return "ok"
 
 
-def run_steps(root: str, steps: list[Step]) -> list[tuple[str, Any]]:
-    return [(name, outcome(lambda: fn(root))) for name, fn in steps]
-
-
 def test_errno_values_match_ext4(afs: Mount, ext4_dir: str) -> None:
     os.mkdir(afs / "t")
     got = run_steps(afs / "t", STEPS)
     want = run_steps(ext4_dir, STEPS)
-    mismatches = [(g[0], g[1], w[1]) for g, w in zip(got, want) if g != w]
-    assert not mismatches, "step, atomicfs, ext4:\n" + "\n".join(map(repr, mismatches))
+    compare_steps(got, want)
     results = dict(got)
     assert results["mkdir existing dir"] == "EEXIST"
     assert results["rmdir non-empty"] == "ENOTEMPTY"
