@@ -10,7 +10,7 @@ import pyfuse3
 import pytest
 
 from atomicfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE
-from tests.fs.helpers import ROOT, Driver, expect_errno
+from tests.fs.helpers import ROOT, Driver, expect_errno, open_fs
 
 LONG = "n" * 256
 MAX = "m" * 255
@@ -430,3 +430,24 @@ async def test_enospc_then_recovers(drv: Driver) -> None:
     await drv.fs.vol.wb.checkpoint()
     await drv.create("again", chunk * 8)
     assert await drv.read("again", 7 << 20, 1 << 20) == chunk
+
+
+async def test_metadata_growth_stops_with_enospc_and_stays_checkpointable(
+        fs_image: str) -> None:
+    async with open_fs(fs_image) as d:
+        made = 0
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            for i in range(2000):
+                await d.create(f"f{i}")
+                await d.setxattr(f"f{i}", "user.big", bytes([i % 256]) * 65536)
+                made += 1
+        assert info.value.errno == errno.ENOSPC
+        assert made >= 100
+        await d.fs.vol.wb.checkpoint()  # must find room for the snapshot
+        await d.unlink("f0")
+        await d.setxattr("f1", "user.small", b"fits again")
+    async with open_fs(fs_image) as d:  # the shutdown above checkpointed; all is there
+        names = set(await d.listdir(""))
+        assert {f"f{i}".encode() for i in range(1, made)} <= names and b"f0" not in names
+        assert await d.getxattr(f"f{made - 1}", "user.big") == bytes([(made - 1) % 256]) * 65536
+        assert await d.getxattr("f1", "user.small") == b"fits again"
