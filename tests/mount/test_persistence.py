@@ -217,3 +217,28 @@ def test_thousands_of_files_mixed_operations_survive(loop_device: str,
     m = mounter(loop_device)
     check_tree(m.path, model)
     assert len(model.names) > 2000
+
+
+def test_unlinked_open_file_at_crash_is_removed_by_the_next_mount(
+        mnt: Mount, mounter: MountFactory) -> None:
+    free0 = os.statvfs(mnt.path).f_bfree
+    fd = os.open(mnt / "orphan", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.write(fd, os.urandom(8 << 20))
+        os.fsync(fd)
+        os.unlink(mnt / "orphan")
+        fsync_path(mnt.path)
+        mnt.kill()  # the file is still open: its blocks are held by an orphan inode
+    finally:
+        try:
+            os.close(fd)
+        except OSError:  # ENOTCONN: the daemon is gone
+            pass
+    res = cli("fsck", mnt.target)
+    assert "unlinked but was open" in res.stdout
+    again = mounter(mnt.target)
+    assert os.listdir(again.path) == []
+    assert os.statvfs(again.path).f_bfree >= free0 - 16
+    again.umount()
+    res = cli("fsck", mnt.target)
+    assert "unlinked but was open" not in res.stdout and "clean" in res.stdout
