@@ -37,14 +37,15 @@ class Model:
 
 
 def _size(rng: random.Random) -> int:
+    """Mostly small files, some of several folios, a few large (about 15 KB on average)."""
     r = rng.random()
     if r < 0.15:
         return 0
-    if r < 0.80:
+    if r < 0.89:
         return rng.randrange(1, 16 << 10)
-    if r < 0.98:
-        return rng.randrange(16 << 10, 256 << 10)
-    return rng.randrange(256 << 10, 1 << 20)
+    if r < 0.99:
+        return rng.randrange(16 << 10, 128 << 10)
+    return rng.randrange(128 << 10, 1 << 20)
 
 
 class Workload:
@@ -100,7 +101,7 @@ class Workload:
             return
         node = self.m.files[self.m.names[path]]
         off = self.rng.randrange(0, len(node.data) + 8192)
-        data = self.rng.randbytes(self.rng.randrange(1, 64 << 10))
+        data = self.rng.randbytes(self.rng.randrange(1, 32 << 10))
         fd = os.open(self.real(path), os.O_WRONLY)
         try:
             assert os.pwrite(fd, data, off) == len(data)

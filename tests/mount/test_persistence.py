@@ -205,7 +205,7 @@ def test_thousands_of_files_mixed_operations_survive(loop_device: str,
     work.root = m.path
     work.touched_files.clear()  # the clean unmount made all earlier changes durable
     work.touched_dirs.clear()
-    work.run(1500)
+    work.run(1000)
     assert work.fsync_touched() > 500
     m = _kill_and_recover(m, mounter)
     check_tree(m.path, model)
