@@ -103,6 +103,42 @@ def test_mkfs_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     ext4 = ext4_image(tmp_path)
     refused(unchanged(ext4, lambda: cli("mkfs", ext4, check=False)), "ext2/ext3/ext4",
             "--force")
+    # growing the image first would already change it
+    refused(unchanged(ext4, lambda: cli("mkfs", ext4, "--size", "128M", check=False)),
+            "--force")
+    assert os.path.getsize(ext4) == 64 * MiB
+
+
+def test_mkfs_of_an_impossible_size_leaves_nothing(tmp_path: Path) -> None:
+    new = tmp_path / "huge.img"
+    refused(cli("mkfs", str(new), "--size", "100T", check=False), "cannot create", "100T")
+    assert not new.exists()
+    empty = sparse_file(tmp_path / "empty.img", 0)
+    refused(cli("mkfs", empty, "--size", "100T", check=False), "cannot resize")
+    assert os.path.getsize(empty) == 0
+
+
+def test_mkfs_of_a_mounted_target_is_refused(image: str, mounter: MountFactory) -> None:
+    m = mounter(image)
+    with open(m / "f", "wb") as f:
+        f.write(b"keep me")
+    m.control("sync")
+    refused(unchanged(image, lambda: cli("mkfs", image, "--force", check=False)), "in use")
+    refused(unchanged(image, lambda: cli("mkfs", image, "--size", "128M", "--force",
+                                         check=False)), "in use")
+    assert os.path.getsize(image) == 64 * MiB
+    with open(m / "f", "rb") as f:
+        assert f.read() == b"keep me"
+
+
+def test_mkfs_of_a_mounted_loop_device_is_refused(loop_device: str, mounter: MountFactory
+                                                  ) -> None:
+    cli("mkfs", loop_device)
+    m = mounter(loop_device)
+    m.control("sync")
+    refused(unchanged(loop_device, lambda: cli("mkfs", loop_device, "--force",
+                                               check=False)), "in use")
+    assert m.alive
 
 
 # ----------------------------------------------------------------------------- mount
@@ -128,6 +164,17 @@ def test_mount_ext4_image(tmp_path: Path, mp: str, mount_env: None) -> None:
 def test_mount_random_garbage(tmp_path: Path, mp: str, mount_env: None) -> None:
     img = sparse_file(tmp_path / "junk.img", 64 * MiB, os.urandom(4 * MiB))
     refused(unchanged(img, lambda: cli("mount", img, mp, check=False)), "not an atomicfs")
+
+
+def test_mount_and_fsck_of_empty_or_tiny_files(tmp_path: Path, mp: str,
+                                               mount_env: None) -> None:
+    empty = sparse_file(tmp_path / "empty.img", 0)
+    tiny = sparse_file(tmp_path / "tiny.img", 1000, b"ATOMICFS")
+    refused(unchanged(empty, lambda: cli("mount", empty, mp, check=False)), "empty",
+            "too small")
+    refused(unchanged(tiny, lambda: cli("mount", tiny, mp, check=False)), "1000 bytes",
+            "too small")
+    assert cli("fsck", empty, check=False).returncode == 2
 
 
 def test_mount_truncated_image(tmp_path: Path, mp: str, mount_env: None) -> None:
