@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import Any
 
 from tests.conftest import Mount
 from tests.mount.posix_helpers import (RENAME_EXCHANGE, RENAME_NOREPLACE, Step, afs, backing,
-                                       compare_steps, ext4_dir, ext4_root, renameat2,
+                                       compare_steps, ext4_dir, ext4_root, outcome, renameat2,
                                        run_steps)
 
 __all__ = ["afs", "backing", "ext4_dir", "ext4_root"]  # fixtures used below
@@ -124,8 +125,37 @@ STEPS: list[Step] = [
     ("size after far write", lambda r: os.stat(f"{r}/d").st_size),
     ("fsync a directory", lambda r: _fsync_dir(r)),
     ("rmdir non-empty via mounted name", lambda r: os.rmdir(f"{r}/f")),
+    ("O_EXCL on a dangling symlink", lambda r: _open_close(f"{r}/dangle",
+                                                          os.O_CREAT | os.O_EXCL)),
+    ("O_NOFOLLOW on a symlink", lambda r: _open_close(f"{r}/sl", os.O_RDONLY | os.O_NOFOLLOW)),
+    ("empty symlink target", lambda r: os.symlink("", f"{r}/empty-link")),
+    ("trailing slash on a file", lambda r: os.rename(f"{r}/d/g", f"{r}/d/g2/")),
+    ("write to a directory fd", lambda r: _write_dir(f"{r}/f")),
+    ("in a removed directory", lambda r: _in_removed_dir(f"{r}/gone")),
     ("final listing", lambda r: sorted(os.listdir(r))),
 ]
+
+
+def _write_dir(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return os.write(fd, b"x")
+    finally:
+        os.close(fd)
+
+
+def _in_removed_dir(path: str) -> list[Any]:
+    """What create, mkdir and listing do through a descriptor of a removed directory."""
+    os.mkdir(path)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(path)
+        return [outcome(lambda: os.mkdir("x", dir_fd=fd)),
+                outcome(lambda: os.close(os.open("f", os.O_CREAT | os.O_WRONLY, dir_fd=fd))),
+                outcome(lambda: os.listdir(fd)),
+                outcome(lambda: os.stat(fd).st_nlink)]
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: str) -> str:
