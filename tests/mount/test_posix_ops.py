@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import socket
 import stat
 import threading
@@ -12,9 +13,9 @@ import time
 
 import pytest
 
-from tests.conftest import Mount, MountFactory
+from tests.conftest import Mount, MountFactory, cli
 from tests.mount.posix_helpers import (Step, afs, as_user, backing, compare_steps, ext4_dir,
-                                       ext4_root, outcome, run_steps)
+                                       ext4_root, outcome, run_steps, tree_state)
 
 __all__ = ["afs", "backing", "ext4_dir", "ext4_root"]  # fixtures used below
 
@@ -557,3 +558,51 @@ def test_allow_other_is_needed_for_other_users(backing: str, mounter: MountFacto
     shared = mounter(backing, "allow_other")
     assert as_user(lambda: read_file("f"), cwd=shared.path) == b"root's"
     assert as_user(lambda: os.listdir("."), cwd=shared.path) == ["f"]
+
+
+def test_concurrent_namespace_changes_stay_consistent(mnt: Mount,
+                                                      mounter: MountFactory) -> None:
+    """Four threads create, rename, link, unlink and list in shared directories; the
+    result survives unmount, checks clean and remounts identical."""
+    for d in ("a", "b", "c"):
+        os.mkdir(mnt / d)
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for i in range(400):
+                d = rng.choice("abc")
+                name = f"{d}/t{seed}-{rng.randrange(40)}"
+                op = rng.randrange(6)
+                try:
+                    if op == 0:
+                        write_file(mnt / name, os.urandom(rng.randrange(5000)))
+                    elif op == 1:
+                        os.rename(mnt / name, mnt / f"{rng.choice('abc')}/t{seed}-{i}")
+                    elif op == 2:
+                        os.link(mnt / name, mnt / f"{rng.choice('abc')}/l{seed}-{i}")
+                    elif op == 3:
+                        os.unlink(mnt / name)
+                    elif op == 4:
+                        os.listdir(mnt / d)
+                    else:
+                        os.setxattr(mnt / name, "user.s", str(seed).encode())
+                except FileNotFoundError:
+                    pass
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    tree_state(mnt.path)  # reading directories moves their access times once (relatime)
+    state = tree_state(mnt.path)
+    assert len(state) > 50
+    mnt.umount()
+    assert "clean" in cli("fsck", mnt.target).stdout
+    again = mounter(mnt.target)
+    assert tree_state(again.path) == state
