@@ -79,7 +79,7 @@ def _format(target: str, size: int | None, atomic_unit: int, block_size: int, fo
     st = os.stat(target)
     resize = size is not None and stat.S_ISREG(st.st_mode) and st.st_size != size \
         and not created
-    if resize and st.st_size > size and not force:
+    if resize and size is not None and st.st_size > size and not force:
         raise UserError(f"{target} is larger than --size; use --force to shrink it")
     # The first open is exclusive (it refuses a mounted target) and decides whether the
     # target may be touched at all, before a resize changes anything.
@@ -87,7 +87,7 @@ def _format(target: str, size: int | None, atomic_unit: int, block_size: int, fo
     try:
         if not force and not created:
             _refuse_existing(dev)
-        if resize:
+        if resize and size is not None:
             _resize(target, size)
     finally:
         dev.close()
@@ -109,11 +109,11 @@ def _format(target: str, size: int | None, atomic_unit: int, block_size: int, fo
         dev.close()
 
 
-def _resize(target: str, size: int | None) -> None:
+def _resize(target: str, size: int) -> None:
     try:
-        os.truncate(target, size or 0)
+        os.truncate(target, size)
     except OSError as exc:
-        raise UserError(f"cannot resize {target} to {format_size(size or 0)}: "
+        raise UserError(f"cannot resize {target} to {format_size(size)}: "
                         f"{exc.strerror}") from None
 
 

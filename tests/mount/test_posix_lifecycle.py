@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 from tests.conftest import ATOMICFS, Mount, MountFactory, cli, mounted_at, run
 
@@ -20,7 +21,7 @@ def _gone(pid: int) -> bool:
         return f.read().split(") ", 1)[1][0] == "Z"
 
 
-def _wait(cond, timeout: float = 30) -> bool:  # type: ignore[no-untyped-def]
+def _wait(cond: Callable[[], bool], timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
