@@ -107,6 +107,7 @@ class AtomicFS(pyfuse3.Operations):
         self.dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
         self.max_file_size = MAX_FILE_BLOCKS * vol.bs
+        self._update_meta_reserve()  # the loaded metadata may be larger than the minimum
         self._on_ready = on_ready
         self.nursery: trio.Nursery | None = None
 
