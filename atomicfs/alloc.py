@@ -58,8 +58,7 @@ class Allocator:
     @property
     def available_blocks(self) -> int:
         """What new file data may still claim (statfs f_bavail)."""
-        return max(0, self.free_blocks - self._pending_blocks - self._reserved
-                   - self.meta_reserve)
+        return max(0, self.free_blocks - self._reserved - self.meta_reserve)
 
     @property
     def reserved_blocks(self) -> int:
@@ -121,7 +120,7 @@ class Allocator:
         """
         if min_len is None:
             min_len = want
-        limit = self.free_blocks - self._pending_blocks - self._reserved + reserved
+        limit = self.free_blocks - self._reserved + reserved  # pending: not in free_blocks
         if not metadata:
             limit -= self.meta_reserve
         if min_len > limit:

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from atomicfs import __version__
 from atomicfs.errors import UserError
@@ -23,7 +23,7 @@ def _size(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like argparse but shorter
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, like argparse but shorter
         self.exit(2, f"atomicfs: {message} (see atomicfs {self.prog.split()[-1]} --help)\n"
                   if " " in self.prog else f"atomicfs: {message}\n")
 

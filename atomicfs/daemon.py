@@ -24,6 +24,7 @@ import trio
 
 from atomicfs.errors import UserError
 from atomicfs.fs import XATTR_CONTROL, XATTR_STAT, AtomicFS
+from atomicfs.mkfs import too_small
 from atomicfs.options import MountOptions
 from atomicfs.volume import Volume
 
@@ -88,6 +89,9 @@ def mount(target: str, mountpoint: str, opts: MountOptions, foreground: bool) ->
     target = os.path.abspath(target)
     if not os.path.exists(target):
         raise UserError(f"{target}: no such file or device")
+    small = too_small(target)
+    if small:
+        raise UserError(small)
     if foreground:
         return serve(target, path, opts, None)
     rfd, wfd = os.pipe()

@@ -33,8 +33,8 @@ from atomicfs import format as fmt
 from atomicfs.device import parse_inject
 from atomicfs.errors import DeviceError, NoSpace
 from atomicfs.journal import LogFailed
-from atomicfs.metadata import (INHERITED_XATTRS, XATTR_ATOMIC_STRICT, XATTR_ATOMIC_UNIT,
-                               XATTR_WRITETHROUGH, Inode)
+from atomicfs.metadata import (DIRENT_SNAP, INHERITED_XATTRS, INODE_SNAP, SYMLINK_SNAP,
+                               XATTR_ATOMIC_UNIT, XATTR_SNAP, Inode)
 from atomicfs.options import check_atomic_unit
 from atomicfs.volume import Volume
 
@@ -44,11 +44,15 @@ NAME_MAX = 255
 PATH_MAX = 4096
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
-MAX_FILE_SIZE = 1 << 44  # 16 TiB, as ext4 with 4 KiB blocks
+MAX_FILE_BLOCKS = (1 << 32) - 1  # as ext4 extents: 16 TiB - 4 KiB with 4 KiB blocks
 XATTR_STAT = b"user.atomicfs.stat"
 XATTR_CONTROL = b"user.atomicfs.control"
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+# Snapshot bytes a new inode adds besides its name: inode, entry, inherited attributes.
+NEW_INODE_SNAP = INODE_SNAP + DIRENT_SNAP + len(INHERITED_XATTRS) * (XATTR_SNAP + 32)
+SNAPSHOT_SLACK = 16  # blocks, for extents that writeback maps before the next checkpoint
+LOG_ROOM = 2048  # log bytes a namespace change may add (inode and dirent records, names)
 ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 1.0
 
@@ -102,6 +106,8 @@ class AtomicFS(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
+        self.max_file_size = MAX_FILE_BLOCKS * vol.bs
+        self._update_meta_reserve()  # the loaded metadata may be larger than the minimum
         self._on_ready = on_ready
         self.nursery: trio.Nursery | None = None
 
@@ -123,6 +129,15 @@ class AtomicFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    def _child(self, parent: Inode, name: bytes) -> Inode:
+        """The inode parent/name names; ENAMETOOLONG before ENOENT, as ext4 answers."""
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        found = self.md.lookup(parent, name)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return found
+
     @staticmethod
     def _check_name(name: bytes) -> None:
         if len(name) > NAME_MAX:
@@ -138,6 +153,48 @@ class AtomicFS(pyfuse3.Operations):
     def _check_writable(self) -> None:
         if self.vol.journal.failed is not None:
             raise pyfuse3.FUSEError(errno.EIO)
+
+    def _metadata_fits(self, growth: int) -> bool:
+        """Whether the metadata, grown by `growth` bytes, can still be checkpointed, now and
+        ever after: a checkpoint writes the new snapshot before it frees the old one, so
+        free space must hold the next snapshot, and after that checkpoint again one more
+        (2 * next - current). Without this the log fills and the filesystem stops."""
+        if growth <= 0:
+            return True
+        a = self.vol.alloc
+        bs = self.vol.bs
+        nxt = 1 + (self.md.snapshot_bytes + growth + bs - 1) // bs + SNAPSHOT_SLACK
+        current = sum(c for _, c in self.vol.journal.snapshot_extents)
+        return 2 * nxt - current <= a.free_blocks - a.reserved_blocks
+
+    async def _make_metadata_room(self, growth: int) -> None:
+        """Before a change that grows the metadata: when it does not fit, commit the log so
+        that blocks of recent deletes become free (the check itself follows, without an
+        await between it and the change)."""
+        if not self._metadata_fits(growth):
+            await self.wb.make_room()
+
+    def _metadata_room(self, growth: int) -> None:
+        """ENOSPC unless the growth fits (see `_metadata_fits`); file data may not use the
+        room the metadata needs (the allocator's reserve follows its size)."""
+        if not self._metadata_fits(growth):
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        self._update_meta_reserve()
+
+    def _update_meta_reserve(self) -> None:
+        """Keep file data out of the room the next snapshot needs (it grows between
+        checkpoints; the journal only sizes the reserve at each checkpoint)."""
+        self.vol.alloc.set_snapshot_estimate(self.md.snapshot_bytes, self.vol.bs)
+
+    async def _prepare_change(self, nbytes: int = LOG_ROOM, growth: int = 0) -> None:
+        """Before a metadata change: refuse when the log failed, keep the pending log batch
+        within its size limit (a burst of changes would otherwise grow one batch past what
+        the log can hold), and make room for `growth` more bytes of metadata. Call before
+        any lookup the change depends on: this may wait."""
+        self._check_writable()
+        await self.vol.journal.wait_for_room(nbytes)
+        await self._make_metadata_room(growth)
+        self._check_writable()
 
     def _attr(self, inode: Inode) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -186,9 +243,8 @@ class AtomicFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)  # the directory was removed
         if name in (parent.entries or {}):
             raise pyfuse3.FUSEError(errno.EEXIST)
-        if self.vol.alloc.available_blocks <= 0 and self.vol.alloc.free_blocks < \
-                self.vol.alloc.meta_reserve // 2:
-            raise pyfuse3.FUSEError(errno.ENOSPC)
+        self._metadata_room(NEW_INODE_SNAP + len(name) +
+                            (SYMLINK_SNAP + len(target) if target is not None else 0))
         now = self._now()
         gid = ctx.gid
         if parent.mode & stat.S_ISGID:  # BSD group semantics of setgid directories
@@ -234,12 +290,7 @@ class AtomicFS(pyfuse3.Operations):
         elif name == b"..":
             inode = self._get(parent.parent)
         else:
-            if len(name) > NAME_MAX:
-                raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-            found = self.md.lookup(parent, name)
-            if found is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            inode = found
+            inode = self._child(parent, name)
         inode.lookups += 1
         return self._attr(inode)
 
@@ -264,13 +315,14 @@ class AtomicFS(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._prepare_change()
         node = self._get(inode)
         self._check_writable()
         now = self._now()
         if fields.update_size:
             if not node.is_reg:
                 raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
-            if attr.st_size > MAX_FILE_SIZE:
+            if attr.st_size > self.max_file_size:
                 raise pyfuse3.FUSEError(errno.EFBIG)
             await self._truncate(node, attr.st_size)
             node.mtime_ns = node.ctime_ns = now
@@ -316,6 +368,7 @@ class AtomicFS(pyfuse3.Operations):
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._prepare_change(growth=NEW_INODE_SNAP + len(name))
         parent = self._dir(parent_inode)
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR,
@@ -329,6 +382,7 @@ class AtomicFS(pyfuse3.Operations):
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._prepare_change(growth=NEW_INODE_SNAP + len(name))
         parent = self._dir(parent_inode)
         inode = self._new_inode(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
         return self._attr(inode)
@@ -336,6 +390,8 @@ class AtomicFS(pyfuse3.Operations):
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._prepare_change(LOG_ROOM + len(target), NEW_INODE_SNAP + len(name)
+                                   + SYMLINK_SNAP + len(target))
         parent = self._dir(parent_inode)
         if len(target) >= PATH_MAX:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
@@ -345,6 +401,7 @@ class AtomicFS(pyfuse3.Operations):
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._prepare_change(growth=DIRENT_SNAP + len(new_name))
         node = self._get(inode)
         parent = self._dir(new_parent_inode)
         self._check_writable()
@@ -357,6 +414,7 @@ class AtomicFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EMLINK)
         if new_name in (parent.entries or {}):
             raise pyfuse3.FUSEError(errno.EEXIST)
+        self._metadata_room(DIRENT_SNAP + len(new_name))
         now = self._now()
         node.nlink += 1
         node.ctime_ns = now
@@ -375,12 +433,10 @@ class AtomicFS(pyfuse3.Operations):
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> None:
+        await self._prepare_change()
         parent = self._dir(parent_inode)
         self._check_writable()
-        child = self.md.lookup(parent, name)
-        if child is None:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG if len(name) > NAME_MAX
-                                    else errno.ENOENT)
+        child = self._child(parent, name)
         if child.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         now = self._now()
@@ -390,15 +446,14 @@ class AtomicFS(pyfuse3.Operations):
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes,
                     ctx: pyfuse3.RequestContext) -> None:
+        await self._prepare_change()
         parent = self._dir(parent_inode)
         self._check_writable()
         if name == b".":
             raise pyfuse3.FUSEError(errno.EINVAL)
         if name == b"..":
             raise pyfuse3.FUSEError(errno.ENOTEMPTY)
-        child = self.md.lookup(parent, name)
-        if child is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        child = self._child(parent, name)
         if not child.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if child.entries:
@@ -410,6 +465,7 @@ class AtomicFS(pyfuse3.Operations):
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        await self._prepare_change(2 * LOG_ROOM, len(name_new) - len(name_old))
         old_dir = self._dir(parent_inode_old)
         new_dir = self._dir(parent_inode_new)
         self._check_writable()
@@ -417,9 +473,7 @@ class AtomicFS(pyfuse3.Operations):
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
                 flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        src = self.md.lookup(old_dir, name_old)
-        if src is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        src = self._child(old_dir, name_old)
         dst = self.md.lookup(new_dir, name_new)
         if flags & RENAME_EXCHANGE:
             if dst is None:
@@ -441,6 +495,8 @@ class AtomicFS(pyfuse3.Operations):
             if dst.is_dir and dst.entries:
                 raise pyfuse3.FUSEError(errno.ENOTEMPTY)
         self._check_move(src, new_dir)
+        if dst is None:  # a longer name takes more room; replacing an entry frees some
+            self._metadata_room(len(name_new) - len(name_old))
         now = self._now()
         self.md.remove_entry(old_dir, name_old, now)
         if dst is not None:
@@ -490,6 +546,7 @@ class AtomicFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR) or flags & os.O_TRUNC:
             self._check_writable()
         if flags & os.O_TRUNC and node.is_reg and node.size:
+            await self._prepare_change()
             await self._truncate(node, 0)
             node.mtime_ns = node.ctime_ns = self._now()
             self.md.log_inode(node)
@@ -500,6 +557,7 @@ class AtomicFS(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
                                                            pyfuse3.EntryAttributes]:
+        await self._prepare_change(growth=NEW_INODE_SNAP + len(name))
         parent = self._dir(parent_inode)
         existing = self.md.lookup(parent, name) if len(name) <= NAME_MAX else None
         if existing is not None:  # the kernel sends create only for missing names
@@ -531,8 +589,10 @@ class AtomicFS(pyfuse3.Operations):
         h = self.handles[fh]
         inode = h.inode
         self._check_writable()
-        if off + len(buf) > MAX_FILE_SIZE:
-            raise pyfuse3.FUSEError(errno.EFBIG)
+        if off + len(buf) > self.max_file_size:  # as generic_write_checks: clip, or EFBIG
+            if off >= self.max_file_size:
+                raise pyfuse3.FUSEError(errno.EFBIG)
+            buf = buf[:self.max_file_size - off]
         m = self.vol.mapping(inode)
         wt = h.writethrough or self.vol.writethrough_of(inode)
         strict = self.vol.strict_of(inode)
@@ -544,6 +604,7 @@ class AtomicFS(pyfuse3.Operations):
             except NoSpace:
                 if attempt or not await self.wb.make_room():
                     raise pyfuse3.FUSEError(errno.ENOSPC) from None
+        self._update_meta_reserve()
         return n
 
     async def flush(self, fh: int) -> None:
@@ -623,7 +684,7 @@ class AtomicFS(pyfuse3.Operations):
         s.f_bsize = self.vol.bs
         s.f_frsize = self.vol.bs
         s.f_blocks = a.data_blocks
-        s.f_bfree = max(0, a.free_blocks - a.pending_blocks - a.reserved_blocks
+        s.f_bfree = max(0, a.free_blocks - a.reserved_blocks
                         - a.meta_reserve)
         s.f_bavail = a.available_blocks
         s.f_files = 1 << 32
@@ -675,12 +736,17 @@ class AtomicFS(pyfuse3.Operations):
             return
         if name == XATTR_STAT:
             raise pyfuse3.FUSEError(errno.EPERM)
-        self._check_writable()
+        await self._prepare_change(LOG_ROOM + len(name) + len(value),
+                                   XATTR_SNAP + len(name) + len(value))
         self._xattr_allowed(node, name, ctx, write=True)
         if len(value) > XATTR_SIZE_MAX:
             raise pyfuse3.FUSEError(errno.E2BIG)
         if name in INHERITED_XATTRS:
             value = self._validate_setting(node, name, value)
+        old = node.xattrs.get(name)
+        self._metadata_room(len(value) - len(old) if old is not None
+                            else XATTR_SNAP + len(name) + len(value))
+        if name in INHERITED_XATTRS:
             if name == XATTR_ATOMIC_UNIT and node.is_reg:
                 await self._change_unit(node, int(value))
         self.md.set_xattr(node, name, value)
@@ -690,6 +756,7 @@ class AtomicFS(pyfuse3.Operations):
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes,
                           ctx: pyfuse3.RequestContext) -> None:
+        await self._prepare_change()
         node = self._get(inode)
         self._check_writable()
         self._xattr_allowed(node, name, ctx, write=True)

@@ -14,6 +14,7 @@ from atomicfs import format as fmt
 from atomicfs.device import Device
 from atomicfs.errors import CorruptFilesystem, DeviceError, NotAtomicfs, UserError
 from atomicfs.journal import read_snapshot, read_superblock, replay
+from atomicfs.mkfs import too_small
 from atomicfs.metadata import (XATTR_ATOMIC_STRICT, XATTR_ATOMIC_UNIT, XATTR_WRITETHROUGH,
                                Metadata)
 from atomicfs.options import check_atomic_unit
@@ -37,6 +38,9 @@ class FsckReport:
 
 def fsck(target: str) -> FsckReport:
     """Check target; NotAtomicfs/UserError when it cannot be checked at all."""
+    small = too_small(target)
+    if small:
+        raise NotAtomicfs(small)
     try:
         dev = Device.open(target, readonly=True)
     except UserError as exc:

@@ -29,6 +29,15 @@ INHERITED_XATTRS = (XATTR_ATOMIC_UNIT, XATTR_WRITETHROUGH, XATTR_ATOMIC_STRICT)
 
 Extent = tuple[int, int]  # (device block, count)
 
+# Bytes each piece of state takes in a snapshot (`Metadata.serialize`), so that the size of
+# the next snapshot is known at any time without building it.
+INODE_SNAP = len(fmt.rec_inode((0,) * len(fmt.INODE_FMT.format[1:])))
+DIRENT_SNAP = len(fmt.rec_dirent_add(0, b"", 0))  # plus the name
+EXTENT_SNAP = len(fmt.rec_extent_set(0, 0, 0, 0))
+XATTR_SNAP = len(fmt.rec_xattr_set(0, b"", b""))  # plus name and value
+SYMLINK_SNAP = len(fmt.rec_symlink(0, b""))  # plus the target
+HEADER_SNAP = len(fmt.rec_next_ino(0))
+
 
 class MetadataSink(Protocol):
     """Where metadata changes go: the journal, and the allocator for released blocks."""
@@ -193,6 +202,7 @@ class Metadata:
         self.next_ino = fmt.ROOT_INO + 1
         self._dirty: set[int] = set()
         self._size_dirty: set[int] = set()  # subset whose size changed (fdatasync needs it)
+        self.snapshot_bytes = HEADER_SNAP  # what serialize() would return, kept current
         self.records_emitted = 0
         self.bytes_emitted = 0
 
@@ -277,11 +287,15 @@ class Metadata:
         inode = self.inodes.get(ino)
         if inode is None:
             inode = Inode(ino, mode)
-            self.inodes[ino] = inode
+            self._insert_inode(inode)
             if ino >= self.next_ino:
                 self.next_ino = ino + 1
         inode.set_fields(fields)
         return inode
+
+    def _insert_inode(self, inode: Inode) -> None:
+        self.inodes[inode.ino] = inode
+        self.snapshot_bytes += INODE_SNAP
 
     def _del_inode(self, ino: int) -> list[Extent]:
         inode = self.inodes.pop(ino, None)
@@ -291,7 +305,14 @@ class Metadata:
         self._size_dirty.discard(ino)
         if inode.entries:
             raise CorruptFilesystem(f"deleting non-empty directory {ino}")
-        return inode.extents.device_extents() if inode.extents is not None else []
+        self.snapshot_bytes -= INODE_SNAP + sum(XATTR_SNAP + len(n) + len(v)
+                                                for n, v in inode.xattrs.items())
+        if inode.target is not None:
+            self.snapshot_bytes -= SYMLINK_SNAP + len(inode.target)
+        if inode.extents is None:
+            return []
+        self.snapshot_bytes -= EXTENT_SNAP * len(inode.extents)
+        return inode.extents.device_extents()
 
     def _add_dirent(self, parent_ino: int, name: bytes, ino: int) -> None:
         parent = self.inodes.get(parent_ino)
@@ -300,6 +321,8 @@ class Metadata:
             raise CorruptFilesystem(f"directory entry in non-directory {parent_ino}")
         if child is None:
             raise CorruptFilesystem(f"directory entry {name!r} names missing inode {ino}")
+        if name not in parent.entries:
+            self.snapshot_bytes += DIRENT_SNAP + len(name)
         parent.entries[name] = ino
         if child.is_dir:
             child.parent = parent_ino
@@ -309,23 +332,33 @@ class Metadata:
         if parent is None or parent.entries is None or name not in parent.entries:
             raise CorruptFilesystem(f"removing missing entry {name!r} of {parent_ino}")
         del parent.entries[name]
+        self.snapshot_bytes -= DIRENT_SNAP + len(name)
 
     def _set_extent(self, ino: int, fblock: int, dblock: int, count: int) -> list[Extent]:
         inode = self.inodes.get(ino)
         if inode is None or inode.extents is None:
             raise CorruptFilesystem(f"extent for missing or non-regular inode {ino}")
-        return inode.extents.map(fblock, dblock, count)
+        before = len(inode.extents)
+        freed = inode.extents.map(fblock, dblock, count)
+        self.snapshot_bytes += EXTENT_SNAP * (len(inode.extents) - before)
+        return freed
 
     def _trunc_extents(self, ino: int, fblock: int) -> list[Extent]:
         inode = self.inodes.get(ino)
         if inode is None or inode.extents is None:
             raise CorruptFilesystem(f"truncating extents of missing inode {ino}")
-        return inode.extents.unmap(fblock)
+        before = len(inode.extents)
+        freed = inode.extents.unmap(fblock)
+        self.snapshot_bytes += EXTENT_SNAP * (len(inode.extents) - before)
+        return freed
 
     def _set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
         inode = self.inodes.get(ino)
         if inode is None:
             raise CorruptFilesystem(f"xattr for missing inode {ino}")
+        old = inode.xattrs.get(name)
+        self.snapshot_bytes += len(value) - (len(old) if old is not None
+                                             else -(XATTR_SNAP + len(name)))
         inode.xattrs[name] = value
         self._parse_special(inode, name, value)
 
@@ -333,6 +366,7 @@ class Metadata:
         inode = self.inodes.get(ino)
         if inode is None or name not in inode.xattrs:
             raise CorruptFilesystem(f"removing missing xattr {name!r} of {ino}")
+        self.snapshot_bytes -= XATTR_SNAP + len(name) + len(inode.xattrs[name])
         del inode.xattrs[name]
         self._parse_special(inode, name, None)
 
@@ -349,6 +383,9 @@ class Metadata:
         inode = self.inodes.get(ino)
         if inode is None or not inode.is_symlink:
             raise CorruptFilesystem(f"symlink target for non-symlink {ino}")
+        if inode.target is not None:
+            self.snapshot_bytes -= SYMLINK_SNAP + len(inode.target)
+        self.snapshot_bytes += SYMLINK_SNAP + len(target)
         inode.target = target
 
     # ---------------------------------------------------------------------- replay
@@ -417,7 +454,7 @@ class Metadata:
         inode.uid, inode.gid, inode.rdev = uid, gid, rdev
         inode.atime_ns = inode.mtime_ns = inode.ctime_ns = inode.btime_ns = now
         inode.nlink = 2 if inode.is_dir else 1
-        self.inodes[ino] = inode
+        self._insert_inode(inode)
         self.log_inode(inode)
         return inode
 
@@ -426,7 +463,7 @@ class Metadata:
         root.uid, root.gid, root.nlink = uid, gid, 2
         root.atime_ns = root.mtime_ns = root.ctime_ns = root.btime_ns = now
         root.parent = fmt.ROOT_INO
-        self.inodes[root.ino] = root
+        self._insert_inode(root)
         self.log_inode(root)
         return root
 

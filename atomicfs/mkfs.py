@@ -36,11 +36,7 @@ def mkfs(target: str, size: int | None = None, atomic_unit: int = 0,
     if not os.path.exists(target):
         if size is None:
             raise UserError(f"{target} does not exist; give --size to create an image file")
-        try:
-            with open(target, "xb") as f:
-                f.truncate(size)
-        except OSError as exc:
-            raise UserError(f"cannot create {target}: {exc.strerror}") from None
+        _create_image(target, size)
         created = True
     try:
         return _format(target, size, atomic_unit, block_size, force, created)
@@ -50,13 +46,51 @@ def mkfs(target: str, size: int | None = None, atomic_unit: int = 0,
         raise
 
 
+def _create_image(target: str, size: int) -> None:
+    """A sparse image file of size bytes; nothing is left behind when that fails."""
+    try:
+        f = open(target, "xb")
+    except OSError as exc:
+        raise UserError(f"cannot create {target}: {exc.strerror}") from None
+    try:
+        with f:
+            f.truncate(size)
+    except OSError as exc:
+        os.unlink(target)
+        raise UserError(f"cannot create {target} of {format_size(size)}: "
+                        f"{exc.strerror}") from None
+
+
+def too_small(target: str) -> str | None:
+    """Why a regular file cannot hold an atomicfs (None if its size is no reason)."""
+    try:
+        st = os.stat(target)
+    except OSError:
+        return None
+    if stat.S_ISREG(st.st_mode) and st.st_size < fmt.MIN_SIZE:
+        what = "empty" if st.st_size == 0 else f"only {format_size(st.st_size)}"
+        return (f"{target} is {what}, too small to hold an atomicfs "
+                f"(at least {format_size(fmt.MIN_SIZE)})")
+    return None
+
+
 def _format(target: str, size: int | None, atomic_unit: int, block_size: int, force: bool,
             created: bool) -> fmt.Superblock:
     st = os.stat(target)
-    if size is not None and stat.S_ISREG(st.st_mode) and st.st_size != size and not created:
-        if st.st_size > size and not force:
-            raise UserError(f"{target} is larger than --size; use --force to shrink it")
-        os.truncate(target, size)
+    resize = size is not None and stat.S_ISREG(st.st_mode) and st.st_size != size \
+        and not created
+    if resize and size is not None and st.st_size > size and not force:
+        raise UserError(f"{target} is larger than --size; use --force to shrink it")
+    # The first open is exclusive (it refuses a mounted target) and decides whether the
+    # target may be touched at all, before a resize changes anything.
+    dev = Device.open(target)
+    try:
+        if not force and not created:
+            _refuse_existing(dev)
+        if resize and size is not None:
+            _resize(target, size)
+    finally:
+        dev.close()
     dev = Device.open(target)
     try:
         dev_size = dev.caps.size
@@ -70,11 +104,17 @@ def _format(target: str, size: int | None, atomic_unit: int, block_size: int, fo
         if dev.caps.logical_block_size > block_size:
             raise UserError(f"block size {block_size} is below the device sector size "
                             f"{dev.caps.logical_block_size}")
-        if not force and not created:
-            _refuse_existing(dev)
         return _write_empty_fs(dev, fs_size, atomic_unit, block_size)
     finally:
         dev.close()
+
+
+def _resize(target: str, size: int) -> None:
+    try:
+        os.truncate(target, size)
+    except OSError as exc:
+        raise UserError(f"cannot resize {target} to {format_size(size)}: "
+                        f"{exc.strerror}") from None
 
 
 def _refuse_existing(dev: Device) -> None:

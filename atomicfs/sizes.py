@@ -16,10 +16,10 @@ def parse_size(text: str) -> int:
 
 
 def format_size(n: int) -> str:
-    for suffix, unit in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+    for suffix, unit in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if n >= unit and n % unit == 0:
             return f"{n // unit}{suffix}"
-    return str(n)
+    return f"{n} bytes"
 
 
 def is_power_of_two(n: int) -> bool:

@@ -18,7 +18,7 @@ import trio
 from atomicfs import format as fmt
 from atomicfs.alloc import Allocator
 from atomicfs.device import Device, DeviceOptions
-from atomicfs.errors import CorruptFilesystem, DeviceError, UserError
+from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace, UserError
 from atomicfs.journal import (Journal, ReplayResult, read_snapshot, read_superblock,
                               replay)
 from atomicfs.metadata import Inode, Metadata
@@ -130,7 +130,16 @@ class Volume:
         if orphans:
             log.info("removed %d orphaned inodes", len(orphans))
         if orphans or self.needs_checkpoint:
+            await self._checkpoint_if_room()
+
+    async def _checkpoint_if_room(self) -> None:
+        """A checkpoint that finds no room for the snapshot loses nothing (the log keeps
+        every change and the next mount replays it), so it does not fail the caller."""
+        try:
             await self.wb.checkpoint()
+        except NoSpace as exc:
+            log.warning("no room for a metadata snapshot (%s); the log keeps the changes",
+                        exc)
 
     async def shutdown(self) -> bool:
         """Write back everything and checkpoint; False if anything could not be written."""
@@ -139,7 +148,8 @@ class Volume:
             ok = await self.wb.sync_all()
             if self.journal.failed is None and (self.journal.used or
                                                 self.journal.has_pending()):
-                await self.wb.checkpoint()
+                await self.journal.commit()
+                await self._checkpoint_if_room()
         except (DeviceError, OSError) as exc:
             log.error("final writeback failed: %s", exc)
             ok = False
