@@ -250,9 +250,11 @@ class Device:
         rc = int(io.result)
         if rc < 0:
             raise DeviceError(-rc, f"{what} failed: {os.strerror(-rc)}")
-        if io.op == lib.AFS_OP_WRITE:
+        if io.op in (lib.AFS_OP_WRITE, lib.AFS_OP_WRITE_FLUSH):
             self.write_ios += 1
             self.write_bytes += rc
+            if io.op == lib.AFS_OP_WRITE_FLUSH:
+                self.flushes += 1
         elif io.op == lib.AFS_OP_READ:
             self.read_ios += 1
         else:
@@ -340,6 +342,21 @@ class Device:
         flags = (native.RWF_ATOMIC if atomic else 0) | (native.RWF_DSYNC if dsync else 0)
         await self._submit(self._request(lib.AFS_OP_WRITE, kind, offset, segments, flags),
                            f"{kind} write at {offset}")
+
+    async def writev_flush(self, offset: int, segments: Sequence[Segment], kind: str,
+                           atomic: bool = False) -> None:
+        """A write, then a device flush, in one request: durable when it returns. For the
+        group flush it counts as a flush that started when it was submitted."""
+        if self.readonly:
+            raise DeviceError(errno.EROFS, "device opened read-only")
+        flags = native.RWF_ATOMIC if atomic else 0
+        self._flush_started += 1
+        gen = self._flush_started
+        await self._submit(self._request(lib.AFS_OP_WRITE_FLUSH, kind, offset, segments,
+                                         flags), f"{kind} write at {offset}")
+        # A flush covers what completed before it started, so also what earlier flushes
+        # covered: completing number gen completes every lower number.
+        self._flush_done = max(self._flush_done, gen)
 
     def write_gen(self) -> int:
         """Flush generation of a write that has completed by now: any flush numbered

@@ -317,13 +317,15 @@ class Journal:
         if batch.barrier_gen >= 0:
             await self.dev.flush_covering(batch.barrier_gen)
         off = batch.pos
-        for i in range(0, len(batch.segments), 512):
-            chunk = batch.segments[i: i + 512]
-            await self.dev.writev(self.sb.log_offset + off, chunk, "log")
+        chunks = [batch.segments[i: i + 512] for i in range(0, len(batch.segments), 512)]
+        for i, chunk in enumerate(chunks):
+            # The last write carries the flush (one request; not RWF_DSYNC, which on
+            # devices without FUA, such as loop devices, costs a flush before and after).
+            if i == len(chunks) - 1:
+                await self.dev.writev_flush(self.sb.log_offset + off, chunk, "log")
+            else:
+                await self.dev.writev(self.sb.log_offset + off, chunk, "log")
             off += sum(n for _, _, n in chunk)
-        # A separate flush, not RWF_DSYNC: on devices without FUA (loop devices) DSYNC
-        # costs a flush before and after the write, twice what this costs.
-        await self.dev.flush()
 
     def _finish_attempt(self, batch: PendingBatch) -> None:
         """Batches become durable strictly in order (replay stops at the first invalid

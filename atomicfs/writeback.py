@@ -685,10 +685,10 @@ class Writeback:
             boundary = self.journal.seal_for_checkpoint()
             snapshot = self.md.serialize()
             next_ino = self.md.next_ino
-            runs = [(res.ino, res.index, DataRun(r.fblock, r.dblock, r.nblocks, r.log_pos,
-                                                 r.seq))
-                    for res in self.journal.resident.values() for r in res.runs
-                    if r.seq <= boundary]
+            # The runs themselves, not copies: those in the boundary batch learn their log
+            # position only when it is placed, during the commit below.
+            runs = [(res.ino, res.index, r) for res in self.journal.resident.values()
+                    for r in res.runs if r.seq <= boundary]
             await self.journal.commit(boundary)
             await self._write_home(runs)
             await self.dev.flush()

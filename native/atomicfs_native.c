@@ -403,24 +403,12 @@ static int injected(struct afs_ioq *q, int kind)
     return hit;
 }
 
+static void perform_flush(struct afs_ioq *q, struct afs_io *io);
+
 static void perform(struct afs_ioq *q, struct afs_io *io)
 {
     if (io->op == AFS_OP_FLUSH) {
-        if (q->record_fd >= 0) {
-            pthread_mutex_lock(&q->test_lock);
-            record_event(q, 'S', 0, 0, 0, NULL);
-            pthread_mutex_unlock(&q->test_lock);
-        }
-        if (injected(q, AFS_KIND_FLUSH)) {
-            io->result = -EIO;
-            return;
-        }
-        io->result = afs_fdatasync(io->fd);
-        if (io->result == 0 && q->record_fd >= 0) {
-            pthread_mutex_lock(&q->test_lock);
-            record_event(q, 'F', 0, 0, 0, NULL);
-            pthread_mutex_unlock(&q->test_lock);
-        }
+        perform_flush(q, io);
         return;
     }
     if (io->op == AFS_OP_READ) {
@@ -444,6 +432,31 @@ static void perform(struct afs_ioq *q, struct afs_io *io)
     if (io->result > 0 && q->record_fd >= 0) {
         pthread_mutex_lock(&q->test_lock);
         record_event(q, 'W', io->offset, (uint32_t)io->result, record_flags(io), io);
+        pthread_mutex_unlock(&q->test_lock);
+    }
+    if (io->result > 0 && io->op == AFS_OP_WRITE_FLUSH) {
+        int64_t written = io->result;
+        perform_flush(q, io);
+        if (io->result == 0)
+            io->result = written;
+    }
+}
+
+static void perform_flush(struct afs_ioq *q, struct afs_io *io)
+{
+    if (q->record_fd >= 0) {
+        pthread_mutex_lock(&q->test_lock);
+        record_event(q, 'S', 0, 0, 0, NULL);
+        pthread_mutex_unlock(&q->test_lock);
+    }
+    if (injected(q, AFS_KIND_FLUSH)) {
+        io->result = -EIO;
+        return;
+    }
+    io->result = afs_fdatasync(io->fd);
+    if (io->result == 0 && q->record_fd >= 0) {
+        pthread_mutex_lock(&q->test_lock);
+        record_event(q, 'F', 0, 0, 0, NULL);
         pthread_mutex_unlock(&q->test_lock);
     }
 }

@@ -32,6 +32,7 @@ int64_t afs_bitmap_find(const uint8_t *bm, int64_t lo, int64_t hi, int64_t goal,
 #define AFS_OP_WRITE 1
 #define AFS_OP_READ 2
 #define AFS_OP_FLUSH 3
+#define AFS_OP_WRITE_FLUSH 4  /* a write, then a flush of the device: one hand-over */
 /* kinds of requests, for fault injection, delay and recording (bit = 1 << kind) */
 #define AFS_KIND_SUPER 0
 #define AFS_KIND_LOG 1

@@ -243,3 +243,28 @@ def test_debug_mode_checks_stable_buffers(image: str, mounter: MountFactory) -> 
     assert m.counters()["writeback_errors"] == 0
     m.umount()
     assert cli("fsck", image).returncode == 0
+
+
+def test_checkpoint_writes_home_every_block_of_partly_overwritten_log_records(
+        image: str, mounter: MountFactory) -> None:
+    """A record in the log partly overwritten by a newer one: the blocks only the older
+    record holds must still reach their home before the log moves past it."""
+    m = mounter(image)
+    path = m / "f"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_DSYNC, 0o644)
+    try:
+        os.pwrite(fd, b"a" * 4096 + b"b" * 4096 + b"c" * 4096 + b"d" * 4096, 0)  # logged
+        os.pwrite(fd, b"B" * 4096, 4096)  # a newer record over block 1 only
+    finally:
+        os.close(fd)
+    assert m.stat()["log"]["resident_folios"] >= 1
+    m.control("checkpoint")
+    m.control("drop_caches")
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+    with open(path, "rb") as f:
+        assert f.read() == b"a" * 4096 + b"B" * 4096 + b"c" * 4096 + b"d" * 4096
+    m.umount()
+    m2 = mounter(image)
+    with open(m2 / "f", "rb") as f:
+        assert f.read() == b"a" * 4096 + b"B" * 4096 + b"c" * 4096 + b"d" * 4096
