@@ -131,6 +131,7 @@ class Journal:
         self._tail_mark = 0
         self._pending = PendingBatch(head_seq)
         self._sealed: list[PendingBatch] = []  # sealed, not yet durable, in order
+        self._boundaries: list[PendingBatch] = []  # sealed for a checkpoint, not placed yet
         self._retrying = False  # a write failed: rewrite the sealed batches before more
         self._rewrite_wanted = False  # somebody asked for the rewrite since the last one
         self._rewrite_started = trio.Event()
@@ -208,11 +209,11 @@ class Journal:
             raise LogFailed(5, f"the log cannot be written: {self.failed}")
 
     def has_pending(self) -> bool:
-        return not self._pending.empty or self.md.any_dirty
+        return bool(self._boundaries) or not self._pending.empty or self.md.any_dirty
 
     def _batch(self, seq: int) -> PendingBatch:
         """The batch holding seq (sealed or the pending one)."""
-        for batch in self._sealed:
+        for batch in self._sealed + self._boundaries:
             if batch.seq == seq:
                 return batch
         return self._pending
@@ -223,12 +224,13 @@ class Journal:
         (it is rewritten later; a later commit may succeed)."""
         self._check_failed()
         if seq is None:
-            seq = self._pending.seq if self.has_pending() else self._pending.seq - 1
+            open_batch = not self._pending.empty or self.md.any_dirty
+            seq = self._pending.seq if open_batch else self._pending.seq - 1
         while self.durable_seq < seq:
             self._check_failed()
             batch = self._batch(seq)
             self._wakeup.set()
-            if self._retrying and batch is self._pending:
+            if self._retrying and (batch is self._pending or batch in self._boundaries):
                 self._rewrite_wanted = True  # new work waits behind the failed batches
             attempt = batch.attempt
             if attempt.is_set() and batch.error is not None:
@@ -282,14 +284,17 @@ class Journal:
                     nursery.start_soon(self._write_batch, batch)
 
     async def _seal_and_place(self) -> PendingBatch | None:
-        self.md.flush_dirty()
-        batch = self._pending
-        if batch.empty:
-            return None
-        self._pending = PendingBatch(batch.seq + 1)
-        if batch.checkpoint:
-            self._pending.checkpoint = False
-        batch.sealed.set()
+        if self._boundaries:
+            batch = self._boundaries.pop(0)  # sealed by seal_for_checkpoint already
+        else:
+            self.md.flush_dirty()
+            batch = self._pending
+            if batch.empty:
+                return None
+            self._pending = PendingBatch(batch.seq + 1)
+            if batch.checkpoint:
+                self._pending.checkpoint = False
+            batch.sealed.set()
         self._sealed.append(batch)
         hdr = fmt.header_area_size(len(batch.meta), self.bs)
         try:
@@ -391,7 +396,7 @@ class Journal:
             log.error("the log cannot be written, the filesystem stops accepting changes: "
                       "%s", exc)
         self.failed = exc
-        for b in self._sealed + [self._pending]:
+        for b in self._sealed + self._boundaries + [self._pending]:
             b.error = exc
             b.attempt.set()
         self._rewrite_started.set()  # waiters look again and find the log failed
@@ -450,7 +455,7 @@ class Journal:
     # --------------------------------------------------------------- checkpoints
 
     def seal_for_checkpoint(self) -> int:
-        """Mark the current pending batch (if any) as the checkpoint boundary; returns the
+        """Seal the current pending batch (if any) as the checkpoint boundary; returns the
         sequence number of the last batch the checkpoint covers. Batches before it that
         wait for log space may now use the reserve (they are what frees it)."""
         self.md.flush_dirty()
@@ -460,9 +465,15 @@ class Journal:
         room.set()  # a batch waiting in _place looks again, with the reserve
         if self._pending.empty:
             return self._pending.seq - 1
-        self._pending.checkpoint = True
+        # Seal it now, not when the writer gets to it: whatever is appended from here on
+        # is not in the checkpoint's snapshot, so it must go into the next batch.
+        batch = self._pending
+        batch.checkpoint = True
+        batch.sealed.set()
+        self._pending = PendingBatch(batch.seq + 1)
+        self._boundaries.append(batch)
         self._wakeup.set()
-        return self._pending.seq
+        return batch.seq
 
     def batch_end(self, seq: int) -> int:
         """Log position just after batch seq (where replay continues)."""
