@@ -69,7 +69,7 @@ class PendingBatch:
 
     __slots__ = ("seq", "meta", "payloads", "data_runs", "barrier_gen", "payload_bytes",
                  "sealed", "checkpoint", "pos", "total", "placed_after", "segments",
-                 "done", "attempt", "error", "written", "inflight")
+                 "done", "attempt", "error", "written", "inflight", "pieces")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
@@ -89,6 +89,7 @@ class PendingBatch:
         self.error: BaseException | None = None
         self.written = False
         self.inflight = False
+        self.pieces: list[tuple[DataRun, DataRun, int]] = []  # piece, its run, block offset
 
     @property
     def empty(self) -> bool:
@@ -188,16 +189,40 @@ class Journal:
         batch.data_runs.append(run)
         key = (ino, index)
         res = self.resident.get(key)
+        # the blocks of older records not overwritten now keep their older log copy
+        kept = self._trim_runs(res.runs, fblock, nblocks) if res is not None else []
         if res is None or res.seq != batch.seq:
-            old_runs = res.runs if res is not None else []
-            # runs of the older record not overwritten now keep their older log copy
-            res = Resident(ino, index, batch.seq, [r for r in old_runs
-                                                   if not _overlaps(r, fblock, nblocks)])
+            res = Resident(ino, index, batch.seq, kept)
             self.resident[key] = res
         else:
-            res.runs = [r for r in res.runs if not _overlaps(r, fblock, nblocks)]
+            res.runs = kept
         res.runs.append(run)
         return batch.seq
+
+    def _trim_runs(self, runs: list[DataRun], fblock: int, nblocks: int) -> list[DataRun]:
+        """runs without the blocks [fblock, fblock+nblocks): a run overwritten in part
+        leaves the pieces before and after, which still hold the newest copy."""
+        kept: list[DataRun] = []
+        end = fblock + nblocks
+        for r in runs:
+            if not _overlaps(r, fblock, nblocks):
+                kept.append(r)
+                continue
+            r_end = r.fblock + r.nblocks
+            for lo, hi in ((r.fblock, min(fblock, r_end)), (max(end, r.fblock), r_end)):
+                if lo < hi:
+                    kept.append(self._piece(r, lo - r.fblock, hi - lo))
+        return kept
+
+    def _piece(self, run: DataRun, off: int, n: int) -> DataRun:
+        piece = DataRun(run.fblock + off, run.dblock + off, n, -1, run.seq)
+        if run.log_pos >= 0:
+            piece.log_pos = run.log_pos + off * self.bs
+        else:  # its batch is not placed yet: _assemble sets the piece's position too
+            for batch in [self._pending] + self._boundaries + self._sealed:
+                if batch.seq == run.seq:
+                    batch.pieces.append((piece, run, off))
+        return piece
 
     def is_resident(self, ino: int, index: int) -> bool:
         return (ino, index) in self.resident
@@ -420,6 +445,8 @@ class Journal:
         for run in batch.data_runs:
             run.log_pos = off
             off += run.nblocks * self.bs
+        for piece, run, blocks in batch.pieces:
+            piece.log_pos = run.log_pos + blocks * self.bs
         return segments, total
 
     @property
