@@ -4,14 +4,13 @@ from __future__ import annotations
 import random
 import stat
 from collections import Counter
-from typing import Any
-
 import pytest
 
 from atomicfs import format as fmt
 from atomicfs.errors import CorruptFilesystem
 from atomicfs.metadata import (XATTR_ATOMIC_STRICT, XATTR_ATOMIC_UNIT, XATTR_WRITETHROUGH,
                                Extent, ExtentMap, Inode, Metadata, iter_tree)
+from tests.unit.fsutil import canonical
 
 HOLE_LEN = 1 << 62
 
@@ -138,19 +137,6 @@ class RecordingSink:
 
     def stream(self) -> bytes:
         return b"".join(self.records)
-
-
-def canonical(md: Metadata) -> dict[str, Any]:
-    """Everything that must survive a replay, independent of dict insertion order,
-    including the fields derived at load time (parent, parsed atomicfs xattrs)."""
-    inodes = {}
-    for ino, i in md.inodes.items():
-        inodes[ino] = (i.record_fields(), i.parent, i.target,
-                       sorted(i.xattrs.items()),
-                       list(i.extents) if i.extents is not None else None,
-                       sorted(i.entries.items()) if i.entries is not None else None,
-                       i.atomic_unit, i.writethrough, i.atomic_strict)
-    return {"next_ino": md.next_ino, "inodes": inodes}
 
 
 def replayed(stream: bytes, block_size: int = 4096) -> Metadata:
