@@ -225,12 +225,14 @@ class PageCache:
 
     def drop_mapping(self, ino: int) -> None:
         """Forget a file's folios (it was deleted or is being re-shaped); none may be busy."""
-        m = self.mappings.pop(ino, None)
+        m = self.mappings.get(ino)
         if m is None:
             return
-        for folio in list(m.folios.values()):
+        for folio in m.folios.values():
             if folio.writeback or folio.locked:
                 raise InvalidTransition(f"dropping busy {folio.state()}")
+        del self.mappings[ino]
+        for folio in list(m.folios.values()):
             self._remove_folio(folio)
 
     # -------------------------------------------------------------------- folios
