@@ -69,7 +69,7 @@ class PendingBatch:
 
     __slots__ = ("seq", "meta", "payloads", "data_runs", "barrier_gen", "payload_bytes",
                  "sealed", "checkpoint", "pos", "total", "placed_after", "segments",
-                 "done", "attempt", "error", "written", "inflight")
+                 "done", "attempt", "error", "written", "inflight", "pieces")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
@@ -89,6 +89,7 @@ class PendingBatch:
         self.error: BaseException | None = None
         self.written = False
         self.inflight = False
+        self.pieces: list[tuple[DataRun, DataRun, int]] = []  # piece, its run, block offset
 
     @property
     def empty(self) -> bool:
@@ -131,6 +132,7 @@ class Journal:
         self._tail_mark = 0
         self._pending = PendingBatch(head_seq)
         self._sealed: list[PendingBatch] = []  # sealed, not yet durable, in order
+        self._boundaries: list[PendingBatch] = []  # sealed for a checkpoint, not placed yet
         self._retrying = False  # a write failed: rewrite the sealed batches before more
         self._rewrite_wanted = False  # somebody asked for the rewrite since the last one
         self._rewrite_started = trio.Event()
@@ -187,16 +189,40 @@ class Journal:
         batch.data_runs.append(run)
         key = (ino, index)
         res = self.resident.get(key)
+        # the blocks of older records not overwritten now keep their older log copy
+        kept = self._trim_runs(res.runs, fblock, nblocks) if res is not None else []
         if res is None or res.seq != batch.seq:
-            old_runs = res.runs if res is not None else []
-            # runs of the older record not overwritten now keep their older log copy
-            res = Resident(ino, index, batch.seq, [r for r in old_runs
-                                                   if not _overlaps(r, fblock, nblocks)])
+            res = Resident(ino, index, batch.seq, kept)
             self.resident[key] = res
         else:
-            res.runs = [r for r in res.runs if not _overlaps(r, fblock, nblocks)]
+            res.runs = kept
         res.runs.append(run)
         return batch.seq
+
+    def _trim_runs(self, runs: list[DataRun], fblock: int, nblocks: int) -> list[DataRun]:
+        """runs without the blocks [fblock, fblock+nblocks): a run overwritten in part
+        leaves the pieces before and after, which still hold the newest copy."""
+        kept: list[DataRun] = []
+        end = fblock + nblocks
+        for r in runs:
+            if not _overlaps(r, fblock, nblocks):
+                kept.append(r)
+                continue
+            r_end = r.fblock + r.nblocks
+            for lo, hi in ((r.fblock, min(fblock, r_end)), (max(end, r.fblock), r_end)):
+                if lo < hi:
+                    kept.append(self._piece(r, lo - r.fblock, hi - lo))
+        return kept
+
+    def _piece(self, run: DataRun, off: int, n: int) -> DataRun:
+        piece = DataRun(run.fblock + off, run.dblock + off, n, -1, run.seq)
+        if run.log_pos >= 0:
+            piece.log_pos = run.log_pos + off * self.bs
+        else:  # its batch is not placed yet: _assemble sets the piece's position too
+            for batch in [self._pending] + self._boundaries + self._sealed:
+                if batch.seq == run.seq:
+                    batch.pieces.append((piece, run, off))
+        return piece
 
     def is_resident(self, ino: int, index: int) -> bool:
         return (ino, index) in self.resident
@@ -208,11 +234,11 @@ class Journal:
             raise LogFailed(5, f"the log cannot be written: {self.failed}")
 
     def has_pending(self) -> bool:
-        return not self._pending.empty or self.md.any_dirty
+        return bool(self._boundaries) or not self._pending.empty or self.md.any_dirty
 
     def _batch(self, seq: int) -> PendingBatch:
         """The batch holding seq (sealed or the pending one)."""
-        for batch in self._sealed:
+        for batch in self._sealed + self._boundaries:
             if batch.seq == seq:
                 return batch
         return self._pending
@@ -223,12 +249,13 @@ class Journal:
         (it is rewritten later; a later commit may succeed)."""
         self._check_failed()
         if seq is None:
-            seq = self._pending.seq if self.has_pending() else self._pending.seq - 1
+            open_batch = not self._pending.empty or self.md.any_dirty
+            seq = self._pending.seq if open_batch else self._pending.seq - 1
         while self.durable_seq < seq:
             self._check_failed()
             batch = self._batch(seq)
             self._wakeup.set()
-            if self._retrying and batch is self._pending:
+            if self._retrying and (batch is self._pending or batch in self._boundaries):
                 self._rewrite_wanted = True  # new work waits behind the failed batches
             attempt = batch.attempt
             if attempt.is_set() and batch.error is not None:
@@ -282,14 +309,17 @@ class Journal:
                     nursery.start_soon(self._write_batch, batch)
 
     async def _seal_and_place(self) -> PendingBatch | None:
-        self.md.flush_dirty()
-        batch = self._pending
-        if batch.empty:
-            return None
-        self._pending = PendingBatch(batch.seq + 1)
-        if batch.checkpoint:
-            self._pending.checkpoint = False
-        batch.sealed.set()
+        if self._boundaries:
+            batch = self._boundaries.pop(0)  # sealed by seal_for_checkpoint already
+        else:
+            self.md.flush_dirty()
+            batch = self._pending
+            if batch.empty:
+                return None
+            self._pending = PendingBatch(batch.seq + 1)
+            if batch.checkpoint:
+                self._pending.checkpoint = False
+            batch.sealed.set()
         self._sealed.append(batch)
         hdr = fmt.header_area_size(len(batch.meta), self.bs)
         try:
@@ -393,7 +423,7 @@ class Journal:
             log.error("the log cannot be written, the filesystem stops accepting changes: "
                       "%s", exc)
         self.failed = exc
-        for b in self._sealed + [self._pending]:
+        for b in self._sealed + self._boundaries + [self._pending]:
             b.error = exc
             b.attempt.set()
         self._rewrite_started.set()  # waiters look again and find the log failed
@@ -417,6 +447,8 @@ class Journal:
         for run in batch.data_runs:
             run.log_pos = off
             off += run.nblocks * self.bs
+        for piece, run, blocks in batch.pieces:
+            piece.log_pos = run.log_pos + blocks * self.bs
         return segments, total
 
     @property
@@ -452,7 +484,7 @@ class Journal:
     # --------------------------------------------------------------- checkpoints
 
     def seal_for_checkpoint(self) -> int:
-        """Mark the current pending batch (if any) as the checkpoint boundary; returns the
+        """Seal the current pending batch (if any) as the checkpoint boundary; returns the
         sequence number of the last batch the checkpoint covers. Batches before it that
         wait for log space may now use the reserve (they are what frees it)."""
         self.md.flush_dirty()
@@ -462,9 +494,15 @@ class Journal:
         room.set()  # a batch waiting in _place looks again, with the reserve
         if self._pending.empty:
             return self._pending.seq - 1
-        self._pending.checkpoint = True
+        # Seal it now, not when the writer gets to it: whatever is appended from here on
+        # is not in the checkpoint's snapshot, so it must go into the next batch.
+        batch = self._pending
+        batch.checkpoint = True
+        batch.sealed.set()
+        self._pending = PendingBatch(batch.seq + 1)
+        self._boundaries.append(batch)
         self._wakeup.set()
-        return self._pending.seq
+        return batch.seq
 
     def batch_end(self, seq: int) -> int:
         """Log position just after batch seq (where replay continues)."""

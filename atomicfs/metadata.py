@@ -287,6 +287,8 @@ class Metadata:
         inode = self.inodes.get(ino)
         if inode is None:
             inode = Inode(ino, mode)
+            if ino == fmt.ROOT_INO:
+                inode.parent = ino  # as make_root: no DIRENT record ever names the root
             self._insert_inode(inode)
             if ino >= self.next_ino:
                 self.next_ino = ino + 1

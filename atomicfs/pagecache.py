@@ -225,12 +225,14 @@ class PageCache:
 
     def drop_mapping(self, ino: int) -> None:
         """Forget a file's folios (it was deleted or is being re-shaped); none may be busy."""
-        m = self.mappings.pop(ino, None)
+        m = self.mappings.get(ino)
         if m is None:
             return
-        for folio in list(m.folios.values()):
+        for folio in m.folios.values():
             if folio.writeback or folio.locked:
                 raise InvalidTransition(f"dropping busy {folio.state()}")
+        del self.mappings[ino]
+        for folio in list(m.folios.values()):
             self._remove_folio(folio)
 
     # -------------------------------------------------------------------- folios
@@ -447,7 +449,10 @@ class PageCache:
 
     def discard_blocks(self, folio: Folio, mask: int) -> int:
         """Blocks beyond a truncation: not valid, not dirty, zeroed. Returns reservations
-        released."""
+        released. Not while the folio is under I/O: its data must not change, and a failed
+        writeback must find its blocks still valid to make them dirty again."""
+        if folio.writeback or folio.locked:
+            raise InvalidTransition(f"discarding blocks of a busy folio: {folio.state()}")
         bs = self.block_size
         for first, count in mask_runs(mask):
             folio.buf.zero(first * bs, count * bs)
