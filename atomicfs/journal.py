@@ -325,7 +325,7 @@ class Journal:
         try:
             batch.pos = await self._place(hdr + batch.payload_bytes, batch)
         except CorruptFilesystem as exc:
-            self._fail(exc)
+            self.fail(exc)
             return None
         batch.placed_after = self._placed
         batch.segments, batch.total = self._assemble(batch, batch.pos)
@@ -365,7 +365,7 @@ class Journal:
             self._retrying = True
             self._failures += 1
             if self._failures >= 3:
-                self._fail(batch.error)
+                self.fail(batch.error)
         if not self._retrying:
             while self._sealed and self._sealed[0].written:
                 self._acknowledge(self._sealed.pop(0))
@@ -410,14 +410,14 @@ class Journal:
                     b.error = exc
                     b.attempt.set()
                 if self._failures >= 3:
-                    self._fail(exc)
+                    self.fail(exc)
                 return
             batch.written = True
         self._retrying = False
         while self._sealed:
             self._acknowledge(self._sealed.pop(0))
 
-    def _fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException) -> None:
         """Give up on the log: memory is ahead of the disk; refuse further changes."""
         if self.failed is None:
             log.error("the log cannot be written, the filesystem stops accepting changes: "

@@ -685,8 +685,6 @@ class PageCache:
                 last.buf.zero(start, (b + 1) * bs - start)
                 if tail_mapped or last.dirty >> b & 1:
                     self.mark_dirty(last, 1 << b)  # the zeros must reach the device
-            if self.clear_atomic(last):
-                self.counters.atomic_cleared_partial += 1
         finally:
             self._unpin_all(pinned)
         return released

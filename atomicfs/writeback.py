@@ -191,6 +191,8 @@ class Writeback:
     async def balance_dirty(self) -> None:
         """Throttle writers at the dirty limit; never fail them."""
         while self.cache.dirty_bytes + self.cache.writeback_bytes > self.dirty_limit:
+            if self.journal.failed is not None:  # nothing will be written back: no wait
+                raise OSError(errno.EIO, "the log cannot be written")
             self.counters.throttle_waits += 1
             self.kick_flusher()
             ev = self.cache.dirty_changed
@@ -669,6 +671,8 @@ class Writeback:
                                ) -> None:
         task_status.started()
         while True:
+            if self.journal.failed is not None:
+                await trio.sleep_forever()  # nothing can be checkpointed any more
             with trio.move_on_after(interval):
                 await self.journal.want_checkpoint.wait()
             if self.journal.failed is None and self.journal.used > 0:
@@ -676,7 +680,7 @@ class Writeback:
                     await self.checkpoint()
                 except (DeviceError, NoSpace) as exc:
                     log.error("checkpoint failed: %s", exc)
-                    self.journal.failed = exc
+                    self.journal.fail(exc)
 
     async def checkpoint(self) -> None:
         """Make the log reclaimable: write resident units home, then a metadata snapshot,
