@@ -11,7 +11,7 @@ NATIVE := atomicfs/_native$(shell $(PYTHON) -c 'import sysconfig;print(sysconfig
 DEMO_IMG ?= ./atomicfs.img
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv native test test-unit demo crashtest bench apps clean
+.PHONY: setup deps venv native test test-unit lint demo crashtest bench apps clean
 
 setup: deps venv native
 	@test -x $(VENV)/bin/atomicfs
@@ -40,6 +40,11 @@ $(NATIVE): native/atomicfs_native.c native/atomicfs_native.h native/build.py $(V
 
 test: setup
 	CI=$${CI:-} $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Static checks, run before each commit: lint everything, type-check the package.
+lint: setup
+	$(VENV)/bin/ruff check atomicfs tests bench native
+	$(VENV)/bin/mypy atomicfs
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit tests/fs

@@ -102,8 +102,8 @@ def workload(mnt: str) -> int:
 
     step("the cache and the counters (atomicfs stat MOUNTPOINT)")
     print(run("stat", mnt))
-    with open(path, "rb") as f:
-        data = f.read()
+    with open(path, "rb") as fh:
+        data = fh.read()
     expect = bytearray(pages)
     expect[3 * UNIT + 10: 3 * UNIT + 110] = b"x" * 100
     if data != bytes(expect):

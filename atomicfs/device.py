@@ -176,9 +176,11 @@ class Device:
             fd = os.open(path, flags)
         except OSError as exc:
             if exc.errno == errno.EBUSY:
-                raise UserError(f"{path}: device is in use (mounted or opened exclusively)")
+                raise UserError(f"{path}: device is in use (mounted or opened exclusively)"
+                                ) from None
             if exc.errno == errno.EINVAL:
-                raise UserError(f"{path}: the filesystem holding it does not support O_DIRECT")
+                raise UserError(f"{path}: the filesystem holding it does not support "
+                                "O_DIRECT") from None
             raise UserError(f"{path}: cannot open: {exc.strerror}") from None
         try:
             if stat.S_ISREG(st.st_mode):

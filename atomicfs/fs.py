@@ -568,7 +568,7 @@ class AtomicFS(pyfuse3.Operations):
         return fi, self._attr(inode)
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         h = self.handles[fh]
         inode = h.inode
         m = self.vol.mapping(inode)

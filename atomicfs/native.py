@@ -114,6 +114,14 @@ def fdatasync(fd: int) -> int:
 class ProbeResult:
     __slots__ = ("size", "logical_block_size", "is_blockdev", "dio_mem_align",
                  "dio_offset_align", "atomic_unit_min", "atomic_unit_max", "atomic_segments_max")
+    size: int
+    logical_block_size: int
+    is_blockdev: int
+    dio_mem_align: int
+    dio_offset_align: int
+    atomic_unit_min: int
+    atomic_unit_max: int
+    atomic_segments_max: int
 
     def __init__(self, raw: Any) -> None:
         for name in self.__slots__:

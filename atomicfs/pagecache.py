@@ -493,7 +493,7 @@ class PageCache:
         pinned.clear()
 
     async def read(self, io: FolioIO, inode: Inode, m: Mapping, off: int,
-                   size: int) -> bytes | memoryview:
+                   size: int) -> bytes | bytearray | memoryview:
         """Read up to size bytes at off, from the cache, reading missing blocks first."""
         end = min(off + size, inode.size)
         if off >= end:

@@ -36,7 +36,7 @@ from atomicfs.alloc import Allocator
 from atomicfs.device import Device
 from atomicfs.errors import DeviceError, NoSpace
 from atomicfs.journal import DataRun, Journal, LogFailed
-from atomicfs.metadata import Inode, Metadata
+from atomicfs.metadata import ExtentMap, Inode, Metadata
 from atomicfs.native import MAX_IOV, Buffer, Segment
 from atomicfs.pagecache import Folio, Mapping, PageCache, mask_range, mask_runs, popcount
 from atomicfs.stats import Counters
@@ -68,6 +68,13 @@ class _InPlaceIO:
     segments: list[Segment] = field(default_factory=list)
     parts: list[tuple[Folio, int]] = field(default_factory=list)  # folio, block mask
     new_extents: list[tuple[int, int, int]] = field(default_factory=list)  # fblock, dblock, n
+
+
+def extents_of(inode: Inode) -> ExtentMap:
+    """The extent map of a regular file (what every data path works on)."""
+    if inode.extents is None:
+        raise TypeError(f"inode {inode.ino} is not a regular file")
+    return inode.extents
 
 
 class WriteOutcome:
@@ -129,8 +136,7 @@ class Writeback:
             ios: list[tuple[int, list[Segment], list[tuple[Folio, int]]]] = []
             for folio, mask in locked:
                 for b, n in mask_runs(mask):
-                    for f, d, k in inode.extents.runs(folio.fblock + b, n) \
-                            if inode.extents is not None else [(folio.fblock + b, None, n)]:
+                    for f, d, k in extents_of(inode).runs(folio.fblock + b, n):
                         fb = f - folio.fblock
                         part = mask_range(fb, k)
                         if d is None:
@@ -169,7 +175,7 @@ class Writeback:
                 continue
             unmapped = 0
             for b, n in mask_runs(new):
-                for f, d, k in inode.extents.runs(folio.fblock + b, n):
+                for f, d, k in extents_of(inode).runs(folio.fblock + b, n):
                     if d is None:
                         unmapped |= mask_range(f - folio.fblock, k)
             if unmapped:
@@ -258,7 +264,7 @@ class Writeback:
             if total > SMALL_SYNC_LOG_BYTES:
                 return False
             for b, n in mask_runs(mask):
-                for _, d, _ in inode.extents.runs(folio.fblock + b, n):
+                for _, d, _ in extents_of(inode).runs(folio.fblock + b, n):
                     if d is not None:
                         return False
         return total > 0
@@ -272,7 +278,7 @@ class Writeback:
         full = mask_range(0, nb)
         if folio.writeback or folio.locked or not folio.atomic or folio.dirty != full:
             return True  # it changed since it was chosen; a later writeback takes it
-        runs = list(inode.extents.runs(fb, nb))
+        runs = list(extents_of(inode).runs(fb, nb))
         dblock = runs[0][1] if len(runs) == 1 else None
         moved = dblock is None or dblock % nb != 0
         reserved = popcount(folio.reserved)
@@ -322,7 +328,7 @@ class Writeback:
         if not mask or folio.writeback or folio.locked:
             return
         holes = [(f, k) for b, n in mask_runs(mask)
-                 for f, d, k in inode.extents.runs(folio.fblock + b, n) if d is None]
+                 for f, d, k in extents_of(inode).runs(folio.fblock + b, n) if d is None]
         if holes:
             whole = folio.atomic and holes == [(folio.fblock, m.blocks_per_folio)]
             try:
@@ -336,7 +342,7 @@ class Writeback:
         seq = -1
         for b, n in mask_runs(mask):
             f0 = folio.fblock + b
-            for f, d, k in list(inode.extents.runs(f0, n)):
+            for f, d, k in list(extents_of(inode).runs(f0, n)):
                 assert d is not None
                 payload = Buffer(k * bs)
                 payload.copy_from(0, folio.buf, (f - folio.fblock) * bs, k * bs)
@@ -439,9 +445,8 @@ class Writeback:
             if any(id(f) in failed for f, _ in io.parts):
                 for fblock, _, n in io.new_extents:
                     self._rereserve(m, fblock, n)
-        for folio, mask in started.values():
-            fmask = failed.get(id(folio), 0)
-            if fmask:
+        for folio, _ in started.values():
+            if failed.get(id(folio), 0):
                 continue
             self._wb_failures.pop((m.ino, folio.index), None)
             self.cache.end_writeback(folio)
@@ -457,7 +462,7 @@ class Writeback:
         goal = 0
         for folio, mask in sorted(items, key=lambda it: it[0].index):
             for b, n in mask_runs(mask):
-                for f, d, k in list(inode.extents.runs(folio.fblock + b, n)):
+                for f, d, k in list(extents_of(inode).runs(folio.fblock + b, n)):
                     while k > 0:
                         fb = f - folio.fblock
                         if d is None:
@@ -713,7 +718,7 @@ class Writeback:
                 continue
             m = self.cache.mappings.get(ino)
             folio = m.folios.get(index) if m is not None else None
-            for f, d, n in inode.extents.runs(run.fblock, run.nblocks):
+            for f, d, n in extents_of(inode).runs(run.fblock, run.nblocks):
                 if d is None or d != run.dblock + (f - run.fblock):
                     continue
                 part = None
@@ -723,7 +728,7 @@ class Writeback:
                     part = mask_range(fb, n)
                     if folio.dirty & part or (folio.uptodate & part) != part:
                         part = None
-                if part is not None:
+                if part is not None and folio is not None:
                     jobs.append((d, folio.buf, (f - folio.fblock) * bs, n, folio))
                 else:
                     buf = await self.dev.read(self.journal.sb.log_offset + run.log_pos

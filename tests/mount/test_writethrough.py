@@ -11,7 +11,7 @@ import ctypes
 
 import pytest
 
-from tests.conftest import Mount, MountFactory, cli
+from tests.conftest import MountFactory, cli
 
 U = 16384
 SYNC_FILE_RANGE_WRITE = 2
