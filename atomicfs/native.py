@@ -5,7 +5,7 @@ into the core; the I/O calls are meant to be run from worker threads.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 try:
     from atomicfs._native import ffi, lib
@@ -81,34 +81,6 @@ def copy_into(dst: Any, dst_off: int, src: Buffer, src_off: int, n: int) -> None
 
 
 Segment = tuple[Buffer, int, int]  # buffer, offset in it, length
-
-
-def _iov(segments: Sequence[Segment]) -> tuple[Any, Any, int]:
-    n = len(segments)
-    if n == 0 or n > MAX_IOV:
-        raise ValueError(f"bad segment count {n}")
-    bufs = ffi.new("void *[]", n)
-    lens = ffi.new("size_t[]", n)
-    for i, (buf, off, length) in enumerate(segments):
-        bufs[i] = buf.ptr + off
-        lens[i] = length
-    return bufs, lens, n
-
-
-def pwritev(fd: int, segments: Sequence[Segment], offset: int, flags: int = 0) -> int:
-    """Blocking vectored write; returns bytes written or a negative errno."""
-    bufs, lens, n = _iov(segments)
-    return int(lib.afs_pwritev(fd, bufs, lens, n, offset, flags))
-
-
-def preadv(fd: int, segments: Sequence[Segment], offset: int) -> int:
-    """Blocking vectored read; returns bytes read or a negative errno."""
-    bufs, lens, n = _iov(segments)
-    return int(lib.afs_preadv(fd, bufs, lens, n, offset))
-
-
-def fdatasync(fd: int) -> int:
-    return int(lib.afs_fdatasync(fd))
 
 
 class ProbeResult:

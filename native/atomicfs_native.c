@@ -90,19 +90,43 @@ uint32_t afs_crc32c(uint32_t crc, const void *p, size_t n)
     return ~reg;
 }
 
-/* Write the whole vector, resuming after short writes. A short write of an RWF_ATOMIC
- * request would break its promise, so it is reported as EIO instead of resumed. */
-int64_t afs_pwritev(int fd, void *const *bufs, const size_t *lens, int n, int64_t off, int flags)
+/* Copy the caller's vector into iov; returns the total length (0 for a bad count). */
+static size_t fill_iov(struct iovec *iov, void *const *bufs, const size_t *lens, int n)
 {
-    struct iovec iov[AFS_MAX_IOV];
-    if (n <= 0 || n > AFS_MAX_IOV)
-        return -EINVAL;
     size_t total = 0;
+    if (n <= 0 || n > AFS_MAX_IOV)
+        return 0;
     for (int i = 0; i < n; i++) {
         iov[i].iov_base = bufs[i];
         iov[i].iov_len = lens[i];
         total += lens[i];
     }
+    return total;
+}
+
+/* Step past r bytes of the vector after a short transfer. */
+static void advance_iov(struct iovec **cur, int *left, size_t r)
+{
+    while (*left > 0 && r >= (*cur)->iov_len) {
+        r -= (*cur)->iov_len;
+        (*cur)++;
+        (*left)--;
+    }
+    if (*left > 0 && r > 0) {
+        (*cur)->iov_base = (char *)(*cur)->iov_base + r;
+        (*cur)->iov_len -= r;
+    }
+}
+
+/* Write the whole vector, resuming after short writes. A short write of an RWF_ATOMIC
+ * request would break its promise, so it is reported as EIO instead of resumed. */
+static int64_t afs_pwritev(int fd, void *const *bufs, const size_t *lens, int n, int64_t off,
+                           int flags)
+{
+    struct iovec iov[AFS_MAX_IOV];
+    size_t total = fill_iov(iov, bufs, lens, n);
+    if (total == 0)
+        return -EINVAL;
     struct iovec *cur = iov;
     int left = n;
     size_t done = 0;
@@ -113,36 +137,21 @@ int64_t afs_pwritev(int fd, void *const *bufs, const size_t *lens, int n, int64_
                 continue;
             return -errno;
         }
-        if (r == 0)
-            return -EIO;
-        if ((size_t)r < total - done && (flags & RWF_ATOMIC))
+        if (r == 0 || ((size_t)r < total - done && (flags & RWF_ATOMIC)))
             return -EIO;
         done += (size_t)r;
-        while (left > 0 && (size_t)r >= cur->iov_len) {
-            r -= (ssize_t)cur->iov_len;
-            cur++;
-            left--;
-        }
-        if (left > 0 && r > 0) {
-            cur->iov_base = (char *)cur->iov_base + r;
-            cur->iov_len -= (size_t)r;
-        }
+        advance_iov(&cur, &left, (size_t)r);
     }
     return (int64_t)done;
 }
 
 /* Read the whole vector; bytes past the end of the backing store read as zeros. */
-int64_t afs_preadv(int fd, void *const *bufs, const size_t *lens, int n, int64_t off)
+static int64_t afs_preadv(int fd, void *const *bufs, const size_t *lens, int n, int64_t off)
 {
     struct iovec iov[AFS_MAX_IOV];
-    if (n <= 0 || n > AFS_MAX_IOV)
+    size_t total = fill_iov(iov, bufs, lens, n);
+    if (total == 0)
         return -EINVAL;
-    size_t total = 0;
-    for (int i = 0; i < n; i++) {
-        iov[i].iov_base = bufs[i];
-        iov[i].iov_len = lens[i];
-        total += lens[i];
-    }
     struct iovec *cur = iov;
     int left = n;
     size_t done = 0;
@@ -159,20 +168,12 @@ int64_t afs_preadv(int fd, void *const *bufs, const size_t *lens, int n, int64_t
             return (int64_t)total;
         }
         done += (size_t)r;
-        while (left > 0 && (size_t)r >= cur->iov_len) {
-            r -= (ssize_t)cur->iov_len;
-            cur++;
-            left--;
-        }
-        if (left > 0 && r > 0) {
-            cur->iov_base = (char *)cur->iov_base + r;
-            cur->iov_len -= (size_t)r;
-        }
+        advance_iov(&cur, &left, (size_t)r);
     }
     return (int64_t)done;
 }
 
-int afs_fdatasync(int fd)
+static int afs_fdatasync(int fd)
 {
     while (fdatasync(fd) != 0) {
         if (errno != EINTR)
