@@ -293,8 +293,11 @@ class Writeback:
         assert dblock is not None
         self.cache.start_writeback(folio, full, stable=True)
         try:
-            await self._device_write(dblock, [(folio.buf, 0, m.folio_size)], atomic=True,
-                                     check=[folio])
+            # A write-through of a unit already at home needs nothing but this write to be
+            # durable: flush in the same request (a moved unit waits for its metadata).
+            gen = await self._device_write(dblock, [(folio.buf, 0, m.folio_size)],
+                                           atomic=True, check=[folio],
+                                           durable=writethrough and not moved)
         except DeviceError as exc:
             if moved:
                 self.alloc.free_now(dblock, nb)
@@ -302,7 +305,6 @@ class Writeback:
                 folio.reserved = old_reserved
             self._write_failed(m, [(folio, full)], exc, writethrough, out, restore_atomic=True)
             return True
-        gen = self.dev.write_gen()
         if moved:
             self.md.map_extent(inode, fb, dblock, nb)
             self.journal.need_barrier(gen)
@@ -416,10 +418,15 @@ class Writeback:
         failed: dict[int, int] = {}
         errors: list[DeviceError] = []
 
+        # A write-through that is one device write into blocks already at home: flush in
+        # the same request.
+        durable = writethrough and len(ios) == 1 and not ios[0].new_extents
+
         async def run(io: _InPlaceIO) -> None:
             try:
-                await self._device_write(io.dblock, io.segments, atomic=False,
-                                         check=[f for f, _ in io.parts] if stable else [])
+                gen = await self._device_write(io.dblock, io.segments, atomic=False,
+                                               check=[f for f, _ in io.parts] if stable
+                                               else [], durable=durable)
             except DeviceError as exc:
                 errors.append(exc)
                 for folio, mask in io.parts:
@@ -427,7 +434,6 @@ class Writeback:
                 for _, dblock, n in io.new_extents:
                     self.alloc.free_now(dblock, n)
                 return
-            gen = self.dev.write_gen()
             for fblock, dblock, n in io.new_extents:
                 self.md.map_extent(inode, fblock, dblock, n)
                 self.journal.need_barrier(gen)
@@ -510,16 +516,22 @@ class Writeback:
                 self.cache.reserve_blocks(folio, 1 << (fb % bpf))
 
     async def _device_write(self, dblock: int, segments: list[Segment], atomic: bool,
-                            check: list[Folio]) -> None:
-        """The device write, with the debug-mode check that stable data did not change."""
+                            check: list[Folio], durable: bool = False) -> int:
+        """The device write, with the debug-mode check that stable data did not change.
+        durable: flush in the same request. Returns the flush generation that still has to
+        cover the write (-1 when it is durable already)."""
         before = [f.buf.crc32c() for f in check] if self.policy.debug and check else None
-        await self.dev.writev(dblock * self.bs, segments, "data", atomic=atomic)
+        if durable:
+            await self.dev.writev_flush(dblock * self.bs, segments, "data", atomic=atomic)
+        else:
+            await self.dev.writev(dblock * self.bs, segments, "data", atomic=atomic)
         if before is not None:
             after = [f.buf.crc32c() for f in check]
             if after != before:
                 log.critical("stable page violated: buffer changed under I/O at block %d",
                              dblock)
                 raise AssertionError("data under I/O changed (stable pages violated)")
+        return -1 if durable else self.dev.write_gen()
 
     def _write_failed(self, m: Mapping, parts: list[tuple[Folio, int]], exc: BaseException,
                       writethrough: bool, out: WriteOutcome,
