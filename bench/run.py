@@ -79,10 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     complete = (targets == list(ALL_TARGETS) and len(workloads) == len(WORKLOADS)
                 and args.rounds >= 3)
     if complete and not args.no_latest:
-        latest = REPO / "bench" / "latest"
-        if latest.exists():
-            shutil.rmtree(latest)
-        shutil.copytree(out, latest)
+        latest = REPO / "bench" / "latest"  # its profile*/ folders are make profile's
+        latest.mkdir(exist_ok=True)
+        for f in out.iterdir():
+            shutil.copy2(f, latest / f.name)
         report.update_readme(REPO / "README.md", data, "bench/latest")
         log.info("refreshed bench/latest/ and the README's performance table")
     failures = [r for r in data["runs"] if r.get("error")]

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +34,32 @@ class BenchError(RuntimeError):
 
 def run(args: Sequence[str], check: bool = True, timeout: float = 300,
         quiet: bool = False, **kw: Any) -> subprocess.CompletedProcess[str]:
-    """Run a command; BenchError with its stderr when it fails and check is set."""
+    """Run a command in its own process group, which is killed whole on timeout, Ctrl-C or
+    any error (fio's job processes with it); BenchError with its stderr when it fails and
+    check is set."""
     if not quiet:
         log.debug("$ %s", " ".join(map(str, args)))
-    res = subprocess.run([str(a) for a in args], capture_output=True, text=True,
-                         timeout=timeout, **kw)
+    argv = [str(a) for a in args]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        kill_group(proc)
+        raise
+    res = subprocess.CompletedProcess(argv, proc.returncode, out, err)
     if check and res.returncode != 0:
-        err = (res.stderr or res.stdout).strip().splitlines()
-        raise BenchError(f"{' '.join(map(str, args))} exited {res.returncode}: "
-                         f"{err[-1] if err else ''}")
+        lines = (res.stderr or res.stdout).strip().splitlines()
+        raise BenchError(f"{' '.join(argv)} exited {res.returncode}: "
+                         f"{lines[-1] if lines else ''}")
     return res
+
+
+def kill_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL a child started with start_new_session and everything in its group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def mounts_below(base: Path) -> list[tuple[str, str]]:
@@ -259,22 +275,6 @@ def machine_info() -> dict[str, Any]:
         "atomicfs_git": git,
         "loadavg_start": os.getloadavg(),
     }
-
-
-@contextlib.contextmanager
-def process(args: Sequence[str], **kw: Any) -> Iterator[subprocess.Popen[bytes]]:
-    """A child in its own session (Ctrl-C does not reach it), killed if still alive at exit."""
-    proc = subprocess.Popen([str(a) for a in args], start_new_session=True, **kw)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def need_tools(*names: str) -> None:
