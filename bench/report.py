@@ -244,7 +244,7 @@ def daemon_table(data: dict[str, Any]) -> str:
 
 def how_list(data: dict[str, Any]) -> str:
     lines = []
-    for key, w in data["workloads"].items():
+    for w in data["workloads"].values():
         hows: dict[str, list[str]] = {}
         for t, h in w["how"].items():
             if h:
@@ -336,9 +336,13 @@ def plots(data: dict[str, Any], out: Path) -> None:
                 lo.append(c["median"] - c["min"])
                 hi.append(c["max"] - c["median"])
                 cs.append(colors[t])
-            elif c:
-                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=7)
+            elif c:  # refused (ext4 and RWF_ATOMIC) or failed
+                ax.text(i, 0.02, "n/a", ha="center", va="bottom", fontsize=7,
+                        transform=ax.get_xaxis_transform())
         ax.bar(xs, hs, color=cs, yerr=[lo, hi], capsize=2)
+        for x, h in zip(xs, hs):
+            ax.text(x, h, _num(h), ha="center", va="bottom", fontsize=6)
+        ax.set_yscale("log")  # the targets differ by orders of magnitude
         ax.set_title(w["title"], fontsize=9)
         ax.set_ylabel(UNITS[w["metric"]], fontsize=8)
         ax.set_xticks(range(len(tgts)))
@@ -346,8 +350,8 @@ def plots(data: dict[str, Any], out: Path) -> None:
         ax.tick_params(axis="y", labelsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.suptitle(title + ": throughput (median, bars min–max)", fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(title + ": throughput, log scale (median, bars min–max)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(out / "iops.png", dpi=90)
     plt.close(fig)
 
@@ -373,7 +377,7 @@ def plots(data: dict[str, Any], out: Path) -> None:
         ax.axis("off")
     fig.suptitle(title + ": latency p50, p90, p99, p99.9 (darker = lower percentile)",
                  fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(out / "latency.png", dpi=90)
     plt.close(fig)
 

@@ -39,11 +39,11 @@ SUBJECTS = ("atomicfs-sw", "atomicfs-hw")
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", 3)))
+    p.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "3")))
     p.add_argument("--runtime", type=float,
-                   default=float(os.environ.get("BENCH_RUNTIME", 2.0)),
+                   default=float(os.environ.get("BENCH_RUNTIME", "1.5")),
                    help="seconds measured per time-based run (after the ramp)")
-    p.add_argument("--ramp", type=float, default=float(os.environ.get("BENCH_RAMP", 0.5)))
+    p.add_argument("--ramp", type=float, default=float(os.environ.get("BENCH_RAMP", "0.3")))
     p.add_argument("--targets", default=os.environ.get("BENCH_TARGETS", ""),
                    help=f"comma-separated subset of {','.join(ALL_TARGETS)}")
     p.add_argument("--workloads", default=os.environ.get("BENCH_WORKLOADS", ""),

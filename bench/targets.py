@@ -94,7 +94,7 @@ class KernelTarget(Target):
     def setup(self) -> None:
         assert self.env.loop
         run(self.mkfs + [self.env.loop])
-        run(["mount", self.env.loop, self.root])
+        run(["mount", self.env.loop, str(self.root)])
         self._make_dirs()
 
 
@@ -115,7 +115,7 @@ class AtomicTarget(Target):
         assert self.env.loop
         if self.hardware:
             run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", self.env.loop])
-            run(["mount", self.env.loop, self.env.host])
+            run(["mount", self.env.loop, str(self.env.host)])
             image = self.env.host / "atomicfs.img"
             with open(image, "wb") as f:
                 os.posix_fallocate(f.fileno(), 0, HW_IMAGE_SIZE)

@@ -151,8 +151,8 @@ def select(keys: list[str] | None) -> tuple[Workload, ...]:
 
 @dataclass
 class Timing:
-    runtime: float = 2.0  # seconds measured per time-based run
-    ramp: float = 0.5     # seconds run before measuring
+    runtime: float = 1.5  # seconds measured per time-based run
+    ramp: float = 0.3     # seconds run before measuring
 
 
 @dataclass
