@@ -28,7 +28,8 @@ from typing import Any, Sequence
 from bench.sysutil import (REPO, VENV_BIN, BenchError, Environment, kill_group, need_tools,
                            run)
 from bench.targets import Target, make_target
-from bench.workloads import CACHED, DSYNC, Spec, Timing, _fio_cmd, _prepare, prewrite
+from bench.workloads import (CACHED, DSYNC, Spec, Timing, _fio_cmd, _prepare, cpu_seconds,
+                             prewrite)
 from bench.run import BACKING_SIZE
 
 log = logging.getLogger(__name__)
@@ -98,12 +99,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def profile_case(target: Target, name: str, title: str, spec: Spec, args: argparse.Namespace,
                  pyspy: str, out: Path) -> dict[str, Any]:
     """Run fio for the sampled seconds plus margins, with py-spy on the daemon meanwhile."""
@@ -117,14 +112,16 @@ def profile_case(target: Target, name: str, title: str, spec: Spec, args: argpar
     try:
         time.sleep(ramp + 0.3)
         pid = target.daemon_pid()
-        cpu0, t0 = _cpu(pid), time.monotonic()
+        cpu0, main0, t0 = cpu_seconds(pid) or 0, cpu_seconds(pid, True) or 0, time.monotonic()
         raw = out / f"{name}.collapsed.txt"
         cmd = [pyspy, "record", "-p", str(pid), "-d", f"{int(args.seconds)}",
                "-r", str(args.rate), "-f", "raw", "-o", str(raw)]
         # --native needs the process paused for each sample; without it, do not pause
         cmd.append("--native" if args.native else "--nonblocking")
         run(cmd, timeout=args.seconds + 60, quiet=True)
-        cpu = (_cpu(pid) - cpu0) / (time.monotonic() - t0)
+        wall = time.monotonic() - t0
+        cpu = ((cpu_seconds(pid) or 0) - cpu0) / wall
+        cpu_main = ((cpu_seconds(pid, True) or 0) - main0) / wall
         stdout, _ = fio.communicate(timeout=args.seconds + 120)
     finally:
         if fio.poll() is None:
@@ -132,8 +129,9 @@ def profile_case(target: Target, name: str, title: str, spec: Spec, args: argpar
     job = json.loads(stdout[stdout.find("{"):])["jobs"][0]["write"]
     stacks = read_collapsed(raw)
     summary = summarize(stacks)
+    per = 1e6 / job["iops"] if job["iops"] else 0.0
     summary.update({"case": name, "title": title, "iops": job["iops"], "daemon_cpu": cpu,
-                    "cpu_us_per_write": cpu * 1e6 / job["iops"] if job["iops"] else None})
+                    "cpu_us_per_write": cpu * per, "loop_cpu_us_per_write": cpu_main * per})
     log.info("%s: %.0f IOPS, daemon at %.0f%% of a core, %d samples", name, job["iops"],
              cpu * 100, summary["samples"])
     return summary
@@ -233,7 +231,9 @@ def summary_markdown(summaries: list[dict[str, Any]], args: argparse.Namespace) 
         lines += [f"## {s['title']}", "",
                   f"{s['iops']:,.0f} IOPS while sampled; daemon CPU (all threads) "
                   f"{s['daemon_cpu'] * 100:.0f}% of one core, {s['cpu_us_per_write']:,.0f} µs "
-                  f"per write; {s['samples']:,} samples, {s['busy_samples']:,} busy.", "",
+                  f"per write, of which the trio loop's thread "
+                  f"{s.get('loop_cpu_us_per_write', 0):,.0f} µs; {s['samples']:,} samples, "
+                  f"{s['busy_samples']:,} busy.", "",
                   "| where | share of samples |", "|---|---:|"]
         lines += [f"| {k} | {v:.1%} |" for k, v in s["categories"][:12]]
         lines += ["", "| atomicfs function (inclusive) | share of busy |", "|---|---:|"]

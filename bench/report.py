@@ -131,7 +131,8 @@ def _per_op(runs: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, flo
         ops = v.get("ops_est") or v.get("ios")
         if not ops:
             continue
-        for k, name, scale in (("cpu_s", "cpu_us", 1e6), ("device_write_ios", "dev_writes", 1),
+        for k, name, scale in (("cpu_s", "cpu_us", 1e6), ("cpu_main_s", "cpu_main_us", 1e6),
+                               ("device_write_ios", "dev_writes", 1),
                                ("device_flushes", "dev_flushes", 1),
                                ("log_batches", "log_batches", 1)):
             if k in d:
@@ -235,6 +236,8 @@ def daemon_table(data: dict[str, Any]) -> str:
                 cells.append("")
                 continue
             s = f"{p['cpu_us']:,.0f} µs" if "cpu_us" in p else ""
+            if "cpu_main_us" in p:
+                s += f" ({p['cpu_main_us']:,.0f} loop)"
             if "dev_writes" in p:
                 s += f", {p['dev_writes']:.2f} w, {p['dev_flushes']:.2f} f"
             cells.append(s)
@@ -293,8 +296,10 @@ median over the reference's median, all measured in this one run on the same loo
 
 ## Daemon cost per application I/O
 
-CPU time of the FUSE daemon (all its threads), device writes (w) and flushes (f) per I/O
-the application made, medians over the rounds.
+CPU time of the FUSE daemon per I/O the application made: all its threads, and in brackets
+its main thread (the trio loop that serves every request); on atomicfs also device writes (w)
+and flushes (f) per I/O. Medians over the rounds. CPU time is counted in clock ticks (10 ms),
+and on a shared machine it is a steadier measure than throughput.
 
 {daemon_table(data)}
 

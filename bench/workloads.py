@@ -238,10 +238,12 @@ def run_spec(target: Target, spec: Spec, timing: Timing) -> Outcome:
         return Outcome(error=str(exc))
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU time of a process (all its threads), in seconds."""
+def cpu_seconds(pid: int, main_thread: bool = False) -> float | None:
+    """User plus system CPU time of a process (all its threads), or of its main thread
+    only (the trio loop of a FUSE daemon), in seconds."""
+    path = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
@@ -252,9 +254,11 @@ def _probe(target: Target) -> dict[str, float]:
     """The daemon's CPU time and, for atomicfs, its device and counter totals."""
     out: dict[str, float] = {}
     pid = target.daemon_pid()
-    cpu = _cpu_seconds(pid) if pid else None
-    if cpu is not None:
-        out["cpu_s"] = cpu
+    if pid:
+        for key, main in (("cpu_s", False), ("cpu_main_s", True)):
+            cpu = cpu_seconds(pid, main)
+            if cpu is not None:
+                out[key] = cpu
     st = target.stats()
     if st:
         for k in ("flushes", "write_ios", "write_bytes"):
