@@ -1,8 +1,9 @@
 """`make profile`: where the atomicfs daemon's time goes, sampled with py-spy.
 
-For the 16 KiB durable atomic write (O_DSYNC on a 16 KiB-unit file, one fio job) and the
-cached 16 KiB random write, on atomicfs on the bench's loop device (software path; add
---target atomicfs-hw for the hardware path), fio runs for a while and `py-spy record` samples
+For the 16 KiB durable atomic write (O_DSYNC on a 16 KiB-unit file, one fio job and four),
+the cached 16 KiB random write and the buffered 1 MiB sequential write, on atomicfs on the
+bench's loop device (software path; --target atomicfs-hw for the hardware path, nullfs or
+nullfs-xattr for the transport alone), fio runs for a while and `py-spy record` samples
 the daemon meanwhile. The raw samples (collapsed stacks, for flamegraph.pl or speedscope) and a
 summary of the largest costs go to bench/results/profile-DATE/ and, unless --no-latest, to
 bench/latest/profile/ (bench/latest/profile-nullfs/ etc. for the other targets).
@@ -28,8 +29,8 @@ from typing import Any, Sequence
 from bench.sysutil import (REPO, VENV_BIN, BenchError, Environment, kill_group, need_tools,
                            run)
 from bench.targets import Target, make_target
-from bench.workloads import (CACHED, DSYNC, Spec, Timing, _fio_cmd, _prepare, cpu_seconds,
-                             prewrite)
+from bench.workloads import (CACHED, DSYNC, SEQ_SIZE, Spec, Timing, _fio_cmd, _prepare,
+                             cpu_seconds, prewrite)
 from bench.run import BACKING_SIZE
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ CASES: tuple[tuple[str, str, Spec], ...] = (
     ("durable", "16K durable atomic random write (O_DSYNC, 16 KiB unit, 1 job)", DSYNC[1]),
     ("durable4", "16K durable atomic random write (O_DSYNC, 16 KiB unit, 4 jobs)", DSYNC[4]),
     ("cached", "16K random write, cached (16 KiB unit, 1 job)", CACHED),
+    ("seqwrite", "1M sequential write, buffered (plain file, 1 job)",
+     Spec("seq1m-write-loop", "fio", "buffered, overwrite", where="plain", stem="seq",
+          args=("--rw=write", "--bs=1m", f"--size={SEQ_SIZE}"), prep=("seqfile",))),
 )
 _LINE = re.compile(r"^(.*) (\d+)$")
 _FRAME = re.compile(r"^(?P<fn>.+?) \((?P<file>[^:()]+)(?::\d+)?\)$")
@@ -105,7 +109,7 @@ def profile_case(target: Target, name: str, title: str, spec: Spec, args: argpar
     ramp = 1.0
     timing = Timing(runtime=args.seconds + 1.0, ramp=ramp)
     _prepare(target, spec)
-    directory = target.atomic_dir
+    directory = target.atomic_dir if spec.where == "atomic" else target.plain_dir
     fio = subprocess.Popen(_fio_cmd(directory, spec, timing), cwd=directory,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
