@@ -60,6 +60,12 @@ def kill_group(proc: subprocess.Popen[Any]) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    for _ in range(100):  # the group's other members (fio's job processes) exit too
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
 
 
 def mounts_below(base: Path) -> list[tuple[str, str]]:
@@ -119,8 +125,8 @@ def syncfs(path: Path) -> None:
     run(["sync", "-f", str(path)], quiet=True)
 
 
-class _Interrupted(BaseException):
-    """SIGTERM or SIGHUP: unwind like Ctrl-C so cleanup runs."""
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwind as Ctrl-C does, so cleanup runs."""
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -150,6 +156,8 @@ class Environment:
             raise BenchError(f"another bench runs in {self.workdir}") from None
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _on_signal)
+        # Ctrl-C too, even when started in the background (where SIGINT starts ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         self.sweep()
         self.mnt.mkdir(exist_ok=True)
         self.host.mkdir(exist_ok=True)
