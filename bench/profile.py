@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from bench.sysutil import (REPO, VENV_BIN, BenchError, Environment, kill_group, need_tools,
                            run)
 from bench.targets import Target, make_target
-from bench.workloads import (CACHED, DSYNC, SEQ_SIZE, Spec, Timing, _fio_cmd, _prepare,
+from bench.workloads import (CACHED, DSYNC, SEQ_SIZE, Spec, Timing, fio_cmd, prepare,
                              cpu_seconds, prewrite)
 from bench.run import BACKING_SIZE
 
@@ -108,9 +108,9 @@ def profile_case(target: Target, name: str, title: str, spec: Spec, args: argpar
     """Run fio for the sampled seconds plus margins, with py-spy on the daemon meanwhile."""
     ramp = 1.0
     timing = Timing(runtime=args.seconds + 1.0, ramp=ramp)
-    _prepare(target, spec)
+    prepare(target, spec)
     directory = target.atomic_dir if spec.where == "atomic" else target.plain_dir
-    fio = subprocess.Popen(_fio_cmd(directory, spec, timing), cwd=directory,
+    fio = subprocess.Popen(fio_cmd(directory, spec, timing), cwd=directory,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
     try:

@@ -192,7 +192,9 @@ def prewrite(target: Target) -> None:
     target.settle()
 
 
-def _prepare(target: Target, spec: Spec) -> None:
+def prepare(target: Target, spec: Spec) -> None:
+    """Settle the target, then the Spec's preparations: fresh files, the sequential file,
+    cold or warm caches."""
     directory = target.atomic_dir if spec.where == "atomic" else target.plain_dir
     target.settle()
     for step in spec.prep:
@@ -217,7 +219,7 @@ def run_spec(target: Target, spec: Spec, timing: Timing) -> Outcome:
     """Prepare and run one Spec; failures come back in the Outcome, never raised (but for
     KeyboardInterrupt)."""
     try:
-        _prepare(target, spec)
+        prepare(target, spec)
         before = _probe(target)
         t0 = time.monotonic()
         if spec.kind == "fio":
@@ -272,7 +274,8 @@ def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float
     return {k: after[k] - before[k] for k in after if k in before}
 
 
-def _fio_cmd(directory: Path, spec: Spec, timing: Timing) -> list[str]:
+def fio_cmd(directory: Path, spec: Spec, timing: Timing) -> list[str]:
+    """fio's command line for a Spec, run with directory as its working directory."""
     # fio uses the job name itself as the file when something of that name that is not a
     # regular file exists in its working directory: a name no directory holds, run there.
     cmd = ["fio", "--name=fiojob", "--ioengine=psync", "--group_reporting",
@@ -287,7 +290,7 @@ def _fio_cmd(directory: Path, spec: Spec, timing: Timing) -> list[str]:
 
 def _run_fio(target: Target, spec: Spec, timing: Timing) -> Outcome:
     directory = target.atomic_dir if spec.where == "atomic" else target.plain_dir
-    cmd = _fio_cmd(directory, spec, timing)
+    cmd = fio_cmd(directory, spec, timing)
     res = run(cmd, check=False, timeout=timing.runtime + timing.ramp + 600, cwd=directory)
     text = res.stdout[res.stdout.find("{"):] if "{" in res.stdout else ""
     if res.returncode != 0 or not text:
