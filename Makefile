@@ -11,7 +11,7 @@ NATIVE := atomicfs/_native$(shell $(PYTHON) -c 'import sysconfig;print(sysconfig
 DEMO_IMG ?= ./atomicfs.img
 PYTEST_ARGS ?=
 
-.PHONY: setup deps venv native test test-unit lint demo crashtest bench apps clean
+.PHONY: setup deps venv native test test-unit lint demo crashtest bench bench-deps profile apps clean
 
 setup: deps venv native
 	@test -x $(VENV)/bin/atomicfs
@@ -51,6 +51,25 @@ test-unit: setup
 
 demo: setup
 	DEMO_IMG=$(DEMO_IMG) $(PY) -m atomicfs.demo
+
+# Benchmarks (as root): every target side by side on one loop device; see README "Performance".
+# BENCH_ARGS passes options, e.g. BENCH_ARGS="--rounds 5 --runtime 3" or "--targets xfs,nullfs".
+BENCH_ARGS ?=
+bench: setup bench-deps
+	BENCH_COMMAND="make bench$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" $(PY) -m bench $(BENCH_ARGS)
+
+# Where the daemon's time goes (py-spy) on the 16K durable atomic and the cached 16K write.
+PROFILE_ARGS ?=
+profile: setup bench-deps
+	$(PY) -m bench.profile $(PROFILE_ARGS)
+
+# The `bench` extra of pyproject.toml (matplotlib, py-spy), without rebuilding the package.
+bench-deps: $(VENV)/.bench-installed
+
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
+	$(PIP) install -q $$($(PY) -c 'import tomllib; print(" ".join(\
+	  tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench"]))')
+	@touch $@
 
 clean:
 	rm -rf build *.egg-info atomicfs/_native.* .pytest_cache

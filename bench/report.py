@@ -1,0 +1,442 @@
+"""From the runs to figures (median, min, max), ratios, the DESIGN.md goals, a Markdown
+report, PNG plots and the README's performance table.
+
+    python -m bench.report bench/results/DATE/results.json   # redo the .md and .png files
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from bench.targets import stub
+
+log = logging.getLogger(__name__)
+
+ORDER = ("atomicfs-sw", "atomicfs-hw", "nullfs", "nullfs-xattr", "xfs", "ext4")
+SUBJECTS = ("atomicfs-sw", "atomicfs-hw")
+RATIO_REFS = ("nullfs", "xfs", "ext4")
+UNITS = {"iops": "IOPS", "bw": "MiB/s", "ops": "ops/s"}
+PCTS = ("p50", "p90", "p99", "p99.9")
+README_BEGIN = "<!-- bench:results:begin (written by make bench) -->"
+README_END = "<!-- bench:results:end -->"
+
+# (what DESIGN.md asks, subject's workload, reference's workload, reference, at least)
+GOALS: tuple[tuple[str, str, str, str, float], ...] = (
+    ("cached 16K atomic random writes >= 0.8x nullfs", "rand16k_cached", "rand16k_cached",
+     "nullfs", 0.8),
+    ("(same, against nullfs-xattr, which pays the same getxattr per write)",
+     "rand16k_cached", "rand16k_cached", "nullfs-xattr", 0.8),
+    ("durable 16K atomic writes, 1 writer >= 2x XFS RWF_ATOMIC|RWF_DSYNC O_DIRECT",
+     "atomic16k_j1", "atomic16k_j1", "xfs", 2.0),
+    ("durable 16K atomic writes, 4 writers >= 3x XFS RWF_ATOMIC|RWF_DSYNC O_DIRECT",
+     "atomic16k_j4", "atomic16k_j4", "xfs", 3.0),
+    ("1M sequential write (buffered + fsync) >= 0.5x XFS O_DIRECT", "seq1m_write",
+     "seq1m_write_direct", "xfs", 0.5),
+    ("1M sequential write (O_DIRECT) >= 0.5x XFS O_DIRECT", "seq1m_write_direct",
+     "seq1m_write_direct", "xfs", 0.5),
+    ("1M sequential read (buffered, cold) >= 0.5x XFS O_DIRECT", "seq1m_read",
+     "seq1m_read_direct", "xfs", 0.5),
+    ("1M sequential read (O_DIRECT) >= 0.5x XFS O_DIRECT", "seq1m_read_direct",
+     "seq1m_read_direct", "xfs", 0.5),
+)
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _value(run: dict[str, Any], metric: str, part: str | None) -> tuple[float, dict] | None:
+    if part is not None:
+        p = run.get("parts", {}).get(part)
+        return (p["ops"], p.get("lat_us", {})) if p else None
+    v = run.get("values")
+    if not v:
+        return None
+    x = v["bw"] / 2**20 if metric == "bw" else v["iops"]
+    return x, v.get("lat_us", {})
+
+
+def _spec_key(data: dict[str, Any], workload: Any, target: str) -> str | None:
+    spec = workload.spec_for(stub(target))
+    return spec.key if spec else None
+
+
+def aggregate(data: dict[str, Any], workloads: Iterable[Any]) -> None:
+    """Fill data["figures"], data["ratios"] and data["goals"] from data["runs"]."""
+    targets = data["config"]["targets"]
+    figures: dict[str, dict[str, Any]] = {}
+    for w in workloads:
+        fig: dict[str, Any] = {}
+        for t in targets:
+            key = _spec_key(data, w, t)
+            if key is None:
+                continue
+            runs = [r for r in data["runs"] if r["target"] == t and r.get("spec") == key]
+            vals = [(r["round"], *got) for r in runs
+                    if (got := _value(r, w.metric, w.part)) is not None]
+            cell: dict[str, Any] = {"spec": key, "how": runs[0]["how"] if runs else None}
+            if not vals:
+                bad = [r.get("unsupported") or r.get("error") for r in runs]
+                cell["unsupported" if any(r.get("unsupported") for r in runs)
+                     else "error"] = next((b for b in bad if b), "no runs")
+                fig[t] = cell
+                continue
+            xs = [v[1] for v in vals]
+            cell.update({"unit": UNITS[w.metric], "median": statistics.median(xs),
+                         "min": min(xs), "max": max(xs), "n": len(xs),
+                         "runs": {str(v[0]): v[1] for v in vals}})
+            cell["lat_us"] = {p: statistics.median(v[2][p] for v in vals if p in v[2])
+                              for p in PCTS + ("mean",) if any(p in v[2] for v in vals)}
+            per_op = _per_op(runs, data["config"]) if w.part is None else {}
+            if per_op:
+                cell["daemon_per_op"] = per_op
+            fig[t] = cell
+        figures[w.key] = fig
+    data["figures"] = figures
+    data["ratios"] = {w: {f"{a}/{ref}": rt for a in SUBJECTS for ref in targets
+                          if ref not in SUBJECTS and (rt := ratio(data, w, a, w, ref))}
+                      for w in figures}
+    data["goals"] = [{"goal": g, "subject_workload": wa, "reference_workload": wr,
+                      "reference": ref, "at_least": need,
+                      **{a: ratio(data, wa, a, wr, ref) for a in SUBJECTS}}
+                     for g, wa, wr, ref, need in GOALS]
+
+
+def ratio(data: dict[str, Any], wa: str, a: str, wr: str, ref: str) -> dict[str, Any] | None:
+    """Median of a over median of ref, with the range of the per-round ratios."""
+    fa = data["figures"].get(wa, {}).get(a)
+    fr = data["figures"].get(wr, {}).get(ref)
+    if not fa or not fr or "median" not in fa or "median" not in fr or not fr["median"]:
+        return None
+    per_round = [fa["runs"][k] / fr["runs"][k] for k in fa["runs"]
+                 if k in fr["runs"] and fr["runs"][k]]
+    out = {"ratio": fa["median"] / fr["median"]}
+    if per_round:
+        out.update({"round_min": min(per_round), "round_max": max(per_round)})
+    return out
+
+
+def _per_op(runs: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, float]:
+    """Per application I/O: the daemon's CPU time and, on atomicfs, device writes, flushes
+    and log batches (medians over the rounds; ops include the ramp's)."""
+    rows: dict[str, list[float]] = {}
+    for r in runs:
+        d = r.get("extra", {}).get("daemon")
+        v = r.get("values")
+        if not d or not v or not v.get("iops"):
+            continue
+        ops = v.get("ops_est") or v.get("ios")
+        if not ops:
+            continue
+        for k, name, scale in (("cpu_s", "cpu_us", 1e6), ("cpu_main_s", "cpu_main_us", 1e6),
+                               ("device_write_ios", "dev_writes", 1),
+                               ("device_flushes", "dev_flushes", 1),
+                               ("log_batches", "log_batches", 1)):
+            if k in d:
+                rows.setdefault(name, []).append(d.get(k, 0) * scale / ops)
+    return {k: statistics.median(v) for k, v in rows.items() if v}
+
+
+# ---------------------------------------------------------------------------- Markdown
+
+def _num(x: float) -> str:
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def _cell(c: dict[str, Any] | None) -> str:
+    if not c:
+        return ""
+    if "median" not in c:
+        return "n/a" if "unsupported" in c else "failed"
+    return f"{_num(c['median'])} ({_num(c['min'])}–{_num(c['max'])})"
+
+
+def _ratio_cell(r: dict[str, Any] | None) -> str:
+    if not r:
+        return ""
+    return f"{r['ratio']:.2f}"
+
+
+def _present(data: dict[str, Any], names: Sequence[str]) -> list[str]:
+    return [t for t in names if t in data["config"]["targets"]]
+
+
+def goals_table(data: dict[str, Any]) -> str:
+    subj = _present(data, SUBJECTS)
+    lines = ["| DESIGN.md goal | " + " | ".join(subj) + " |",
+             "|---|" + "---|" * len(subj)]
+    for g in data["goals"]:
+        cells = []
+        for a in subj:
+            r = g.get(a)
+            if not r:
+                cells.append("")
+                continue
+            mark = "met" if r["ratio"] >= g["at_least"] else "**not met**"
+            rng = (f" (rounds {r['round_min']:.2f}–{r['round_max']:.2f})"
+                   if "round_min" in r else "")
+            cells.append(f"{r['ratio']:.2f}x{rng} {mark}")
+        lines.append(f"| {g['goal']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratio_table(data: dict[str, Any]) -> str:
+    subj = _present(data, SUBJECTS)
+    refs = _present(data, RATIO_REFS)
+    cols = [(a, r) for a in subj for r in refs]
+    lines = ["| workload | " + " | ".join(f"{a.split('-')[1]} ÷ {r}" for a, r in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for key, rat in data["ratios"].items():
+        title = data["workloads"][key]["title"]
+        lines.append(f"| {title} | " + " | ".join(_ratio_cell(rat.get(f"{a}/{r}"))
+                                                  for a, r in cols) + " |")
+    return "\n".join(lines)
+
+
+def figures_table(data: dict[str, Any]) -> str:
+    tgts = _present(data, ORDER)
+    lines = ["| workload | unit | " + " | ".join(tgts) + " |",
+             "|---|---|" + "---:|" * len(tgts)]
+    for key, fig in data["figures"].items():
+        w = data["workloads"][key]
+        lines.append(f"| {w['title']} | {UNITS[w['metric']]} | "
+                     + " | ".join(_cell(fig.get(t)) for t in tgts) + " |")
+    return "\n".join(lines)
+
+
+def latency_table(data: dict[str, Any]) -> str:
+    tgts = _present(data, ORDER)
+    lines = ["| workload | " + " | ".join(tgts) + " |", "|---|" + "---:|" * len(tgts)]
+    for key, fig in data["figures"].items():
+        cells = []
+        for t in tgts:
+            lat = (fig.get(t) or {}).get("lat_us", {})
+            cells.append(" / ".join(_num(lat[p]) for p in ("p50", "p99") if p in lat))
+        lines.append(f"| {data['workloads'][key]['title']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def daemon_table(data: dict[str, Any]) -> str:
+    subj = _present(data, SUBJECTS + ("nullfs", "nullfs-xattr"))
+    lines = ["| workload | " + " | ".join(subj) + " |", "|---|" + "---|" * len(subj)]
+    for key, fig in data["figures"].items():
+        if data["workloads"][key]["metric"] == "ops":
+            continue
+        cells = []
+        for t in subj:
+            p = (fig.get(t) or {}).get("daemon_per_op")
+            if not p:
+                cells.append("")
+                continue
+            s = f"{p['cpu_us']:,.0f} µs" if "cpu_us" in p else ""
+            if "cpu_main_us" in p:
+                s += f" ({p['cpu_main_us']:,.0f} loop)"
+            if "dev_writes" in p:
+                s += f", {p['dev_writes']:.2f} w, {p['dev_flushes']:.2f} f"
+            cells.append(s)
+        lines.append(f"| {data['workloads'][key]['title']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def how_list(data: dict[str, Any]) -> str:
+    lines = []
+    for w in data["workloads"].values():
+        hows: dict[str, list[str]] = {}
+        for t, h in w["how"].items():
+            if h:
+                hows.setdefault(h, []).append(t)
+        text = "; ".join(f"{', '.join(ts)}: {h}" for h, ts in hows.items())
+        lines.append(f"- **{w['title']}** — {text}")
+    return "\n".join(lines)
+
+
+def machine_line(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    d = m.get("device", {})
+    return (f"Linux {m['kernel']}, {m['cpu']}, {m['cores']} cores, "
+            f"{m['memory_bytes'] / 2**30:.0f} GiB; backing: {d.get('backing_size', 0) >> 30} "
+            f"GiB file on {d.get('backing_host_fstype')} ({d.get('backing_host_device')}), "
+            f"loop device with direct I/O; {m['fio']}; load average at start "
+            f"{m['loadavg_start'][0]:.1f}, at end {m.get('loadavg_end', [0])[0]:.1f}")
+
+
+def markdown(data: dict[str, Any]) -> str:
+    c = data["config"]
+    return f"""# atomicfs benchmark: {data['date']}
+
+Command: `{data['command']}` ({c['rounds']} rounds, {c['runtime_s']:g} s measured per
+time-based run after {c['ramp_s']:g} s of ramp; {data.get('elapsed_s', 0) / 60:.1f} minutes in
+all). Machine: {machine_line(data)}. Commit: {data['machine']['atomicfs_git']}.
+
+Every figure is the median of the rounds (min–max in brackets); every ratio is atomicfs's
+median over the reference's median, all measured in this one run on the same loop device.
+
+## DESIGN.md goals
+
+{goals_table(data)}
+
+## Ratios (atomicfs ÷ reference; above 1 means atomicfs is faster)
+
+{ratio_table(data)}
+
+## Figures
+
+{figures_table(data)}
+
+## Latency (µs, p50 / p99, medians over the rounds)
+
+{latency_table(data)}
+
+## Daemon cost per application I/O
+
+CPU time of the FUSE daemon per I/O the application made: all its threads, and in brackets
+its main thread (the trio loop that serves every request); on atomicfs also device writes (w)
+and flushes (f) per I/O. Medians over the rounds. CPU time is counted in clock ticks (10 ms),
+and on a shared machine it is a steadier measure than throughput.
+
+{daemon_table(data)}
+
+## How each workload ran
+
+{how_list(data)}
+
+Targets:
+""" + "\n".join(f"- **{t}**: {v['description']}" for t, v in data["targets"].items()) + "\n"
+
+
+# ------------------------------------------------------------------------------- plots
+
+def plots(data: dict[str, Any], out: Path) -> None:
+    """iops.png (throughput per workload, min–max bars) and latency.png (percentiles)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tgts = _present(data, ORDER)
+    colors = dict(zip(ORDER, ("#1f77b4", "#17becf", "#7f7f7f", "#c7c7c7", "#d62728",
+                              "#ff7f0e")))
+    keys = list(data["figures"])
+    ncols = 3
+    nrows = (len(keys) + ncols - 1) // ncols
+    title = f"atomicfs side by side, {data['date'][:10]} ({data['machine']['kernel']})"
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 2.9 * nrows),
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        w = data["workloads"][key]
+        f = data["figures"][key]
+        xs, hs, lo, hi, cs = [], [], [], [], []
+        for i, t in enumerate(tgts):
+            c = f.get(t)
+            if c and "median" in c:
+                xs.append(i)
+                hs.append(c["median"])
+                lo.append(c["median"] - c["min"])
+                hi.append(c["max"] - c["median"])
+                cs.append(colors[t])
+            elif c:  # refused (ext4 and RWF_ATOMIC) or failed
+                ax.text(i, 0.02, "n/a", ha="center", va="bottom", fontsize=7,
+                        transform=ax.get_xaxis_transform())
+        ax.bar(xs, hs, color=cs, yerr=[lo, hi], capsize=2)
+        for x, h in zip(xs, hs):
+            ax.text(x, h, _num(h), ha="center", va="bottom", fontsize=6)
+        ax.set_yscale("log")  # the targets differ by orders of magnitude
+        ax.set_title(w["title"], fontsize=9)
+        ax.set_ylabel(UNITS[w["metric"]], fontsize=8)
+        ax.set_xticks(range(len(tgts)))
+        ax.set_xticklabels(tgts, rotation=30, ha="right", fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title + ": throughput, log scale (median, bars min–max)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(out / "iops.png", dpi=90)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 2.9 * nrows),
+                             squeeze=False)
+    width = 0.8 / len(PCTS)
+    shades = (1.0, 0.75, 0.5, 0.3)
+    for ax, key in zip(axes.flat, keys):
+        f = data["figures"][key]
+        for i, t in enumerate(tgts):
+            lat = (f.get(t) or {}).get("lat_us", {})
+            for j, p in enumerate(PCTS):
+                if p in lat:
+                    ax.bar(i - 0.4 + (j + 0.5) * width, lat[p], width, color=colors[t],
+                           alpha=shades[j], edgecolor="black", linewidth=0.3)
+        ax.set_yscale("log")
+        ax.set_title(data["workloads"][key]["title"], fontsize=9)
+        ax.set_ylabel("µs", fontsize=8)
+        ax.set_xticks(range(len(tgts)))
+        ax.set_xticklabels(tgts, rotation=30, ha="right", fontsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title + ": latency p50, p90, p99, p99.9 (darker = lower percentile)",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(out / "latency.png", dpi=90)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ README
+
+def readme_block(data: dict[str, Any], rel: str) -> str:
+    c = data["config"]
+    return f"""{README_BEGIN}
+Latest run: {data['date']}, `{data['command']}` ({c['rounds']} rounds, {c['runtime_s']:g} s
+per run after {c['ramp_s']:g} s ramp, {data.get('elapsed_s', 0) / 60:.1f} minutes), commit
+{data['machine']['atomicfs_git']}. Machine: {machine_line(data)}.
+Full figures, latencies and daemon costs: [{rel}/results.md]({rel}/results.md); every
+number: [{rel}/results.json]({rel}/results.json).
+
+{goals_table(data)}
+
+Ratios, atomicfs ÷ reference (median over median; above 1 means atomicfs is faster):
+
+{ratio_table(data)}
+
+![throughput]({rel}/iops.png)
+
+![latency]({rel}/latency.png)
+{README_END}"""
+
+
+def update_readme(path: Path, data: dict[str, Any], rel: str) -> None:
+    """Replace the generated block of the README's performance section (or add the
+    section at the end)."""
+    text = path.read_text()
+    block = readme_block(data, rel)
+    pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m bench.report RESULTS.json", file=sys.stderr)
+        return 2
+    src = Path(args[0])
+    data = json.loads(src.read_text())
+    from bench.workloads import WORKLOADS
+    aggregate(data, [w for w in WORKLOADS if w.key in data["config"]["workloads"]])
+    (src.parent / "results.md").write_text(markdown(data))
+    plots(data, src.parent)
+    src.write_text(json.dumps(data, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
