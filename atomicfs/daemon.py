@@ -9,6 +9,7 @@ directory, which `atomicfs umount` reads after waiting for the daemon to go away
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -167,6 +168,7 @@ def serve(target: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
     except UserError as exc:
         report(str(exc))
         return exc.exit_code
+    tune_gc()
     code = 1
     try:
         fs = AtomicFS(vol, on_ready=lambda: report("ready"))
@@ -194,6 +196,15 @@ def serve(target: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         _write_status(code)
     log.info("daemon exits with %d", code)
     return code
+
+
+def tune_gc() -> None:
+    """The daemon's long-lived objects (inodes, folios) form almost no reference cycles,
+    while per-request garbage makes the cyclic collector run often and walk all of them:
+    move what exists now out of its reach and let it run far less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
 
 
 async def _main(vol: Volume, fs: AtomicFS) -> bool:

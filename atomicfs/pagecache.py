@@ -90,10 +90,10 @@ class Folio:
                  "writeback", "wb_stable", "wb_mask", "locked", "logged_seq", "dirty_since",
                  "_event", "in_lru", "pins")
 
-    def __init__(self, mapping: "Mapping", index: int) -> None:
+    def __init__(self, mapping: "Mapping", index: int, buf: Buffer) -> None:
         self.mapping = mapping
         self.index = index
-        self.buf = Buffer(mapping.folio_size)
+        self.buf = buf  # zeroed: blocks that are not uptodate always hold zeros
         self.uptodate = 0
         self.dirty = 0
         self.reserved = 0
@@ -212,6 +212,11 @@ class PageCache:
         self.writeback_bytes = 0
         self.logged_bytes = 0  # folios pinned until a checkpoint writes them home
         self.dirty_changed = trio.Event()
+        # Buffers of dropped folios, reused for new ones: allocating and first touching
+        # fresh memory costs more than zeroing a buffer that is already mapped.
+        self._spare: dict[int, list[Buffer]] = {}
+        self._spare_bytes = 0
+        self._spare_limit = min(limit // 8, 32 << 20)
 
     # ------------------------------------------------------------------ mappings
 
@@ -250,7 +255,7 @@ class PageCache:
             return folio
         self.counters.cache_misses += 1
         self.evict(m.folio_size)
-        folio = Folio(m, index)
+        folio = Folio(m, index, self._new_buffer(m.folio_size))
         m.folios[index] = folio
         self.bytes += m.folio_size
         self._lru_add(folio)
@@ -283,6 +288,23 @@ class PageCache:
             m.dirty.pop(folio.index, None)
         del m.folios[folio.index]
         self.bytes -= m.folio_size
+        self._recycle(folio.buf)
+
+    def _new_buffer(self, size: int) -> Buffer:
+        spare = self._spare.get(size)
+        if spare:
+            buf = spare.pop()
+            self._spare_bytes -= size
+            buf.zero()
+            return buf
+        return Buffer(size)
+
+    def _recycle(self, buf: Buffer) -> None:
+        """Keep the buffer of a dropped folio for the next new one. Nothing else uses it:
+        a folio is dropped only when no I/O, lock or request holds it."""
+        if self._spare_bytes + buf.size <= self._spare_limit:
+            self._spare.setdefault(buf.size, []).append(buf)
+            self._spare_bytes += buf.size
 
     def evict(self, room: int = 0) -> int:
         """Drop clean folios, least recently used first, until `room` more bytes fit."""
