@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="granularity of torn writes (a multiple of 512)")
     s.add_argument("--kills", type=int, default=0,
                    help="runs to end with SIGKILL of the daemon, then recover and check")
-    s.add_argument("--device", choices=["file", "loop", "xfs"], default="file",
-                   help="image file, loop device, or image on XFS (hardware path)")
+    s.add_argument("--device", default="file",
+                   help="file (image file), loop (loop device), xfs (image on XFS: the "
+                   "hardware path), a comma list, or all")
     s.add_argument("--control", action="store_true",
                    help="switch atomic protection off: the explorer must see torn units")
     s.add_argument("--workdir", default=None, help="where images and mounts go")
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=float, default=1.0,
                    help="multiply the workload's number of operations")
     s.add_argument("--keep", action="store_true", help="keep the working directory")
+    s.add_argument("--expect-torn", dest="expect_torn", action="store_true",
+                   help="with --control: succeed only if torn units were seen")
     s.set_defaults(func=cmd_crashtest)
     return p
 

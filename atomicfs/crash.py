@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from atomicfs.crash_check import CheckResult, check_with_mount, check_with_volume, \
     fsck_problem, read_tree
-from atomicfs.crash_env import Env, Mount, mounted
+from atomicfs.crash_env import DEVICES, Env, Mount, mounted
 from atomicfs.crash_record import CrashState, Recording, StateBuilder, choose_states, \
     sparse_copy
 from atomicfs.crash_workloads import NEVER, WORKLOADS, History, Workload, WorkloadError, \
@@ -47,6 +47,9 @@ WORKLOAD_OPTIONS = {
     "mixed": ["dirty_expire=1"],
     "namespace": ["dirty_expire=1", "commit_interval=0.2"],
 }
+
+
+SHOWN_FAILURES = 6
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Totals:
     recordings: int = 0
     events: int = 0
     device_writes: int = 0
+    atomic_writes: int = 0  # recorded with RWF_ATOMIC (hardware path)
     applied_writes: int = 0
     torn_writes: int = 0
     kills: int = 0
@@ -81,6 +85,7 @@ class Totals:
     lost_writes: int = 0
     lost_states: int = 0
     namespace_errors: int = 0
+    workload_failures: int = 0  # the live filesystem failed the workload (daemon died...)
     mount_failures: int = 0
     fsck_failures: int = 0
     seconds: float = 0.0
@@ -90,7 +95,7 @@ class Totals:
     @property
     def failed(self) -> bool:
         return bool(self.torn_units or self.lost_writes or self.namespace_errors
-                    or self.mount_failures or self.fsck_failures)
+                    or self.workload_failures or self.mount_failures or self.fsck_failures)
 
     def add_result(self, res: CheckResult, label: str) -> None:
         v = res.verdict
@@ -104,6 +109,12 @@ class Totals:
         if not res.ok and len(self.failures) < 20:
             self.failures.append(f"{label}: " + "; ".join(res.problems()[:3]))
 
+    def add_workload_failure(self, label: str, exc: BaseException) -> None:
+        self.workload_failures += 1
+        if len(self.failures) < 20:
+            self.failures.append(f"{label}: the workload failed on the live mount: "
+                                 f"{type(exc).__name__}: {exc}")
+
     def merge(self, other: "Totals") -> None:
         for name, value in vars(other).items():
             if isinstance(value, (int, float)):
@@ -111,24 +122,34 @@ class Totals:
         self.atomic_paths |= other.atomic_paths
         self.failures += other.failures[: max(0, 20 - len(self.failures))]
 
+    def verdicts(self) -> str:
+        if not self.failed:
+            return "all clean"
+        return (f"torn {self.torn_units}, lost {self.lost_writes}, namespace "
+                f"{self.namespace_errors}, workload failures {self.workload_failures}, "
+                f"mount failures {self.mount_failures}, fsck failures {self.fsck_failures}")
+
     def report(self) -> str:
         lines = [
             f"states checked: {self.states} ({self.mounted_states} through real mounts, "
             f"{self.states - self.mounted_states} through the Volume)",
             f"recordings: {self.recordings} ({self.events} events, {self.device_writes} "
-            f"device writes); writes applied in flight: {self.applied_writes}, torn by the "
-            f"generator: {self.torn_writes}",
+            f"device writes, {self.atomic_writes} of them RWF_ATOMIC); in-flight writes "
+            f"applied: {self.applied_writes}, torn by the generator: {self.torn_writes}",
             f"kills: {self.kills}",
             f"torn units: {self.torn_units} (in {self.torn_states} states)",
             f"lost durable writes: {self.lost_writes} (in {self.lost_states} states)",
             f"namespace errors: {self.namespace_errors}",
+            f"workload failures (live filesystem): {self.workload_failures}",
             f"mount failures: {self.mount_failures}",
             f"fsck failures: {self.fsck_failures}",
             f"atomic path: {', '.join(sorted(self.atomic_paths)) or '-'}",
             f"time: {self.seconds:.1f} s",
         ]
-        for f in self.failures:
+        for f in self.failures[:SHOWN_FAILURES]:
             lines.append(f"FAILED {f}")
+        if len(self.failures) > SHOWN_FAILURES:
+            lines.append(f"(and more failures; {SHOWN_FAILURES} shown)")
         return "\n".join(lines)
 
 
@@ -144,23 +165,38 @@ def _share(total: int, parts: int, k: int) -> int:
 # ---------------------------------------------------------------------------- explore
 
 def explore(cfg: CrashConfig) -> Totals:
-    """Run the configured rounds; cleans up every mount and device it made."""
+    """Run the configured rounds on each device kind; cleans up every mount and device it
+    made. States and kills are shared out evenly over devices and workloads."""
+    validate(cfg)
+    devices = cfg.device.split(",")
+    totals = Totals()
+    start = time.monotonic()
+    parts = len(devices) * len(cfg.workloads)
+    k = 0
+    for device in devices:
+        with Env(device, cfg.workdir, cfg.keep) as env:
+            for name in cfg.workloads:
+                wl = make_workload(name, cfg.unit, cfg.scale)
+                totals.merge(explore_power_loss(env, cfg, wl, _share(cfg.states, parts, k)))
+                totals.merge(explore_kills(env, cfg, wl, _share(cfg.kills, parts, k)))
+                k += 1
+    totals.seconds = time.monotonic() - start
+    return totals
+
+
+def validate(cfg: CrashConfig) -> None:
+    """UserError for a configuration that cannot run, before anything is made."""
     if cfg.tear < 512 or cfg.tear % 512:
         raise UserError("--tear must be a multiple of 512 (the sector size)")
+    if cfg.states < 0 or cfg.kills < 0 or cfg.states_per_recording < 1 or cfg.mount_every < 1:
+        raise UserError("--states and --kills must not be negative, --per-recording and "
+                        "--mount-every must be at least 1")
     for name in cfg.workloads:
         if name not in WORKLOADS:
             raise UserError(f"unknown workload {name!r} (one of {', '.join(WORKLOADS)}, all)")
-    totals = Totals()
-    start = time.monotonic()
-    with Env(cfg.device, cfg.workdir, cfg.keep) as env:
-        for k, name in enumerate(cfg.workloads):
-            wl = make_workload(name, cfg.unit, cfg.scale)
-            states = _share(cfg.states, len(cfg.workloads), k)
-            kills = _share(cfg.kills, len(cfg.workloads), k)
-            totals.merge(explore_power_loss(env, cfg, wl, states))
-            totals.merge(explore_kills(env, cfg, wl, kills))
-    totals.seconds = time.monotonic() - start
-    return totals
+    for device in cfg.device.split(","):
+        if device not in DEVICES:
+            raise UserError(f"unknown device {device!r} (one of {', '.join(DEVICES)}, all)")
 
 
 def workload_options(cfg: CrashConfig, name: str) -> list[str]:
@@ -175,7 +211,18 @@ def explore_power_loss(env: Env, cfg: CrashConfig, wl: Workload, states: int) ->
     rnd = 0
     while totals.states < states:
         n = min(cfg.states_per_recording, states - totals.states)
-        totals.merge(power_loss_round(env, cfg, wl, rnd, n))
+        t0 = time.monotonic()
+        try:
+            part = power_loss_round(env, cfg, wl, rnd, n)
+        except (WorkloadError, OSError) as exc:
+            # The states of this round are lost; count them so the run still ends.
+            part = Totals(states=n)
+            part.add_workload_failure(f"{wl.name} on {env.device} seed {cfg.seed} round "
+                                      f"{rnd}", exc)
+        log.info("%s on %s, round %d: %d events, %d states (%d mounted): %s (%.1f s)",
+                 wl.name, env.device, rnd, part.events, part.states, part.mounted_states,
+                 part.verdicts(), time.monotonic() - t0)
+        totals.merge(part)
         rnd += 1
     return totals
 
@@ -187,27 +234,37 @@ def power_loss_round(env: Env, cfg: CrashConfig, wl: Workload, rnd: int,
     seed = _seed(cfg.seed, wl.name, rnd)
     base = env.make_base(cfg.unit)
     rec_path = env.new_path(f"{wl.name}.rec", scratch=not cfg.keep)
-    history, stats = record_workload(env, cfg, wl, base, rec_path, seed)
-    totals.atomic_paths.add(stats["device"]["atomic_path"])
-    with Recording(rec_path) as rec, StateBuilder(rec, base, env.scratch) as builder:
-        summary = rec.summary()
-        log.info("%s round %d: %s; %s", wl.name, rnd, summary, history.summary())
-        totals.recordings += 1
-        totals.events += summary["events"]
-        totals.device_writes += summary["writes"]
-        for st in choose_states(rec, n_states, seed, cfg.tear):
-            res = check_state(env, cfg, rec, builder, st, history,
-                              real_mount=st.index % cfg.mount_every == 0)
-            totals.states += 1
-            totals.mounted_states += 1 if st.index % cfg.mount_every == 0 else 0
-            totals.applied_writes += len(st.applied)
-            totals.torn_writes += st.torn_writes
-            totals.add_result(res, f"{wl.name} seed {cfg.seed} round {rnd} "
-                                   f"{st.describe()}")
-    if not cfg.keep:
-        os.unlink(rec_path)
-        os.unlink(base)
+    try:
+        history, stats = record_workload(env, cfg, wl, base, rec_path, seed)
+        totals.atomic_paths.add(stats["device"]["atomic_path"])
+        with Recording(rec_path) as rec, StateBuilder(rec, base, env.scratch) as builder:
+            summary = rec.summary()
+            log.debug("%s round %d: %s; %s", wl.name, rnd, summary, history.summary())
+            totals.recordings += 1
+            totals.events += summary["events"]
+            totals.device_writes += summary["writes"]
+            totals.atomic_writes += summary["atomic_writes"]
+            for st in choose_states(rec, n_states, seed, cfg.tear):
+                real = st.index % cfg.mount_every == 0
+                res = check_state(env, rec, builder, st, history, real)
+                totals.states += 1
+                totals.mounted_states += 1 if real else 0
+                totals.applied_writes += len(st.applied)
+                totals.torn_writes += st.torn_writes
+                totals.add_result(res, f"{wl.name} on {env.device} seed {cfg.seed} round "
+                                       f"{rnd} {st.describe()}")
+    finally:
+        if not cfg.keep:
+            _unlink_quietly(rec_path)
+            _unlink_quietly(base)
     return totals
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def record_workload(env: Env, cfg: CrashConfig, wl: Workload, base: str, rec_path: str,
@@ -224,12 +281,12 @@ def record_workload(env: Env, cfg: CrashConfig, wl: Workload, base: str, rec_pat
                 raise WorkloadError(f"unmount after the {wl.name} workload failed")
     finally:
         if not cfg.keep:
-            os.unlink(image)
+            _unlink_quietly(image)
     return history, stats
 
 
-def check_state(env: Env, cfg: CrashConfig, rec: Recording, builder: StateBuilder,
-                st: CrashState, history: History, real_mount: bool) -> CheckResult:
+def check_state(env: Env, rec: Recording, builder: StateBuilder, st: CrashState,
+                history: History, real_mount: bool) -> CheckResult:
     image = builder.build(st, env.new_path("state.img", scratch=True))
     try:
         t_crash = rec.time_before(st.crash_point)
@@ -244,11 +301,20 @@ def check_state(env: Env, cfg: CrashConfig, rec: Recording, builder: StateBuilde
 
 def explore_kills(env: Env, cfg: CrashConfig, wl: Workload, kills: int) -> Totals:
     totals = Totals()
+    t0 = time.monotonic()
     for k in range(kills):
-        res, path = kill_round(env, cfg, wl, k)
+        label = f"{wl.name} on {env.device} seed {cfg.seed} kill {k}"
         totals.kills += 1
+        try:
+            res, path = kill_round(env, cfg, wl, k)
+        except (WorkloadError, OSError) as exc:
+            totals.add_workload_failure(label, exc)
+            continue
         totals.atomic_paths.add(path)
-        totals.add_result(res, f"{wl.name} seed {cfg.seed} kill {k}")
+        totals.add_result(res, label)
+    if kills:
+        log.info("%s on %s: %d kills: %s (%.1f s)", wl.name, env.device, kills,
+                 totals.verdicts(), time.monotonic() - t0)
     return totals
 
 
@@ -309,8 +375,9 @@ def check_after_kill(env: Env, target: str, history: History, t_crash: int) -> C
 
 def config_from_args(args: argparse.Namespace) -> CrashConfig:
     names = list(WORKLOADS) if args.workload == "all" else args.workload.split(",")
+    device = "file,loop,xfs" if args.device == "all" else args.device
     return CrashConfig(workloads=names, states=args.states, seed=args.seed, tear=args.tear,
-                       kills=args.kills, device=args.device, control=args.control,
+                       kills=args.kills, device=device, control=args.control,
                        workdir=args.workdir, unit=getattr(args, "unit", 16 << 10),
                        states_per_recording=getattr(args, "per_recording", 100),
                        mount_every=getattr(args, "mount_every", 25),
@@ -318,13 +385,25 @@ def config_from_args(args: argparse.Namespace) -> CrashConfig:
 
 
 def run_crashtest(args: argparse.Namespace) -> int:
-    """`atomicfs crashtest`: exit 0 only when nothing tore, got lost or failed."""
+    """`atomicfs crashtest`: exit 0 only when nothing tore, got lost or failed (with
+    --expect-torn, the control's verdict: 0 only if torn units were seen and nothing
+    else failed)."""
     cfg = config_from_args(args)
+    validate(cfg)
+    logging.getLogger("atomicfs.crash").setLevel(logging.INFO)  # a line per round
     print(f"atomicfs crashtest: workloads {','.join(cfg.workloads)}, device {cfg.device}, "
-          f"seed {cfg.seed}, tear {cfg.tear}, unit {cfg.unit}"
-          + (", CONTROL (unsafe_atomic)" if cfg.control else ""), flush=True)
+          f"seed {cfg.seed}, tear {cfg.tear}, unit {cfg.unit}, {cfg.states} states, "
+          f"{cfg.kills} kills" + (", CONTROL (unsafe_atomic)" if cfg.control else ""),
+          flush=True)
     totals = explore(cfg)
     print(totals.report(), flush=True)
+    if getattr(args, "expect_torn", False):
+        others = (totals.lost_writes or totals.namespace_errors or totals.mount_failures
+                  or totals.fsck_failures)
+        seen = totals.torn_units > 0 and not others
+        print("control: torn units seen: the explorer detects tearing" if seen else
+              "control FAILED: expected torn units and no other failure")
+        return 0 if seen else 1
     return 1 if totals.failed else 0
 
 
