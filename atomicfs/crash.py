@@ -72,6 +72,7 @@ class CrashConfig:
 @dataclass
 class Totals:
     states: int = 0
+    unchecked_states: int = 0  # drawn from rounds whose recorded run failed
     mounted_states: int = 0
     recordings: int = 0
     events: int = 0
@@ -132,7 +133,9 @@ class Totals:
     def report(self) -> str:
         lines = [
             f"states checked: {self.states} ({self.mounted_states} through real mounts, "
-            f"{self.states - self.mounted_states} through the Volume)",
+            f"{self.states - self.mounted_states} through the Volume)"
+            + (f"; {self.unchecked_states} not checked: their recorded run failed"
+               if self.unchecked_states else ""),
             f"recordings: {self.recordings} ({self.events} events, {self.device_writes} "
             f"device writes, {self.atomic_writes} of them RWF_ATOMIC); in-flight writes "
             f"applied: {self.applied_writes}, torn by the generator: {self.torn_writes}",
@@ -209,14 +212,14 @@ def workload_options(cfg: CrashConfig, name: str) -> list[str]:
 def explore_power_loss(env: Env, cfg: CrashConfig, wl: Workload, states: int) -> Totals:
     totals = Totals()
     rnd = 0
-    while totals.states < states:
-        n = min(cfg.states_per_recording, states - totals.states)
+    while totals.states + totals.unchecked_states < states:
+        n = min(cfg.states_per_recording, states - totals.states - totals.unchecked_states)
         t0 = time.monotonic()
         try:
             part = power_loss_round(env, cfg, wl, rnd, n)
         except (WorkloadError, OSError) as exc:
             # The states of this round are lost; count them so the run still ends.
-            part = Totals(states=n)
+            part = Totals(unchecked_states=n)
             part.add_workload_failure(f"{wl.name} on {env.device} seed {cfg.seed} round "
                                       f"{rnd}", exc)
         log.info("%s on %s, round %d: %d events, %d states (%d mounted): %s (%.1f s)",
