@@ -81,6 +81,7 @@ class Totals:
     applied_writes: int = 0
     torn_writes: int = 0
     kills: int = 0
+    kills_mid_run: int = 0  # the workload was still issuing requests when the daemon died
     torn_units: int = 0
     torn_states: int = 0
     lost_writes: int = 0
@@ -139,7 +140,7 @@ class Totals:
             f"recordings: {self.recordings} ({self.events} events, {self.device_writes} "
             f"device writes, {self.atomic_writes} of them RWF_ATOMIC); in-flight writes "
             f"applied: {self.applied_writes}, torn by the generator: {self.torn_writes}",
-            f"kills: {self.kills}",
+            f"kills: {self.kills} ({self.kills_mid_run} while the workload ran)",
             f"torn units: {self.torn_units} (in {self.torn_states} states)",
             f"lost durable writes: {self.lost_writes} (in {self.lost_states} states)",
             f"namespace errors: {self.namespace_errors}",
@@ -309,10 +310,11 @@ def explore_kills(env: Env, cfg: CrashConfig, wl: Workload, kills: int) -> Total
         label = f"{wl.name} on {env.device} seed {cfg.seed} kill {k}"
         totals.kills += 1
         try:
-            res, path = kill_round(env, cfg, wl, k)
+            res, path, running = kill_round(env, cfg, wl, k)
         except (WorkloadError, OSError) as exc:
             totals.add_workload_failure(label, exc)
             continue
+        totals.kills_mid_run += 1 if running else 0
         totals.atomic_paths.add(path)
         totals.add_result(res, label)
     if kills:
@@ -321,23 +323,35 @@ def explore_kills(env: Env, cfg: CrashConfig, wl: Workload, kills: int) -> Total
     return totals
 
 
-def kill_round(env: Env, cfg: CrashConfig, wl: Workload, k: int) -> tuple[CheckResult, str]:
-    """Run the workload, SIGKILL the daemon at a random moment, recover, check."""
+# A kill run's workload is long enough (tens of seconds) that the kill, at most
+# KILL_WITHIN seconds in, always hits it while it runs.
+KILL_SCALE = 100.0
+KILL_WITHIN = 1.5
+
+
+def kill_round(env: Env, cfg: CrashConfig, wl: Workload,
+               k: int) -> tuple[CheckResult, str, bool]:
+    """Run the workload, SIGKILL the daemon at a random moment, recover, check. Returns
+    the result, the atomic path and whether the workload was still running."""
     seed = _seed(cfg.seed, wl.name, "kill", k)
     rng = random.Random(seed)
+    long_run = make_workload(wl.name, cfg.unit, cfg.scale * KILL_SCALE)
     base = env.make_base(cfg.unit)
     try:
         with env.target_for(base) as target:
             with mounted(env, target, workload_options(cfg, wl.name)) as mnt:
                 path = mnt.stat()["device"]["atomic_path"]
-                history = run_until_killed(mnt, wl, seed, rng.uniform(0.05, 1.5))
+                history, running = run_until_killed(mnt, long_run, seed,
+                                                    rng.uniform(0.05, KILL_WITHIN))
             t_crash = time.monotonic_ns()
-            return check_after_kill(env, target, history, t_crash), path
+            return check_after_kill(env, target, history, t_crash), path, running
     finally:
         os.unlink(base)
 
 
-def run_until_killed(mnt: Mount, wl: Workload, seed: int, delay: float) -> History:
+def run_until_killed(mnt: Mount, wl: Workload, seed: int,
+                     delay: float) -> tuple[History, bool]:
+    """The workload's history and whether it was still running when the daemon died."""
     stop = threading.Event()
     result: dict[str, object] = {}
 
@@ -349,6 +363,7 @@ def run_until_killed(mnt: Mount, wl: Workload, seed: int, delay: float) -> Histo
     t = threading.Thread(target=body, name=f"{wl.name}-workload", daemon=True)
     t.start()
     t.join(delay)
+    running = t.is_alive()
     mnt.kill()
     stop.set()
     t.join(120)
@@ -356,7 +371,7 @@ def run_until_killed(mnt: Mount, wl: Workload, seed: int, delay: float) -> Histo
         raise WorkloadError(f"the {wl.name} workload did not stop after the kill")
     if "error" in result:
         raise result["error"]  # type: ignore[misc]
-    return result["history"]  # type: ignore[return-value]
+    return result["history"], running  # type: ignore[return-value]
 
 
 def check_after_kill(env: Env, target: str, history: History, t_crash: int) -> CheckResult:

@@ -32,6 +32,7 @@ def _explore(tmp: Path, **kw: object) -> Totals:
 
 def _assert_clean(t: Totals, states: int, kills: int) -> None:
     assert t.states == states and t.kills == kills
+    assert t.kills_mid_run == kills  # every kill hit the workload while it ran
     assert t.torn_units == 0, t.failures
     assert t.lost_writes == 0, t.failures
     assert t.namespace_errors == 0, t.failures
