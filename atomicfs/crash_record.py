@@ -23,6 +23,7 @@ import logging
 import mmap
 import os
 import random
+import struct
 from dataclasses import dataclass, field
 
 from atomicfs.device import Recorder
@@ -101,7 +102,7 @@ class Recording:
         magic = Recorder.MAGIC
         if raw is None or size < len(magic) or raw[: len(magic)] != magic:
             raise RecordingError(f"{self.path}: not a recording (expected {magic!r})")
-        ev = Recorder.EVENT
+        ev = struct.Struct(Recorder.EVENT_FORMAT)
         pos = len(magic)
         index_of: dict[int, int] = {}  # event seq -> index
         while pos < size:

@@ -2,6 +2,8 @@
 test builds a case the instrument must get right, including the ones it must flag."""
 from __future__ import annotations
 
+import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -12,42 +14,47 @@ from atomicfs.crash_workloads import NEVER, SECTOR, DataHistory, DataWrite, File
     NamespaceHistory, NamespaceModel, NsOp, SyncRequest, _Node, decode_sector, \
     encode_sectors, view_digest
 from atomicfs.device import Recorder
-from atomicfs.native import Buffer
 
 UNIT = 16 << 10
 SPU = UNIT // SECTOR
 
 
-def _buf(data: bytes) -> Buffer:
-    b = Buffer(len(data))
-    b.write(0, data)
-    return b
-
-
 class Script:
-    """Writes a recording the way Device does: submit, completion, flush start/end."""
+    """Writes a recording as the native recorder does: submit, completion (with data),
+    flush start and end."""
+
+    EVENT = struct.Struct(Recorder.EVENT_FORMAT)
 
     def __init__(self, path: Path) -> None:
-        self.rec = Recorder(str(path))
+        self.f = open(path, "wb")
+        self.f.write(Recorder.MAGIC)
+        self.seq = 0
+
+    def _event(self, kind: bytes, offset: int = 0, length: int = 0, flags: int = 0,
+               ref: int = 0, data: bytes = b"") -> int:
+        self.seq += 1
+        self.f.write(self.EVENT.pack(kind, self.seq, offset, length, flags,
+                                     time.monotonic_ns(), ref) + data)
+        return self.seq
 
     def write(self, offset: int, data: bytes, atomic: bool = False) -> None:
+        self.complete(self.submit_only(offset, data, atomic))
+
+    def submit_only(self, offset: int, data: bytes,
+                    atomic: bool = False) -> tuple[int, bytes, int, int]:
         flags = Recorder.KIND_FLAGS["data"] | (Recorder.FLAG_ATOMIC if atomic else 0)
-        token = self.rec.submit(offset, len(data), flags)
-        self.rec.write(token, offset, [(_buf(data), 0, len(data))], flags)
+        token = self._event(Recorder.WRITE_SUBMIT, offset, len(data), flags)
+        return token, data, offset, flags
 
-    def submit_only(self, offset: int, data: bytes) -> tuple[int, bytes, int]:
-        flags = Recorder.KIND_FLAGS["data"]
-        return self.rec.submit(offset, len(data), flags), data, offset
-
-    def complete(self, pending: tuple[int, bytes, int]) -> None:
-        token, data, offset = pending
-        self.rec.write(token, offset, [(_buf(data), 0, len(data))], Recorder.KIND_FLAGS["data"])
+    def complete(self, pending: tuple[int, bytes, int, int]) -> None:
+        token, data, offset, flags = pending
+        self._event(Recorder.WRITE, offset, len(data), flags, token, data)
 
     def flush(self) -> None:
-        self.rec.flush_end(self.rec.flush_start())
+        self._event(Recorder.FLUSH_END, ref=self._event(Recorder.FLUSH_START))
 
     def close(self) -> None:
-        self.rec.close()
+        self.f.close()
 
 
 def test_durable_prefix_and_in_flight_window(tmp_path: Path) -> None:
