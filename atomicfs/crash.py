@@ -114,7 +114,7 @@ class Totals:
     def add_workload_failure(self, label: str, exc: BaseException) -> None:
         self.workload_failures += 1
         if len(self.failures) < 20:
-            self.failures.append(f"{label}: the workload failed on the live mount: "
+            self.failures.insert(0,f"{label}: the workload failed on the live mount: "
                                  f"{type(exc).__name__}: {exc}")
 
     def merge(self, other: "Totals") -> None:
