@@ -726,35 +726,37 @@ class Writeback:
         version, else from the log. Runs whose blocks were unmapped since are skipped."""
         bs = self.bs
         jobs: list[tuple[int, Buffer, int, int, Folio | None]] = []  # dblock, buf, off, n
-        for ino, index, run in runs:
-            inode = self.md.inodes.get(ino)
-            if inode is None or inode.extents is None:
-                continue
-            m = self.cache.mappings.get(ino)
-            folio = m.folios.get(index) if m is not None else None
-            for f, d, n in extents_of(inode).runs(run.fblock, run.nblocks):
-                if d is None or d != run.dblock + (f - run.fblock):
-                    continue
-                part = None
-                if folio is not None and folio.logged_seq == run.seq and not folio.writeback \
-                        and not folio.locked:
-                    fb = f - folio.fblock
-                    part = mask_range(fb, n)
-                    if folio.dirty & part or (folio.uptodate & part) != part:
-                        part = None
-                if part is not None and folio is not None:
-                    jobs.append((d, folio.buf, (f - folio.fblock) * bs, n, folio))
-                else:
-                    buf = await self.dev.read(self.journal.sb.log_offset + run.log_pos
-                                              + (f - run.fblock) * bs, n * bs)
-                    jobs.append((d, buf, 0, n, None))
-        jobs.sort(key=lambda j: j[0])
+        # A folio's buffer is used only if it is taken for this home write at once, in
+        # the same step as the check: the log reads below await, and a writer could
+        # otherwise put newer data into the buffer before the home write starts.
         held: list[Folio] = []
-        for _, _, _, _, folio in jobs:
-            if folio is not None and not folio.writeback:
-                self.cache.start_home_write(folio)
-                held.append(folio)
         try:
+            for ino, index, run in runs:
+                inode = self.md.inodes.get(ino)
+                if inode is None or inode.extents is None:
+                    continue
+                m = self.cache.mappings.get(ino)
+                folio = m.folios.get(index) if m is not None else None
+                for f, d, n in extents_of(inode).runs(run.fblock, run.nblocks):
+                    if d is None or d != run.dblock + (f - run.fblock):
+                        continue
+                    part = None
+                    if folio is not None and folio.logged_seq == run.seq and \
+                            (folio in held or not (folio.writeback or folio.locked)):
+                        fb = f - folio.fblock
+                        part = mask_range(fb, n)
+                        if folio.dirty & part or (folio.uptodate & part) != part:
+                            part = None
+                    if part is not None and folio is not None:
+                        if folio not in held:
+                            self.cache.start_home_write(folio)
+                            held.append(folio)
+                        jobs.append((d, folio.buf, (f - folio.fblock) * bs, n, folio))
+                    else:
+                        buf = await self.dev.read(self.journal.sb.log_offset + run.log_pos
+                                                  + (f - run.fblock) * bs, n * bs)
+                        jobs.append((d, buf, 0, n, None))
+            jobs.sort(key=lambda j: j[0])
             i = 0
             while i < len(jobs):
                 d0 = jobs[i][0]
