@@ -276,8 +276,16 @@ class Writeback:
         nb = m.blocks_per_folio
         fb = folio.fblock
         full = mask_range(0, nb)
-        if folio.writeback or folio.locked or not folio.atomic or folio.dirty != full:
-            return True  # it changed since it was chosen; a later writeback takes it
+        # Writing the folios before this one awaited: another task may have taken this
+        # one meanwhile. Wait for it, then write only what is still dirty; skipping it
+        # ("a later writeback takes it") would let fsync return without its data.
+        while folio.writeback or folio.locked:
+            await folio.wait_unlocked_or_written()
+        if not folio.dirty:
+            m.flush_gen = out.flush_gen = max(out.flush_gen, m.flush_gen)
+            return True
+        if not folio.atomic or folio.dirty != full:
+            return False  # a partial write cleared the tag: the log path writes its blocks
         runs = list(extents_of(inode).runs(fb, nb))
         dblock = runs[0][1] if len(runs) == 1 else None
         moved = dblock is None or dblock % nb != 0
