@@ -243,7 +243,20 @@ class Writeback:
             for folio, mask in logged:
                 await self._write_logged(inode, m, folio, mask, out, writethrough, holds)
             if inplace:
+                inplace = await self._still_dirty(m, inplace, out)
+            # A whole-unit write may have made one of them atomic meanwhile: that one must
+            # not go out in place (a crash would tear it) but by an atomic path.
+            retagged = [f for f, _ in inplace if f.atomic and not self.policy.unsafe_atomic]
+            inplace = [(f, mask) for f, mask in inplace if f not in retagged]
+            if inplace:
                 await self._write_in_place(inode, m, inplace, out, writethrough)
+            for folio in retagged:
+                if not self.journal.is_resident(m.ino, folio.index) and \
+                        self.hardware_ok(m.folio_size) and \
+                        await self._write_atomic_hardware(inode, m, folio, out, writethrough):
+                    continue
+                await self._write_logged(inode, m, folio, folio.dirty, out, writethrough,
+                                         holds)
             if writethrough and out.logged_seq >= 0:
                 await self.journal.commit(out.logged_seq)
         except LogFailed as exc:
@@ -255,6 +268,22 @@ class Writeback:
                 self.cache.end_writeback(folio, folio.wb_mask if failed else 0,
                                          restore_atomic=was_atomic and failed)
         return out
+
+    async def _still_dirty(self, m: Mapping, items: list[tuple[Folio, int]],
+                           out: WriteOutcome) -> list[tuple[Folio, int]]:
+        """Writing the other folios awaited, so another task may have started writing
+        some of these meanwhile: wait for that (fsync and write-through must cover it),
+        then keep only blocks still dirty. Returns when none is busy, so that planning
+        and starting the writes that follow happen in one step."""
+        while True:
+            busy = [f for f, _ in items if f.writeback or f.locked]
+            if not busy:
+                break
+            for folio in busy:
+                while folio.writeback or folio.locked:
+                    await folio.wait_unlocked_or_written()
+            m.flush_gen = out.flush_gen = max(out.flush_gen, m.flush_gen)
+        return [(f, mask & f.dirty) for f, mask in items if mask & f.dirty]
 
     def _small_new_data(self, inode: Inode, items: list[tuple[Folio, int]]) -> bool:
         """Is this a small write whose blocks have no home yet (an append)?"""
@@ -334,8 +363,16 @@ class Writeback:
         await self.journal.wait_for_room(popcount(mask) * bs + 256)
         # From here to the end nothing awaits: the copy, the records and the state change
         # are one step.
-        mask &= folio.dirty
+        # An atomic folio goes into the log whole, even if it was partly dirty when it was
+        # picked and a whole-unit write has made it atomic since.
+        mask = folio.dirty if folio.atomic else mask & folio.dirty
         if not mask or folio.writeback or folio.locked:
+            # Another task took these blocks while we waited for room: a write-through
+            # must still wait for the batch (or device write) that carries them.
+            while folio.writeback or folio.locked:
+                await folio.wait_unlocked_or_written()
+            out.logged_seq = max(out.logged_seq, folio.logged_seq)
+            m.flush_gen = out.flush_gen = max(out.flush_gen, m.flush_gen)
             return
         holes = [(f, k) for b, n in mask_runs(mask)
                  for f, d, k in extents_of(inode).runs(folio.fblock + b, n) if d is None]
