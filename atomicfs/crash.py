@@ -364,8 +364,10 @@ def run_until_killed(mnt: Mount, wl: Workload, seed: int,
     t.start()
     t.join(delay)
     running = t.is_alive()
-    mnt.kill()
+    # Set before the kill: once the dead mount is detached, paths resolve to the empty
+    # mountpoint (ENOENT), and such errors must count as the crash, not as failures.
     stop.set()
+    mnt.kill()
     t.join(120)
     if t.is_alive():
         raise WorkloadError(f"the {wl.name} workload did not stop after the kill")
