@@ -223,10 +223,10 @@ class Writeback:
             mask &= folio.dirty
             if not mask or folio.writeback or folio.locked:
                 continue
-            if folio.atomic and self.policy.unsafe_atomic:
+            if self.journal.is_resident(m.ino, folio.index):
+                logged.append((folio, mask))  # even unprotected: replay would roll it back
+            elif folio.atomic and self.policy.unsafe_atomic:
                 inplace.append((folio, mask))
-            elif self.journal.is_resident(m.ino, folio.index):
-                logged.append((folio, mask))
             elif folio.atomic:
                 (hw.append(folio) if self.hardware_ok(m.folio_size)
                  else logged.append((folio, folio.dirty)))
@@ -245,8 +245,11 @@ class Writeback:
             if inplace:
                 inplace = await self._still_dirty(m, inplace, out)
             # A whole-unit write may have made one of them atomic meanwhile: that one must
-            # not go out in place (a crash would tear it) but by an atomic path.
-            retagged = [f for f, _ in inplace if f.atomic and not self.policy.unsafe_atomic]
+            # not go out in place (a crash would tear it) but by an atomic path; nor may a
+            # folio that another task logged meanwhile (replay would roll it back).
+            retagged = [f for f, _ in inplace
+                        if (f.atomic and not self.policy.unsafe_atomic)
+                        or self.journal.is_resident(m.ino, f.index)]
             inplace = [(f, mask) for f, mask in inplace if f not in retagged]
             if inplace:
                 await self._write_in_place(inode, m, inplace, out, writethrough)
