@@ -109,6 +109,9 @@ def test_control_without_protection_shows_torn_units(mount_env: None,
                  control=True)
     assert t.torn_units > 0
     assert t.failed
+    # switching the protection off must tear units, not lose durable writes or break
+    # recovery: those would point at the explorer or the control, not at atomicity
+    assert t.lost_writes == 0 and t.mount_failures == 0 and t.fsck_failures == 0, t.failures
 
 
 def test_control_on_the_hardware_path_shows_torn_units(xfs_dir: str) -> None:
@@ -117,7 +120,9 @@ def test_control_on_the_hardware_path_shows_torn_units(xfs_dir: str) -> None:
     t = _explore(Path(workdir), workloads=["units"], states=40, device="xfs", seed=15,
                  control=True)
     assert t.atomic_paths == {"hardware"}
+    assert t.atomic_writes == 0  # the unprotected writes are not flagged RWF_ATOMIC
     assert t.torn_units > 0
+    assert t.lost_writes == 0 and t.mount_failures == 0 and t.fsck_failures == 0, t.failures
 
 
 def test_cli_reports_and_exits_non_zero_on_torn_units(mount_env: None,
