@@ -25,6 +25,7 @@ import os
 import random
 import struct
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from atomicfs.device import Recorder
 
@@ -249,6 +250,7 @@ def torn_chunks(length: int, tear: int, rng: random.Random) -> list[tuple[int, i
     suffix, or a random subset (devices persist sectors in no particular order)."""
     n = (length + tear - 1) // tear
     shape = rng.randrange(3)
+    kept: Iterable[int]
     if shape == 0:
         kept = range(0, rng.randrange(1, n))
     elif shape == 1:

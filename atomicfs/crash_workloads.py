@@ -21,6 +21,7 @@ mode (no recording) a request the crash interrupted counts as possibly done.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import itertools
 import logging
@@ -329,16 +330,20 @@ class DataWorkload:
 
     def run(self, root: str, seed: int, stop: threading.Event) -> DataHistory:
         names = self.file_names()
-        self._create_files(root, names)
         writes: list[DataWrite] = []
         syncs: list[SyncRequest] = []
+        try:
+            self._create_files(root, names)
+        except OSError as exc:
+            if not _stopped_by_crash(exc, stop):
+                raise
+            return DataHistory(names, self.unit, writes, syncs)  # killed at the start
         versions = itertools.count(1)
         threads = _Threads()
         for w in range(self.writers):
             rng = random.Random(f"{seed}:{self.name}:{w}")
-            threads.start(lambda w=w, rng=rng: self._writer(root, names, w, rng, versions,
-                                                             writes, syncs, stop),
-                          f"writer{w}")
+            threads.start(functools.partial(self._writer, root, names, w, rng, versions,
+                                            writes, syncs, stop), f"writer{w}")
         threads.join()
         _raise_unless_crashed(threads.errors, stop)
         return DataHistory(names, self.unit, writes, syncs)
@@ -399,12 +404,12 @@ class DataWorkload:
         first, count = self._pick_range(rng, region)
         version = next(versions)
         data = encode_sectors(file_id, first, count, version)
-        req = DataWrite(version, file_id, first, count, _now(), dsync=self.dsync)
-        writes.append(req)
+        write = DataWrite(version, file_id, first, count, _now(), dsync=self.dsync)
+        writes.append(write)
         n = os.pwrite(fds[file_id], data, first * SECTOR)
         if n != len(data):
             raise WorkloadError(f"short write {n} of {len(data)}")
-        req.t_end = _now()
+        write.t_end = _now()
 
     def _background(self, root: str, rng: random.Random, syncs: list[SyncRequest]) -> None:
         """Stir the machinery: checkpoints move logged units home, flush starts background
@@ -578,6 +583,18 @@ def view_digest(view: FsView) -> str:
 
 
 @dataclass
+class _Step:
+    """What one namespace operation needs: where, the model, the choices it draws from."""
+
+    root: str
+    model: NamespaceModel
+    rng: random.Random
+    ops: list[NsOp]
+    files: list[str]
+    dirs: list[str]
+
+
+@dataclass
 class NamespaceWorkload:
     name: str = "namespace"
     ops: int = 300
@@ -614,7 +631,8 @@ class NamespaceWorkload:
         if len(dirs) > 1:
             choices += ["rmdir", "rename_dir", "fsyncdir"]
         what = rng.choice(choices)
-        return getattr(self, f"_op_{what}")(root, model, rng, ops, files, dirs)
+        step: Callable[[_Step], bool] = getattr(self, f"_op_{what}")
+        return step(_Step(root, model, rng, ops, files, dirs))
 
     @staticmethod
     def _abs(root: str, rel: str) -> str:
@@ -634,7 +652,7 @@ class NamespaceWorkload:
         return model.paths[parent] if parent else 0
 
     def _do(self, ops: list[NsOp], what: str, touched: Iterable[int],
-            change: Callable[[], None], call: Callable[[], object],
+            change: Callable[[], object], call: Callable[[], object],
             fsync_of: int | None = None) -> bool:
         """Record the operation, apply it to the model, then issue it: if a crash cuts
         the call short, the model already holds the state it may have produced."""
@@ -645,142 +663,143 @@ class NamespaceWorkload:
         op.t_end = _now()
         return True
 
-    def _op_create(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        path = self._new_name(model, rng, rng.choice(dirs), "f")
-        parent = self._parent_id(model, path)
-        return self._do(ops, f"create {path}", [parent, model.peek_id()],
-                        lambda: model.add(path, _Node("f")),
-                        lambda: os.close(os.open(self._abs(root, path),
+    def _op_create(self, c: _Step) -> bool:
+        path = self._new_name(c.model, c.rng, c.rng.choice(c.dirs), "f")
+        parent = self._parent_id(c.model, path)
+        return self._do(c.ops, f"create {path}", [parent, c.model.peek_id()],
+                        lambda: c.model.add(path, _Node("f")),
+                        lambda: os.close(os.open(self._abs(c.root, path),
                                                  os.O_CREAT | os.O_EXCL | os.O_WRONLY,
                                                  0o644)))
 
-    def _op_mkdir(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        path = self._new_name(model, rng, rng.choice(dirs), "d")
-        parent = self._parent_id(model, path)
-        return self._do(ops, f"mkdir {path}", [parent, model.peek_id()],
-                        lambda: model.add(path, _Node("d")),
-                        lambda: os.mkdir(self._abs(root, path)))
+    def _op_mkdir(self, c: _Step) -> bool:
+        path = self._new_name(c.model, c.rng, c.rng.choice(c.dirs), "d")
+        parent = self._parent_id(c.model, path)
+        return self._do(c.ops, f"mkdir {path}", [parent, c.model.peek_id()],
+                        lambda: c.model.add(path, _Node("d")),
+                        lambda: os.mkdir(self._abs(c.root, path)))
 
-    def _op_symlink(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        path = self._new_name(model, rng, rng.choice(dirs), "l")
-        target = f"target{rng.randrange(100)}"
-        parent = self._parent_id(model, path)
-        return self._do(ops, f"symlink {path}", [parent, model.peek_id()],
-                        lambda: model.add(path, _Node("l", target=target)),
-                        lambda: os.symlink(target, self._abs(root, path)))
+    def _op_symlink(self, c: _Step) -> bool:
+        path = self._new_name(c.model, c.rng, c.rng.choice(c.dirs), "l")
+        target = f"target{c.rng.randrange(100)}"
+        parent = self._parent_id(c.model, path)
+        return self._do(c.ops, f"symlink {path}", [parent, c.model.peek_id()],
+                        lambda: c.model.add(path, _Node("l", target=target)),
+                        lambda: os.symlink(target, self._abs(c.root, path)))
 
-    def _op_write(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        path = rng.choice(files)
-        nid = model.paths[path]
-        node = model.nodes[nid]
-        off = rng.choice((node.size, rng.randrange(node.size + 1), 0))
-        data = rng.randbytes(rng.choice((100, 4096, 20000, 70000)))
-        fd = os.open(self._abs(root, path), os.O_WRONLY)
+    def _op_write(self, c: _Step) -> bool:
+        path = c.rng.choice(c.files)
+        nid = c.model.paths[path]
+        node = c.model.nodes[nid]
+        off = c.rng.choice((node.size, c.rng.randrange(node.size + 1), 0))
+        data = c.rng.randbytes(c.rng.choice((100, 4096, 20000, 70000)))
+        fd = os.open(self._abs(c.root, path), os.O_WRONLY)
         try:
             def grow() -> None:
                 node.size = max(node.size, off + len(data))
-            return self._do(ops, f"write {path} {off}+{len(data)}", [nid], grow,
+            return self._do(c.ops, f"write {path} {off}+{len(data)}", [nid], grow,
                             lambda: os.pwrite(fd, data, off))
         finally:
             os.close(fd)
 
-    def _op_truncate(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        path = rng.choice(files)
-        nid = model.paths[path]
-        node = model.nodes[nid]
-        size = rng.choice((0, rng.randrange(100000), node.size // 2))
+    def _op_truncate(self, c: _Step) -> bool:
+        path = c.rng.choice(c.files)
+        nid = c.model.paths[path]
+        node = c.model.nodes[nid]
+        size = c.rng.choice((0, c.rng.randrange(100000), node.size // 2))
 
         def resize() -> None:
             node.size = size
-        return self._do(ops, f"truncate {path} {size}", [nid], resize,
-                        lambda: os.truncate(self._abs(root, path), size))
+        return self._do(c.ops, f"truncate {path} {size}", [nid], resize,
+                        lambda: os.truncate(self._abs(c.root, path), size))
 
-    def _op_link(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        src = rng.choice(files)
-        dst = self._new_name(model, rng, rng.choice(dirs), "h")
-        nid = model.paths[src]
+    def _op_link(self, c: _Step) -> bool:
+        src = c.rng.choice(c.files)
+        dst = self._new_name(c.model, c.rng, c.rng.choice(c.dirs), "h")
+        nid = c.model.paths[src]
 
         def add_name() -> None:
-            model.paths[dst] = nid
-        return self._do(ops, f"link {src} {dst}", [nid, self._parent_id(model, dst)],
-                        add_name, lambda: os.link(self._abs(root, src), self._abs(root, dst)))
+            c.model.paths[dst] = nid
+        return self._do(c.ops, f"link {src} {dst}", [nid, self._parent_id(c.model, dst)],
+                        add_name, lambda: os.link(self._abs(c.root, src), self._abs(c.root, dst)))
 
-    def _op_rename(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        src = rng.choice(files)
-        if rng.random() < 0.4 and len(files) > 1:
-            dst = rng.choice([f for f in files if f != src])
+    def _op_rename(self, c: _Step) -> bool:
+        src = c.rng.choice(c.files)
+        if c.rng.random() < 0.4 and len(c.files) > 1:
+            dst = c.rng.choice([f for f in c.files if f != src])
         else:
-            dst = self._new_name(model, rng, rng.choice(dirs), "r")
-        touched = {model.paths[src], self._parent_id(model, src), self._parent_id(model, dst)}
-        if dst in model.paths:
-            touched.add(model.paths[dst])
+            dst = self._new_name(c.model, c.rng, c.rng.choice(c.dirs), "r")
+        touched = {c.model.paths[src], self._parent_id(c.model, src), self._parent_id(c.model, dst)}
+        if dst in c.model.paths:
+            touched.add(c.model.paths[dst])
 
         def move() -> None:
-            if model.paths.get(dst) != model.paths[src]:  # links of one inode: no-op
-                model.rename(src, dst)
-        return self._do(ops, f"rename {src} {dst}", touched, move,
-                        lambda: os.rename(self._abs(root, src), self._abs(root, dst)))
+            if c.model.paths.get(dst) != c.model.paths[src]:  # links of one inode: no-op
+                c.model.rename(src, dst)
+        return self._do(c.ops, f"rename {src} {dst}", touched, move,
+                        lambda: os.rename(self._abs(c.root, src), self._abs(c.root, dst)))
 
-    def _op_rename_dir(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        src = rng.choice(dirs[1:])
-        parents = [d for d in dirs if d != src and not d.startswith(src + "/")]
-        dst = self._new_name(model, rng, rng.choice(parents), "m")
-        touched = {model.paths[src], self._parent_id(model, src), self._parent_id(model, dst)}
-        return self._do(ops, f"rename {src} {dst}", touched, lambda: model.rename(src, dst),
-                        lambda: os.rename(self._abs(root, src), self._abs(root, dst)))
+    def _op_rename_dir(self, c: _Step) -> bool:
+        src = c.rng.choice(c.dirs[1:])
+        parents = [d for d in c.dirs if d != src and not d.startswith(src + "/")]
+        dst = self._new_name(c.model, c.rng, c.rng.choice(parents), "m")
+        touched = {c.model.paths[src], self._parent_id(c.model, src), self._parent_id(c.model, dst)}
+        return self._do(c.ops, f"rename {src} {dst}", touched, lambda: c.model.rename(src, dst),
+                        lambda: os.rename(self._abs(c.root, src), self._abs(c.root, dst)))
 
-    def _op_unlink(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        path = rng.choice(files + [p for p, n in model.paths.items()
-                                   if model.nodes[n].kind == "l"])
-        touched = [model.paths[path], self._parent_id(model, path)]
-        return self._do(ops, f"unlink {path}", touched, lambda: model.remove_path(path),
-                        lambda: os.unlink(self._abs(root, path)))
+    def _op_unlink(self, c: _Step) -> bool:
+        path = c.rng.choice(c.files + [p for p, n in c.model.paths.items()
+                                   if c.model.nodes[n].kind == "l"])
+        touched = [c.model.paths[path], self._parent_id(c.model, path)]
+        return self._do(c.ops, f"unlink {path}", touched, lambda: c.model.remove_path(path),
+                        lambda: os.unlink(self._abs(c.root, path)))
 
-    def _op_rmdir(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        empty = [d for d in dirs[1:] if not model.children(d)]
+    def _op_rmdir(self, c: _Step) -> bool:
+        empty = [d for d in c.dirs[1:] if not c.model.children(d)]
         if not empty:
-            return self._op_mkdir(root, model, rng, ops, files, dirs)
-        path = rng.choice(empty)
-        touched = [model.paths[path], self._parent_id(model, path)]
-        return self._do(ops, f"rmdir {path}", touched, lambda: model.remove_path(path),
-                        lambda: os.rmdir(self._abs(root, path)))
+            return self._op_mkdir(c)
+        path = c.rng.choice(empty)
+        touched = [c.model.paths[path], self._parent_id(c.model, path)]
+        return self._do(c.ops, f"rmdir {path}", touched, lambda: c.model.remove_path(path),
+                        lambda: os.rmdir(self._abs(c.root, path)))
 
-    def _op_setxattr(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        path = rng.choice(files + dirs[1:])
-        nid = model.paths[path]
-        name = f"user.t.{rng.randrange(4)}"
-        value = rng.randbytes(rng.randrange(1, 60))
+    def _op_setxattr(self, c: _Step) -> bool:
+        path = c.rng.choice(c.files + c.dirs[1:])
+        nid = c.model.paths[path]
+        name = f"user.t.{c.rng.randrange(4)}"
+        value = c.rng.randbytes(c.rng.randrange(1, 60))
 
         def put() -> None:
-            model.nodes[nid].xattrs[name] = value
-        return self._do(ops, f"setxattr {path} {name}", [nid], put,
-                        lambda: os.setxattr(self._abs(root, path), name, value))
+            c.model.nodes[nid].xattrs[name] = value
+        return self._do(c.ops, f"setxattr {path} {name}", [nid], put,
+                        lambda: os.setxattr(self._abs(c.root, path), name, value))
 
-    def _op_removexattr(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        have = [(p, k) for p in files + dirs[1:] for k in model.nodes[model.paths[p]].xattrs]
+    def _op_removexattr(self, c: _Step) -> bool:
+        have = [(p, k) for p in c.files + c.dirs[1:]
+                for k in c.model.nodes[c.model.paths[p]].xattrs]
         if not have:
-            return self._op_setxattr(root, model, rng, ops, files, dirs)
-        path, name = rng.choice(have)
-        nid = model.paths[path]
-        return self._do(ops, f"removexattr {path} {name}", [nid],
-                        lambda: model.nodes[nid].xattrs.pop(name),
-                        lambda: os.removexattr(self._abs(root, path), name))
+            return self._op_setxattr(c)
+        path, name = c.rng.choice(have)
+        nid = c.model.paths[path]
+        return self._do(c.ops, f"removexattr {path} {name}", [nid],
+                        lambda: c.model.nodes[nid].xattrs.pop(name),
+                        lambda: os.removexattr(self._abs(c.root, path), name))
 
-    def _op_fsync(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        path = rng.choice(files)
-        fd = os.open(self._abs(root, path), os.O_RDONLY)
+    def _op_fsync(self, c: _Step) -> bool:
+        path = c.rng.choice(c.files)
+        fd = os.open(self._abs(c.root, path), os.O_RDONLY)
         try:
-            return self._do(ops, f"fsync {path}", [], lambda: None, lambda: os.fsync(fd),
-                            fsync_of=model.paths[path])
+            return self._do(c.ops, f"fsync {path}", [], lambda: None, lambda: os.fsync(fd),
+                            fsync_of=c.model.paths[path])
         finally:
             os.close(fd)
 
-    def _op_fsyncdir(self, root, model, rng, ops, files, dirs) -> bool:  # type: ignore[no-untyped-def]
-        path = rng.choice(dirs)
-        fd = os.open(self._abs(root, path), os.O_RDONLY | os.O_DIRECTORY)
+    def _op_fsyncdir(self, c: _Step) -> bool:
+        path = c.rng.choice(c.dirs)
+        fd = os.open(self._abs(c.root, path), os.O_RDONLY | os.O_DIRECTORY)
         try:
-            return self._do(ops, f"fsyncdir {path or '/'}", [], lambda: None,
-                            lambda: os.fsync(fd), fsync_of=model.paths[path] if path else 0)
+            return self._do(c.ops, f"fsyncdir {path or '/'}", [], lambda: None,
+                            lambda: os.fsync(fd), fsync_of=c.model.paths[path] if path else 0)
         finally:
             os.close(fd)
 

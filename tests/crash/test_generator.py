@@ -6,7 +6,6 @@ import struct
 import time
 from pathlib import Path
 
-import pytest
 
 from atomicfs.crash_record import TORN, WHOLE, Recording, StateBuilder, choose_states, \
     sparse_copy, torn_chunks
