@@ -33,8 +33,7 @@ from atomicfs.crash_check import CheckResult, check_with_mount, check_with_volum
 from atomicfs.crash_env import DEVICES, Env, Mount, mounted
 from atomicfs.crash_record import CrashState, Recording, StateBuilder, choose_states, \
     sparse_copy
-from atomicfs.crash_workloads import NEVER, WORKLOADS, History, Workload, WorkloadError, \
-    make_workload
+from atomicfs.crash_workloads import WORKLOADS, History, Workload, WorkloadError, make_workload
 from atomicfs.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -427,4 +426,4 @@ def run_crashtest(args: argparse.Namespace) -> int:
     return 1 if totals.failed else 0
 
 
-__all__ = ["CrashConfig", "Totals", "explore", "run_crashtest", "NEVER"]
+__all__ = ["CrashConfig", "Totals", "explore", "run_crashtest"]
