@@ -46,6 +46,18 @@ lint: setup
 	$(VENV)/bin/ruff check atomicfs tests bench native
 	$(VENV)/bin/mypy atomicfs
 
+# The long form of the crash explorer: power-loss states from recorded runs of every
+# workload on an image file, a loop device and an image on XFS (hardware path), SIGKILLs of
+# the daemon, then the control run (atomic protection off), which must see torn units.
+CRASH_SEED ?= 1
+CRASH_STATES ?= 5400
+CRASH_KILLS ?= 120
+crashtest: setup
+	$(PY) -m atomicfs crashtest --workload all --device all --states $(CRASH_STATES) \
+	    --kills $(CRASH_KILLS) --seed $(CRASH_SEED)
+	$(PY) -m atomicfs crashtest --workload units --device file,xfs --states 200 \
+	    --seed $(CRASH_SEED) --control --expect-torn
+
 test-unit: setup
 	$(PY) -m pytest -q tests/unit tests/fs
 

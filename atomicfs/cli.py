@@ -66,15 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_stat)
 
     s = sub.add_parser("crashtest", help="crash-consistency explorer")
-    s.add_argument("--workload", default="units")
-    s.add_argument("--states", type=int, default=200)
+    s.add_argument("--workload", default="units",
+                   help="units, writethrough, namespace, mixed, a comma list, or all")
+    s.add_argument("--states", type=int, default=200,
+                   help="power-loss states to check (from recorded runs)")
     s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--tear", type=int, default=512)
-    s.add_argument("--kills", type=int, default=0)
-    s.add_argument("--device", choices=["file", "loop", "xfs"], default="file")
+    s.add_argument("--tear", type=_size, default=512,
+                   help="granularity of torn writes (a multiple of 512)")
+    s.add_argument("--kills", type=int, default=0,
+                   help="runs to end with SIGKILL of the daemon, then recover and check")
+    s.add_argument("--device", default="file",
+                   help="file (image file), loop (loop device), xfs (image on XFS: the "
+                   "hardware path), a comma list, or all")
     s.add_argument("--control", action="store_true",
                    help="switch atomic protection off: the explorer must see torn units")
-    s.add_argument("--workdir", default=None)
+    s.add_argument("--workdir", default=None, help="where images and mounts go")
+    s.add_argument("--unit", type=_size, default=16 << 10, help="atomic unit (16k)")
+    s.add_argument("--per-recording", dest="per_recording", type=int, default=100,
+                   help="crash states drawn from each recorded run")
+    s.add_argument("--mount-every", dest="mount_every", type=int, default=25,
+                   help="check every n-th state through a real mount (the rest in-process)")
+    s.add_argument("--scale", type=float, default=1.0,
+                   help="multiply the workload's number of operations")
+    s.add_argument("--keep", action="store_true", help="keep the working directory")
+    s.add_argument("--expect-torn", dest="expect_torn", action="store_true",
+                   help="with --control: succeed only if torn units were seen")
     s.set_defaults(func=cmd_crashtest)
     return p
 

@@ -12,8 +12,9 @@ test-only layers, also in C, can aim at it:
 * fault injection (`inject=`): chosen writes, flushes or reads fail with EIO;
 * a slow device (`delay=`): every write takes at least that long, so tests can hold a
   write in flight;
-* recording (`record=`): every completed write (offset, flags, data) and every flush start
-  and end, in completion order, for the crash explorer (see atomicfs.crash).
+* recording (`record=`): every write's submission and completion (offset, flags, data)
+  and every flush start and end, in the order they happen, for the crash explorer (see
+  atomicfs.crash_record).
 
 Concurrent flush requests share device flushes (group flush): a flush that starts after a
 caller asked covers it, however many asked.
@@ -93,13 +94,17 @@ class DeviceOptions:
 
 
 class Recorder:
-    """The recording format (written by the native I/O queue, read by atomicfs.crash):
-    MAGIC, then events of EVENT (type, seq, offset, length, flags, time ns), a write's
-    data following its event."""
+    """The recording format (written by the native I/O queue, read by
+    atomicfs.crash_record and atomicfs.recording): MAGIC, then events of EVENT_FORMAT
+    (type, seq, offset, length, flags, time ns, ref); a completed write's data follows its
+    event. Each write is recorded when submitted (WRITE_SUBMIT, no data) and when completed
+    (WRITE, ref = the submit's seq); each flush when it starts and when it ends (FLUSH_END,
+    ref = the start's seq): the crash explorer needs both to know what was in flight at
+    any point and which flush covered which writes."""
 
-    MAGIC = b"AFSREC01"
-    EVENT_FORMAT = "<cQQIIQ"
-    WRITE, FLUSH_START, FLUSH_END = b"W", b"S", b"F"
+    MAGIC = b"AFSREC02"
+    EVENT_FORMAT = "<cQQIIQQ"
+    WRITE_SUBMIT, WRITE, FLUSH_START, FLUSH_END = b"B", b"W", b"S", b"F"
     FLAG_ATOMIC, FLAG_DSYNC = 1, 2
     KIND_FLAGS = {"super": 0x10, "log": 0x20, "snapshot": 0x40, "data": 0x80}
 

@@ -620,11 +620,14 @@ class PageCache:
             waited = False
             for index in range(first, last + 1):
                 folio = self._pinned_folio(m, index, pinned)
-                if m.must_wait(folio):
+                base = index * fs
+                # A write that makes the folio atomic must not change it under a writeback
+                # that started before (an in-place one would send part of it out torn).
+                becomes_atomic = m.atomic and off <= base and end >= base + fs
+                if m.must_wait(folio) or (becomes_atomic and folio.writeback):
                     await self.wait_folio(folio)
                     waited = True
                     break
-                base = index * fs
                 lo = max(off, base) - base
                 hi = min(end, base + fs) - base
                 b0, b1 = lo // bs, (hi + bs - 1) // bs

@@ -146,6 +146,8 @@ class Volume:
         ok = True
         try:
             ok = await self.wb.sync_all()
+            # Nobody writes any more: anything still dirty could not be written.
+            ok = ok and not any(m.dirty for m in self.cache.mappings.values())
             if self.journal.failed is None and (self.journal.used or
                                                 self.journal.has_pending()):
                 await self.journal.commit()

@@ -223,10 +223,10 @@ class Writeback:
             mask &= folio.dirty
             if not mask or folio.writeback or folio.locked:
                 continue
-            if folio.atomic and self.policy.unsafe_atomic:
+            if self.journal.is_resident(m.ino, folio.index):
+                logged.append((folio, mask))  # even unprotected: replay would roll it back
+            elif folio.atomic and self.policy.unsafe_atomic:
                 inplace.append((folio, mask))
-            elif self.journal.is_resident(m.ino, folio.index):
-                logged.append((folio, mask))
             elif folio.atomic:
                 (hw.append(folio) if self.hardware_ok(m.folio_size)
                  else logged.append((folio, folio.dirty)))
@@ -243,7 +243,23 @@ class Writeback:
             for folio, mask in logged:
                 await self._write_logged(inode, m, folio, mask, out, writethrough, holds)
             if inplace:
+                inplace = await self._still_dirty(m, inplace, out)
+            # A whole-unit write may have made one of them atomic meanwhile: that one must
+            # not go out in place (a crash would tear it) but by an atomic path; nor may a
+            # folio that another task logged meanwhile (replay would roll it back).
+            retagged = [f for f, _ in inplace
+                        if (f.atomic and not self.policy.unsafe_atomic)
+                        or self.journal.is_resident(m.ino, f.index)]
+            inplace = [(f, mask) for f, mask in inplace if f not in retagged]
+            if inplace:
                 await self._write_in_place(inode, m, inplace, out, writethrough)
+            for folio in retagged:
+                if not self.journal.is_resident(m.ino, folio.index) and \
+                        self.hardware_ok(m.folio_size) and \
+                        await self._write_atomic_hardware(inode, m, folio, out, writethrough):
+                    continue
+                await self._write_logged(inode, m, folio, folio.dirty, out, writethrough,
+                                         holds)
             if writethrough and out.logged_seq >= 0:
                 await self.journal.commit(out.logged_seq)
         except LogFailed as exc:
@@ -255,6 +271,22 @@ class Writeback:
                 self.cache.end_writeback(folio, folio.wb_mask if failed else 0,
                                          restore_atomic=was_atomic and failed)
         return out
+
+    async def _still_dirty(self, m: Mapping, items: list[tuple[Folio, int]],
+                           out: WriteOutcome) -> list[tuple[Folio, int]]:
+        """Writing the other folios awaited, so another task may have started writing
+        some of these meanwhile: wait for that (fsync and write-through must cover it),
+        then keep only blocks still dirty. Returns when none is busy, so that planning
+        and starting the writes that follow happen in one step."""
+        while True:
+            busy = [f for f, _ in items if f.writeback or f.locked]
+            if not busy:
+                break
+            for folio in busy:
+                while folio.writeback or folio.locked:
+                    await folio.wait_unlocked_or_written()
+            m.flush_gen = out.flush_gen = max(out.flush_gen, m.flush_gen)
+        return [(f, mask & f.dirty) for f, mask in items if mask & f.dirty]
 
     def _small_new_data(self, inode: Inode, items: list[tuple[Folio, int]]) -> bool:
         """Is this a small write whose blocks have no home yet (an append)?"""
@@ -276,8 +308,16 @@ class Writeback:
         nb = m.blocks_per_folio
         fb = folio.fblock
         full = mask_range(0, nb)
-        if folio.writeback or folio.locked or not folio.atomic or folio.dirty != full:
-            return True  # it changed since it was chosen; a later writeback takes it
+        # Writing the folios before this one awaited: another task may have taken this
+        # one meanwhile. Wait for it, then write only what is still dirty; skipping it
+        # ("a later writeback takes it") would let fsync return without its data.
+        while folio.writeback or folio.locked:
+            await folio.wait_unlocked_or_written()
+        if not folio.dirty:
+            m.flush_gen = out.flush_gen = max(out.flush_gen, m.flush_gen)
+            return True
+        if not folio.atomic or folio.dirty != full:
+            return False  # a partial write cleared the tag: the log path writes its blocks
         runs = list(extents_of(inode).runs(fb, nb))
         dblock = runs[0][1] if len(runs) == 1 else None
         moved = dblock is None or dblock % nb != 0
@@ -326,8 +366,16 @@ class Writeback:
         await self.journal.wait_for_room(popcount(mask) * bs + 256)
         # From here to the end nothing awaits: the copy, the records and the state change
         # are one step.
-        mask &= folio.dirty
+        # An atomic folio goes into the log whole, even if it was partly dirty when it was
+        # picked and a whole-unit write has made it atomic since.
+        mask = folio.dirty if folio.atomic else mask & folio.dirty
         if not mask or folio.writeback or folio.locked:
+            # Another task took these blocks while we waited for room: a write-through
+            # must still wait for the batch (or device write) that carries them.
+            while folio.writeback or folio.locked:
+                await folio.wait_unlocked_or_written()
+            out.logged_seq = max(out.logged_seq, folio.logged_seq)
+            m.flush_gen = out.flush_gen = max(out.flush_gen, m.flush_gen)
             return
         holes = [(f, k) for b, n in mask_runs(mask)
                  for f, d, k in extents_of(inode).runs(folio.fblock + b, n) if d is None]
@@ -616,14 +664,16 @@ class Writeback:
             await self.dev.flush_covering(m.flush_gen)
 
     async def sync_all(self) -> bool:
-        """Write back everything and commit; returns False if any write failed."""
+        """Write back everything and commit; returns False if any write failed. (Blocks
+        dirtied again meanwhile by concurrent writers are not failures; the unmount
+        path, which has no writers, checks that nothing is left dirty.)"""
         ok = True
         for ino, m in list(self.cache.mappings.items()):
             inode = self.md.inodes.get(ino)
             if inode is None or not (m.dirty or m.busy):
                 continue
             out = await self.writeback_mapping(inode, m, wait=True)
-            ok &= not out.failed and not m.dirty
+            ok &= not out.failed
         await self.journal.commit()
         await self.dev.flush()
         return ok
@@ -724,35 +774,37 @@ class Writeback:
         version, else from the log. Runs whose blocks were unmapped since are skipped."""
         bs = self.bs
         jobs: list[tuple[int, Buffer, int, int, Folio | None]] = []  # dblock, buf, off, n
-        for ino, index, run in runs:
-            inode = self.md.inodes.get(ino)
-            if inode is None or inode.extents is None:
-                continue
-            m = self.cache.mappings.get(ino)
-            folio = m.folios.get(index) if m is not None else None
-            for f, d, n in extents_of(inode).runs(run.fblock, run.nblocks):
-                if d is None or d != run.dblock + (f - run.fblock):
-                    continue
-                part = None
-                if folio is not None and folio.logged_seq == run.seq and not folio.writeback \
-                        and not folio.locked:
-                    fb = f - folio.fblock
-                    part = mask_range(fb, n)
-                    if folio.dirty & part or (folio.uptodate & part) != part:
-                        part = None
-                if part is not None and folio is not None:
-                    jobs.append((d, folio.buf, (f - folio.fblock) * bs, n, folio))
-                else:
-                    buf = await self.dev.read(self.journal.sb.log_offset + run.log_pos
-                                              + (f - run.fblock) * bs, n * bs)
-                    jobs.append((d, buf, 0, n, None))
-        jobs.sort(key=lambda j: j[0])
+        # A folio's buffer is used only if it is taken for this home write at once, in
+        # the same step as the check: the log reads below await, and a writer could
+        # otherwise put newer data into the buffer before the home write starts.
         held: list[Folio] = []
-        for _, _, _, _, folio in jobs:
-            if folio is not None and not folio.writeback:
-                self.cache.start_home_write(folio)
-                held.append(folio)
         try:
+            for ino, index, run in runs:
+                inode = self.md.inodes.get(ino)
+                if inode is None or inode.extents is None:
+                    continue
+                m = self.cache.mappings.get(ino)
+                folio = m.folios.get(index) if m is not None else None
+                for f, d, n in extents_of(inode).runs(run.fblock, run.nblocks):
+                    if d is None or d != run.dblock + (f - run.fblock):
+                        continue
+                    part = None
+                    if folio is not None and folio.logged_seq == run.seq and \
+                            (folio in held or not (folio.writeback or folio.locked)):
+                        fb = f - folio.fblock
+                        part = mask_range(fb, n)
+                        if folio.dirty & part or (folio.uptodate & part) != part:
+                            part = None
+                    if part is not None and folio is not None:
+                        if folio not in held:
+                            self.cache.start_home_write(folio)
+                            held.append(folio)
+                        jobs.append((d, folio.buf, (f - folio.fblock) * bs, n, folio))
+                    else:
+                        buf = await self.dev.read(self.journal.sb.log_offset + run.log_pos
+                                                  + (f - run.fblock) * bs, n * bs)
+                        jobs.append((d, buf, 0, n, None))
+            jobs.sort(key=lambda j: j[0])
             i = 0
             while i < len(jobs):
                 d0 = jobs[i][0]

@@ -359,12 +359,16 @@ static int write_all(int fd, const void *p, size_t n)
     return 0;
 }
 
-/* Recorder event: type(1) seq(8) offset(8) length(4) flags(4) time(8), little-endian
- * packed, followed by the data of writes. Must match atomicfs.device.Recorder. */
-static void record_event(struct afs_ioq *q, char type, int64_t off, uint32_t len, uint32_t flags,
-                         struct afs_io *io)
+/* Recorder event: type(1) seq(8) offset(8) length(4) flags(4) time(8) ref(8),
+ * little-endian packed, followed by the data of completed writes. A write is recorded when
+ * submitted ('B', no data) and when completed ('W', ref = its 'B'); a flush when it starts
+ * ('S') and ends ('F', ref = its 'S'), so the crash explorer knows what was in flight and
+ * which flush covered what. Must match atomicfs.device.Recorder. Returns the event's seq. */
+static uint64_t record_event(struct afs_ioq *q, char type, int64_t off, uint32_t len,
+                             uint32_t flags, uint64_t ref, struct afs_io *io)
 {
-    unsigned char hdr[33];
+    unsigned char hdr[41];
+    pthread_mutex_lock(&q->test_lock);
     uint64_t seq = ++q->record_seq;
     int64_t t = now_ns();
     hdr[0] = (unsigned char)type;
@@ -373,10 +377,21 @@ static void record_event(struct afs_ioq *q, char type, int64_t off, uint32_t len
     memcpy(hdr + 17, &len, 4);
     memcpy(hdr + 21, &flags, 4);
     memcpy(hdr + 25, &t, 8);
+    memcpy(hdr + 33, &ref, 8);
     write_all(q->record_fd, hdr, sizeof(hdr));
     if (io != NULL)
         for (int i = 0; i < io->niov; i++)
             write_all(q->record_fd, io->bufs[i], io->lens[i]);
+    pthread_mutex_unlock(&q->test_lock);
+    return seq;
+}
+
+static uint32_t io_length(struct afs_io *io)
+{
+    size_t n = 0;
+    for (int i = 0; i < io->niov; i++)
+        n += io->lens[i];
+    return (uint32_t)n;
 }
 
 static uint32_t record_flags(struct afs_io *io)
@@ -429,12 +444,13 @@ static void perform(struct afs_ioq *q, struct afs_io *io)
         io->result = -EIO;
         return;
     }
+    uint64_t submitted = 0;
+    if (q->record_fd >= 0)
+        submitted = record_event(q, 'B', io->offset, io_length(io), record_flags(io), 0, NULL);
     io->result = afs_pwritev(io->fd, io->bufs, io->lens, io->niov, io->offset, io->flags);
-    if (io->result > 0 && q->record_fd >= 0) {
-        pthread_mutex_lock(&q->test_lock);
-        record_event(q, 'W', io->offset, (uint32_t)io->result, record_flags(io), io);
-        pthread_mutex_unlock(&q->test_lock);
-    }
+    if (io->result > 0 && q->record_fd >= 0)
+        record_event(q, 'W', io->offset, (uint32_t)io->result, record_flags(io), submitted,
+                     io);
     if (io->result > 0 && io->op == AFS_OP_WRITE_FLUSH) {
         int64_t written = io->result;
         perform_flush(q, io);
@@ -445,21 +461,16 @@ static void perform(struct afs_ioq *q, struct afs_io *io)
 
 static void perform_flush(struct afs_ioq *q, struct afs_io *io)
 {
-    if (q->record_fd >= 0) {
-        pthread_mutex_lock(&q->test_lock);
-        record_event(q, 'S', 0, 0, 0, NULL);
-        pthread_mutex_unlock(&q->test_lock);
-    }
+    uint64_t started = 0;
+    if (q->record_fd >= 0)
+        started = record_event(q, 'S', 0, 0, 0, 0, NULL);
     if (injected(q, AFS_KIND_FLUSH)) {
         io->result = -EIO;
         return;
     }
     io->result = afs_fdatasync(io->fd);
-    if (io->result == 0 && q->record_fd >= 0) {
-        pthread_mutex_lock(&q->test_lock);
-        record_event(q, 'F', 0, 0, 0, NULL);
-        pthread_mutex_unlock(&q->test_lock);
-    }
+    if (io->result == 0 && q->record_fd >= 0)
+        record_event(q, 'F', 0, 0, 0, started, NULL);
 }
 
 static void *worker(void *arg)
