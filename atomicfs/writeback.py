@@ -777,7 +777,7 @@ class Writeback:
         # A folio's buffer is used only if it is taken for this home write at once, in
         # the same step as the check: the log reads below await, and a writer could
         # otherwise put newer data into the buffer before the home write starts.
-        held: list[Folio] = []
+        held: dict[int, Folio] = {}  # by id: checkpoints may hold thousands
         try:
             for ino, index, run in runs:
                 inode = self.md.inodes.get(ino)
@@ -790,15 +790,15 @@ class Writeback:
                         continue
                     part = None
                     if folio is not None and folio.logged_seq == run.seq and \
-                            (folio in held or not (folio.writeback or folio.locked)):
+                            (id(folio) in held or not (folio.writeback or folio.locked)):
                         fb = f - folio.fblock
                         part = mask_range(fb, n)
                         if folio.dirty & part or (folio.uptodate & part) != part:
                             part = None
                     if part is not None and folio is not None:
-                        if folio not in held:
+                        if id(folio) not in held:
                             self.cache.start_home_write(folio)
-                            held.append(folio)
+                            held[id(folio)] = folio
                         jobs.append((d, folio.buf, (f - folio.fblock) * bs, n, folio))
                     else:
                         buf = await self.dev.read(self.journal.sb.log_offset + run.log_pos
@@ -818,6 +818,6 @@ class Writeback:
                     i += 1
                 await self.dev.writev(d0 * bs, segs, "data")
         finally:
-            for folio in held:
+            for folio in held.values():
                 self.cache.end_writeback(folio)
 
