@@ -135,6 +135,7 @@ class Journal:
         self._boundaries: list[PendingBatch] = []  # sealed for a checkpoint, not placed yet
         self._retrying = False  # a write failed: rewrite the sealed batches before more
         self._rewrite_wanted = False  # somebody asked for the rewrite since the last one
+        self._ticked = False  # the commit interval passed since the writer last looked
         self._rewrite_started = trio.Event()
         self._failures = 0  # consecutive failed attempts
         self.durable_seq = head_seq - 1
@@ -282,13 +283,12 @@ class Journal:
         """The writer: seals pending batches and writes up to MAX_INFLIGHT of them at once;
         they become durable strictly in order, and a failed one is rewritten in place."""
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._tick)
             task_status.started()
             while True:
-                timed_out = True
-                with trio.move_on_after(self.commit_interval):
-                    await self._wakeup.wait()
-                    timed_out = False
+                await self._wakeup.wait()
                 self._wakeup = trio.Event()
+                timed_out, self._ticked = self._ticked, False
                 if self.failed is not None:
                     continue
                 if self._retrying:
@@ -306,7 +306,19 @@ class Journal:
                     if batch is None or self._retrying or self.failed is not None:
                         break
                     batch.inflight = True
-                    nursery.start_soon(self._write_batch, batch)
+                    if self.MAX_INFLIGHT == 1:
+                        await self._write_batch(batch)  # no task per batch for one in flight
+                    else:
+                        nursery.start_soon(self._write_batch, batch)
+
+    async def _tick(self) -> None:
+        """Wake the writer every commit interval: changes nobody commits become durable
+        within it, and failed batches are retried. (A timer task, not a timeout around
+        the writer's wait, which would cost a cancel scope per batch.)"""
+        while True:
+            await trio.sleep(self.commit_interval)
+            self._ticked = True
+            self._wakeup.set()
 
     async def _seal_and_place(self) -> PendingBatch | None:
         if self._boundaries:
