@@ -10,8 +10,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 NATIVE := atomicfs/_native$(shell $(PYTHON) -c 'import sysconfig;print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
 DEMO_IMG ?= ./atomicfs.img
 PYTEST_ARGS ?=
+# The applications of tests/apps (make apps, and make test's short form of them).
+APPS_PACKAGES := postgresql mariadb-server sqlite3 fio
+APPS_ARGS ?=
 
-.PHONY: setup deps venv native test test-unit lint demo crashtest bench bench-deps profile apps clean
+.PHONY: setup deps venv native test test-unit test-apps apps-deps lint demo crashtest bench \
+        bench-deps profile apps clean
 
 setup: deps venv native
 	@test -x $(VENV)/bin/atomicfs
@@ -38,7 +42,7 @@ native: $(NATIVE)
 $(NATIVE): native/atomicfs_native.c native/atomicfs_native.h native/build.py $(VENV)/.installed
 	$(PY) native/build.py
 
-test: setup
+test: setup apps-deps
 	CI=$${CI:-} $(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 # Static checks, run before each commit: lint everything, type-check the package.
@@ -60,6 +64,24 @@ crashtest: setup
 
 test-unit: setup
 	$(PY) -m pytest -q tests/unit tests/fs
+
+# Databases and fio for tests/apps: install only what is missing. Debian's packages
+# create (and, where an init system runs, start) their default clusters on port 5432 and
+# the mysql socket; the tests use neither: their servers run on private sockets.
+apps-deps:
+	@missing=""; for p in $(APPS_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; fi
+
+# The short form of the application tests alone (what make test runs of them).
+test-apps: setup apps-deps
+	CI=$${CI:-} $(PY) -m pytest -q $(PYTEST_ARGS) tests/apps
+
+# The long form: fio, SQLite, PostgreSQL and MariaDB with repeated crashes, and pgbench
+# on atomicfs against kernel XFS; a summary table at the end (APPS_ARGS="--only pgbench").
+apps: setup apps-deps
+	$(PY) -m tests.apps.run $(APPS_ARGS)
 
 demo: setup
 	DEMO_IMG=$(DEMO_IMG) $(PY) -m atomicfs.demo
