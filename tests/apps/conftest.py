@@ -43,3 +43,8 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
 @pytest.fixture
 def report() -> Report:
     return Report()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Last line of defence: no lab (servers, mounts, loop devices) outlives the run."""
+    Lab.close_all()

@@ -31,15 +31,17 @@ def size_bytes(size: str) -> int:
     return int(size[:-1]) * units[size[-1].lower()] if size[-1].isalpha() else int(size)
 
 
-def run_fio(jobfile: Path, directory: Path, size: str, verify_only: bool = False,
+def run_fio(jobfile: Path, directory: Path, size: str, aux: Path, verify_only: bool = False,
             timeout: float = 3600) -> FioResult:
     """Run one job file; CheckFailed unless every job ran without error and verified all
-    of its data (each job owns size bytes)."""
+    of its data (each job owns size bytes). aux: where fio leaves its verify state files
+    (outside the filesystem under test)."""
     directory.mkdir(parents=True, exist_ok=True)
-    args = ["fio", f"--directory={directory}", "--output-format=json", str(jobfile)]
+    args = ["fio", f"--directory={directory}", f"--aux-path={aux}", "--output-format=json",
+            str(jobfile)]
     if verify_only:
         args.insert(1, "--verify_only")
-    res = run(args, env={"FIO_SIZE": size}, check=False, timeout=timeout)
+    res = run(args, env={"FIO_SIZE": size}, check=False, timeout=timeout, cwd=str(aux))
     start = res.stdout.find("{")
     try:
         data = json.loads(res.stdout[start:]) if start >= 0 else None

@@ -145,11 +145,14 @@ class Lab:
     reverse order, keeps going when one step fails, and removes the directory only when
     nothing is mounted below it any more."""
 
+    open_labs: "list[Lab]" = []  # for a last sweep (pytest session end, runner exit)
+
     def __init__(self, name: str, keep: bool = False) -> None:
         self.root = Path(tempfile.mkdtemp(prefix=f"atomicfs-{name}-", dir=WORK_BASE))
         os.chmod(self.root, 0o755)
         self.keep = keep or bool(os.environ.get("APPS_KEEP"))
         self._undo: list[tuple[str, Callable[[], None]]] = []
+        Lab.open_labs.append(self)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -168,6 +171,8 @@ class Lab:
     def close(self) -> list[str]:
         """Tear down; returns the steps that failed (also printed)."""
         errors: list[str] = []
+        if self in Lab.open_labs:
+            Lab.open_labs.remove(self)
         while self._undo:
             what, fn = self._undo.pop()
             try:
@@ -181,6 +186,13 @@ class Lab:
             shutil.rmtree(self.root, ignore_errors=True)
         for e in errors:
             print(f"lab cleanup: {e}", file=sys.stderr)
+        return errors
+
+    @classmethod
+    def close_all(cls) -> list[str]:
+        errors: list[str] = []
+        for lab in reversed(list(cls.open_labs)):
+            errors += lab.close()
         return errors
 
     def __enter__(self) -> "Lab":

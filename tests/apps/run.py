@@ -12,6 +12,7 @@ import argparse
 import datetime
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -80,6 +81,19 @@ def main(argv: list[str] | None = None) -> int:
                                                             "(make apps-deps)"] * bool(missing)),
               file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so that every lab is torn down on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return run_all(args, areas)
+    finally:
+        Lab.close_all()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_all(args: argparse.Namespace, areas: list[str]) -> int:
     report = sc.Report()
     started = datetime.datetime.now(datetime.timezone.utc)
     runs: list[tuple[str, str, float]] = []  # label, outcome, seconds

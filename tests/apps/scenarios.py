@@ -78,7 +78,7 @@ def fio_scenario(lab: Lab, report: Report, size: str = "16m") -> None:
     before = mnt.counters()
     for job in files:
         t = time.monotonic()
-        r = fiomod.run_fio(job, mnt.path / job.stem, size)
+        r = fiomod.run_fio(job, mnt.path / job.stem, size, lab.root)
         report.ok(area, f"{job.stem}: {r.jobs} jobs verified",
                   f"{r.written >> 20} MiB written and read back, {r.write_kib_s / 1024:.1f} "
                   "MiB/s", t)
@@ -94,7 +94,7 @@ def fio_scenario(lab: Lab, report: Report, size: str = "16m") -> None:
         raise CheckFailed(f"fsck after fio: {tail(fsck.stdout)}")
     mnt.mount()
     for job in files:
-        fiomod.run_fio(job, mnt.path / job.stem, size, verify_only=True)
+        fiomod.run_fio(job, mnt.path / job.stem, size, lab.root, verify_only=True)
     report.ok(area, "all data verifies again after umount, fsck and mount", "", t)
     # Control: the verification must be able to fail.
     victim = next((mnt.path / "rand-buffered").glob("*"))
@@ -103,7 +103,7 @@ def fio_scenario(lab: Lab, report: Report, size: str = "16m") -> None:
         f.write(b"\xa5" * 64)
     try:
         fiomod.run_fio(fiomod.JOB_DIR / "rand-buffered.fio", mnt.path / "rand-buffered", size,
-                       verify_only=True)
+                       lab.root, verify_only=True)
     except CheckFailed:
         report.ok(area, "control: fio finds a block changed behind its back")
     else:
