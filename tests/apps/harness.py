@@ -344,19 +344,18 @@ DEB_TOOLS = {
 
 
 def pg_bindir() -> str | None:
-    """The newest installed PostgreSQL server's bin directory (Debian layout)."""
-    base = Path("/usr/lib/postgresql")
-    versions = sorted((p for p in base.glob("*/bin/postgres")),
-                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
-                      else 0)
-    return str(versions[-1].parent) if versions else None
+    """The newest installed PostgreSQL server's bin directory (Debian's layout)."""
+    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/postgres")
+             if p.parent.parent.name.isdigit()]
+    return str(max(found, key=lambda b: int(b.parent.name))) if found else None
 
 
 def which(tool: str) -> str | None:
     if tool == "postgres":
-        return os.path.join(pg_bindir() or "", "postgres") if pg_bindir() else None
-    return shutil.which(tool) or next((p for p in (f"/usr/sbin/{tool}",)
-                                       if os.path.exists(p)), None)
+        bindir = pg_bindir()
+        return os.path.join(bindir, "postgres") if bindir else None
+    sbin = f"/usr/sbin/{tool}"  # mariadbd is not on root's PATH everywhere
+    return shutil.which(tool) or (sbin if os.path.exists(sbin) else None)
 
 
 def missing_tools(tools: Iterable[str]) -> list[str]:

@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 import traceback
+from functools import partial
 from typing import Any, Callable
 
 from tests.apps import scenarios as sc
@@ -32,7 +33,7 @@ def plan(quick: bool) -> dict[str, list[tuple[str, Callable[[Lab, sc.Report], An
         return {
             "fio": [("fio", lambda lab, r: sc.fio_scenario(lab, r, size="16m"))],
             "mmap": [("mmap", sc.mmap_scenario)],
-            "sqlite": [(f"sqlite-{m}", lambda lab, r, m=m: sc.sqlite_scenario(lab, r, m))
+            "sqlite": [(f"sqlite-{m}", partial(sc.sqlite_scenario, mode=m))
                        for m in ("delete", "wal")],
             "postgres": [("postgres", lambda lab, r: sc.postgres_scenario(lab, r))],
             "mariadb": [("mariadb", lambda lab, r: sc.mariadb_scenario(lab, r))],
@@ -42,9 +43,10 @@ def plan(quick: bool) -> dict[str, list[tuple[str, Callable[[Lab, sc.Report], An
     return {
         "fio": [("fio", lambda lab, r: sc.fio_scenario(lab, r, size="256m"))],
         "mmap": [("mmap", sc.mmap_scenario)],
-        "sqlite": [(f"sqlite-{m}", lambda lab, r, m=m: sc.sqlite_scenario(
-            lab, r, m, workers=3, transactions=500, kills=3, kill_after=(3.0, 15.0),
-            accounts=2000)) for m in ("delete", "wal")],
+        "sqlite": [(f"sqlite-{m}", partial(sc.sqlite_scenario, mode=m, workers=3,
+                                           transactions=500, kills=3,
+                                           kill_after=(3.0, 15.0), accounts=2000))
+                   for m in ("delete", "wal")],
         "postgres": [("postgres", lambda lab, r: sc.postgres_scenario(
             lab, r, scale=10, clients=4, seconds=60, kills=5, kill_after=(5.0, 45.0)))],
         "mariadb": [("mariadb", lambda lab, r: sc.mariadb_scenario(
