@@ -497,10 +497,22 @@ class NamespaceModel:
         for p, n in moved.items():
             self.paths[dst + p[len(src):]] = n
 
-    def canonical(self) -> str:
-        return canonical_digest(
-            (p, n.kind, n.size, n.xattrs, n.target, nid)
+    def canonical(self) -> NsState:
+        """The state as the oracle compares it: the shape of the tree (names, kinds, links,
+        xattrs, targets) as one digest, and each file's id and size beside it, because a
+        crash may legitimately recover a file shorter than it was (see NamespaceHistory)."""
+        digest = canonical_digest(
+            (p, n.kind, 0, n.xattrs, n.target, nid)
             for p, nid in self.paths.items() for n in [self.nodes[nid]])
+        files = {p: (nid, self.nodes[nid].size) for p, nid in self.paths.items()
+                 if self.nodes[nid].kind == "f"}
+        return NsState(digest, files)
+
+
+@dataclass
+class NsState:
+    digest: str
+    files: dict[str, tuple[int, int]]  # path -> (node id, size)
 
 
 def canonical_digest(entries: Iterable[tuple[str, str, int, dict[str, bytes], str, int]]
@@ -530,17 +542,26 @@ class NsOp:
 
 
 class NamespaceHistory:
-    def __init__(self, ops: list[NsOp], digests: list[str]) -> None:
-        self.ops = ops  # op i leads from state i to state i + 1
-        self.digests = digests  # digests[i]: the state after i operations
-        self.by_digest: dict[str, list[int]] = {}
-        for i, d in enumerate(digests):
-            self.by_digest.setdefault(d, []).append(i)
-        self._required = self._durable_requirements()
+    """The states a namespace workload went through, and which of them a crash may leave.
 
-    def _durable_requirements(self) -> list[tuple[int, int]]:
-        """(ack time, minimum state index) for each fsync: the state must include every
-        earlier operation that touched what the fsync made durable."""
+    The tree's shape must be exactly one state between the last durable one and the last
+    operation started. A file's size may be shorter than that state's: like ext4's
+    i_disksize, the recorded size grows only as data reaches the device, so a write not
+    made durable may be lost from the end of the file (never read back as zeros). It
+    may not be shorter than the smallest size the file had since its last fsync."""
+
+    def __init__(self, ops: list[NsOp], states: list[NsState]) -> None:
+        self.ops = ops  # op i leads from state i to state i + 1
+        self.states = states  # states[i]: the state after i operations
+        self.by_digest: dict[str, list[int]] = {}
+        for i, st in enumerate(states):
+            self.by_digest.setdefault(st.digest, []).append(i)
+        self._required = self._durable_requirements()
+        self._sizes = [{nid: size for nid, size in st.files.values()} for st in states]
+
+    def _durable_requirements(self) -> list[tuple[int, int, int]]:
+        """(ack time, minimum state index, node id or -1) for each fsync: the state must
+        include every earlier operation that touched what the fsync made durable."""
         out = []
         last_touch: dict[int, int] = {}
         for i, op in enumerate(self.ops):
@@ -549,10 +570,28 @@ class NamespaceHistory:
                     need = i
                 else:
                     need = last_touch.get(op.fsync_of, 0)
-                out.append((op.t_end, need))
+                out.append((op.t_end, need, op.fsync_of))
             for nid in op.touched:
                 last_touch[nid] = i + 1
         return out
+
+    def _size_problem(self, view: FsView, k: int, t_crash: int) -> tuple[str, bool] | None:
+        """Why the files' sizes cannot be those of state k after a crash at t_crash (and
+        whether that loses durable data), or None when they can."""
+        for path, (nid, size) in self.states[k].files.items():
+            got = view[path].size
+            if got > size:
+                return f"{path} has {got} bytes, more than the {size} of state {k}", False
+            if got == size:
+                continue
+            durable = max((need for t, need, of in self._required
+                           if t < t_crash and of in (nid, -1)), default=0)
+            floor = min((self._sizes[s].get(nid, size) for s in range(durable, k + 1)),
+                        default=0) if durable else 0
+            if got < floor:
+                return (f"{path} has {got} bytes, fewer than the {floor} made durable by "
+                        f"fsync"), True
+        return None
 
     def summary(self) -> str:
         return f"{len(self.ops)} namespace operations, {len(self._required)} fsyncs"
@@ -561,9 +600,19 @@ class NamespaceHistory:
         v = Verdict()
         digest = view_digest(view)
         started = sum(1 for op in self.ops if op.t_start < t_crash)
-        need = max([n for t, n in self._required if t < t_crash], default=0)
+        need = max([n for t, n, _ in self._required if t < t_crash], default=0)
         matches = self.by_digest.get(digest, [])
-        if any(need <= k <= started for k in matches):
+        problems = [self._size_problem(view, k, t_crash) for k in matches
+                    if need <= k <= started]
+        if problems and None in problems:
+            return v
+        if problems:
+            note, lost = problems[-1]  # type: ignore[misc]
+            if lost:
+                v.lost_writes = 1
+            else:
+                v.namespace_errors = 1
+            v.note(f"namespace: {note}")
             return v
         if any(k < need for k in matches):
             v.lost_writes = 1
@@ -578,7 +627,7 @@ class NamespaceHistory:
 
 
 def view_digest(view: FsView) -> str:
-    return canonical_digest((fv.path, fv.kind, fv.size, fv.xattrs, fv.target or "", fv.ino)
+    return canonical_digest((fv.path, fv.kind, 0, fv.xattrs, fv.target or "", fv.ino)
                             for fv in view.values())
 
 
@@ -603,7 +652,7 @@ class NamespaceWorkload:
         rng = random.Random(f"{seed}:namespace")
         model = NamespaceModel()
         ops: list[NsOp] = []
-        digests = [model.canonical()]
+        states = [model.canonical()]
         for _ in range(self.ops):
             if stop.is_set():
                 break
@@ -615,10 +664,10 @@ class NamespaceWorkload:
                     raise WorkloadError(f"namespace op {ops[-1].what if ops else '?'}: "
                                         f"{exc}") from exc
                 if len(ops) > before:  # the interrupted operation may have happened
-                    digests.append(model.canonical())
+                    states.append(model.canonical())
                 break
-            digests.append(model.canonical())
-        return NamespaceHistory(ops, digests)
+            states.append(model.canonical())
+        return NamespaceHistory(ops, states)
 
     def _one_op(self, root: str, model: NamespaceModel, rng: random.Random,
                 ops: list[NsOp]) -> bool:

@@ -356,7 +356,7 @@ class AtomicFS(pyfuse3.Operations):
         bs = self.vol.bs
         if size < inode.size:
             self.md.truncate_extents(inode, (size + bs - 1) // bs)
-        inode.size = size
+        self.md.set_size(inode, size)
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -802,6 +802,7 @@ class AtomicFS(pyfuse3.Operations):
                 await self.wb.checkpoint()
             while any(f.pins or f.writeback or f.locked for f in m.folios.values()):
                 await trio.sleep(0.001)
+            self.wb.settle_size(node, m)
             self.cache.drop_mapping(node.ino)
 
     async def _control(self, node: Inode, value: bytes,

@@ -136,8 +136,9 @@ class ExtentMap:
 class Inode:
     """One file, directory, symlink or special file."""
 
-    __slots__ = ("ino", "mode", "uid", "gid", "nlink", "size", "atime_ns", "mtime_ns",
-                 "ctime_ns", "btime_ns", "rdev", "generation", "flags", "entries", "parent",
+    __slots__ = ("ino", "mode", "uid", "gid", "nlink", "size", "disk_size", "atime_ns",
+                 "mtime_ns", "ctime_ns", "btime_ns", "rdev", "generation", "flags", "entries",
+                 "parent",
                  "target", "extents", "xattrs", "atomic_unit", "writethrough",
                  "atomic_strict", "lookups", "opens")
 
@@ -147,6 +148,10 @@ class Inode:
         self.uid = self.gid = 0
         self.nlink = 0
         self.size = 0
+        # The size the log and snapshots record: it grows only as far as the data has
+        # reached the device (or the log), so a crash never leaves a file whose tail reads
+        # as zeros where unwritten data was (ext4's i_disksize, XFS's di_size).
+        self.disk_size = 0
         self.atime_ns = self.mtime_ns = self.ctime_ns = self.btime_ns = 0
         self.rdev = 0
         self.generation = 0
@@ -176,13 +181,14 @@ class Inode:
         return stat.S_ISLNK(self.mode)
 
     def record_fields(self) -> tuple[int, ...]:
-        return (self.ino, self.mode, self.uid, self.gid, self.nlink, self.size, self.atime_ns,
-                self.mtime_ns, self.ctime_ns, self.btime_ns, self.rdev, self.generation,
-                self.flags)
+        return (self.ino, self.mode, self.uid, self.gid, self.nlink, self.disk_size,
+                self.atime_ns, self.mtime_ns, self.ctime_ns, self.btime_ns, self.rdev,
+                self.generation, self.flags)
 
     def set_fields(self, f: tuple[int, ...]) -> None:
         (_, mode, self.uid, self.gid, self.nlink, self.size, self.atime_ns, self.mtime_ns,
          self.ctime_ns, self.btime_ns, self.rdev, self.generation, self.flags) = f
+        self.disk_size = self.size
         if stat.S_IFMT(mode) != stat.S_IFMT(self.mode):
             raise CorruptFilesystem(f"inode {self.ino} changes its type")
         self.mode = mode
@@ -217,6 +223,23 @@ class Metadata:
     def _release(self, extents: list[Extent]) -> None:
         if extents and self.sink is not None:
             self.sink.release(extents)
+
+    def data_written(self, inode: Inode, end: int) -> None:
+        """Data up to file offset end reached the device or the log: the recorded size may
+        follow the file's size that far."""
+        size = min(inode.size, end)
+        if size > inode.disk_size:
+            inode.disk_size = size
+            self.mark_dirty(inode, size_changed=True)
+
+    def set_size(self, inode: Inode, size: int) -> None:
+        """A truncate: the file's size is size; the recorded size shrinks with it, and grows
+        only if all data up to the old size is recorded (the rest is a hole)."""
+        if size < inode.size:
+            inode.disk_size = min(inode.disk_size, size)
+        elif inode.disk_size >= inode.size:
+            inode.disk_size = size
+        inode.size = size
 
     def mark_dirty(self, inode: Inode, size_changed: bool = False) -> None:
         """The inode's attributes changed; log them with the next batch."""

@@ -351,8 +351,10 @@ class Writeback:
             out.meta_changed = True
             m.meta_seq = self.journal.pending_seq
         m.flush_gen = out.flush_gen = max(m.flush_gen, gen)
+        self.md.data_written(inode, (fb + nb) * self.bs)
         self._wb_failures.pop((m.ino, folio.index), None)
         self.cache.end_writeback(folio)
+        self.settle_size(inode, m)
         self.counters.atomic_writebacks_hardware += 1
         self.counters.writeback_ios += 1
         self.counters.writeback_bytes += m.folio_size
@@ -405,6 +407,8 @@ class Writeback:
         self.cache.set_logged(folio, seq)
         out.logged_seq = max(out.logged_seq, seq)
         m.meta_seq = max(m.meta_seq, seq)
+        self.md.data_written(inode, (folio.fblock + mask.bit_length()) * bs)
+        self.settle_size(inode, m)
         if was_atomic:
             self.counters.atomic_writebacks_software += 1
         if self.cache.logged_bytes > self.cache.limit // 4:
@@ -488,6 +492,8 @@ class Writeback:
                 out.meta_changed = True
                 m.meta_seq = self.journal.pending_seq
             m.flush_gen = out.flush_gen = max(m.flush_gen, gen)
+            self.md.data_written(inode, max((f.fblock + mask.bit_length()) * self.bs
+                                            for f, mask in io.parts))
             self.counters.writeback_ios += 1
             self.counters.writeback_bytes += io.nblocks * self.bs
 
@@ -504,6 +510,7 @@ class Writeback:
                 continue
             self._wb_failures.pop((m.ino, folio.index), None)
             self.cache.end_writeback(folio)
+        self.settle_size(inode, m)
         if errors:
             parts = [(f, failed[id(f)]) for f, _ in started.values() if id(f) in failed]
             self._write_failed(m, parts, errors[0], writethrough, out)
@@ -604,6 +611,15 @@ class Writeback:
             else:
                 self.cache.end_writeback(folio, mask, restore_atomic=restore_atomic)
 
+    def settle_size(self, inode: Inode, m: Mapping | None) -> None:
+        """Nothing of the file is dirty or being written: all its data is recorded, so
+        the recorded size may be its size (the rest, if any, is a hole made by truncate)."""
+        if inode.disk_size >= inode.size:
+            return
+        if m is None or not (m.dirty or any(f.writeback and f.wb_mask
+                                            for f in m.busy.values())):
+            self.md.data_written(inode, inode.size)
+
     # ------------------------------------------------------------- write-through
 
     def inode_written(self, inode: Inode, size_grew: bool) -> None:
@@ -655,6 +671,7 @@ class Writeback:
         m = self.cache.mappings.get(inode.ino)
         if m is not None:
             await self.writeback_mapping(inode, m, wait=True)
+        self.settle_size(inode, m)
         # fsync commits everything logged so far (nothing to do costs nothing);
         # fdatasync only what this file's data needs.
         if not datasync or self.md.size_dirty(inode.ino) or \
@@ -674,6 +691,10 @@ class Writeback:
                 continue
             out = await self.writeback_mapping(inode, m, wait=True)
             ok &= not out.failed
+        for ino, m in list(self.cache.mappings.items()):
+            inode = self.md.inodes.get(ino)
+            if inode is not None:
+                self.settle_size(inode, m)
         await self.journal.commit()
         await self.dev.flush()
         return ok

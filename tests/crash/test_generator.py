@@ -242,4 +242,29 @@ def test_namespace_oracle_accepts_prefixes_only() -> None:
     assert h.check(view(), 70).lost_writes == 1     # the fsync made "b" durable
     assert h.check(view("b"), 25).namespace_errors == 1  # rename had not started
     assert h.check(view("a", "b"), 70).namespace_errors == 1  # never a state
-    assert view_digest(view("b")) == digests[2]
+    assert view_digest(view("b")) == digests[2].digest
+
+
+def test_namespace_oracle_allows_files_short_of_unsynced_writes_only() -> None:
+    model = NamespaceModel()
+    states = [model.canonical()]
+    a = model.add("a", _Node("f"))
+    states.append(model.canonical())
+    model.nodes[a].size = 1000
+    states.append(model.canonical())
+    model.nodes[a].size = 5000
+    states.append(model.canonical())
+    ops = [NsOp("create a", 10, 20, frozenset({0, a})),
+           NsOp("write a 0+1000", 30, 40, frozenset({a})),
+           NsOp("fsync a", 50, 60, fsync_of=a),
+           NsOp("write a 1000+4000", 70, 80, frozenset({a}))]
+    states.insert(3, states[2])  # the fsync changes nothing
+    h = NamespaceHistory(ops, states)
+
+    def view(size: int) -> dict[str, FileView]:
+        return {"a": FileView("a", "f", 5, size, {})}
+    assert h.check(view(0), 45).ok  # the write was not durable yet
+    assert h.check(view(4096), 90).ok  # the tail of an unsynced write is lost
+    assert h.check(view(5000), 90).ok
+    assert h.check(view(500), 90).lost_writes == 1  # shorter than the fsync left it
+    assert h.check(view(6000), 90).namespace_errors == 1  # never that long

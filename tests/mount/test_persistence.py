@@ -242,3 +242,25 @@ def test_unlinked_open_file_at_crash_is_removed_by_the_next_mount(
     again.umount()
     res = cli("fsck", mnt.target)
     assert "unlinked but was open" not in res.stdout and "clean" in res.stdout
+
+
+def test_unsynced_file_never_comes_back_as_zeros(mnt: Mount, mounter: MountFactory) -> None:
+    """A crash may lose data that was never fsync'ed, but the recorded size follows the
+    data: a file is never brought back at its full size with zeros where its data was,
+    even when another file's fsync commits the log meanwhile."""
+    data = bytes(range(256)) * 4096  # 1 MiB, no zero bytes runs of a block
+    with open(mnt / "unsynced", "wb") as f:
+        f.write(data)
+    with open(mnt / "other", "wb") as f:
+        f.write(b"x")
+        f.flush()
+        os.fsync(f.fileno())  # commits the log: before the fix, with unsynced's size
+    mnt.kill()
+    m2 = mounter(mnt.target)
+    with open(m2 / "other", "rb") as f:
+        assert f.read() == b"x"
+    with open(m2 / "unsynced", "rb") as f:
+        got = f.read()
+    assert got == data[: len(got)], "the recovered part must be the data written"
+    for i in range(0, len(got), 4096):
+        assert got[i: i + 4096] != bytes(4096), f"a zero block at {i} of {len(got)}"

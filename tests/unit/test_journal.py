@@ -520,6 +520,7 @@ async def test_records_after_the_checkpoint_seal_stay_in_the_log(fs_image: str) 
         md.map_extent(f, 1, d + 1, 1)
         data = pattern(7, BS)
         j.append_data(f.ino, 0, 1, d + 1, payload(data), 1)
+        md.data_written(f, 2 * BS)
         md.set_xattr(f, b"user.after", b"1")
         await j.commit(boundary)
         await j.commit()  # an fsync of f: everything above is durable now

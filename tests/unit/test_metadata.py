@@ -357,9 +357,9 @@ def test_flush_dirty_emits_one_inode_record_per_dirty_inode() -> None:
     md.add_entry(md.root, b"f", f, now=1)
     cleared, cleared_bytes = len(sink.records), len(sink.stream())
     sink.records.clear()
-    f.size = 100
+    md.set_size(f, 100)
     md.mark_dirty(f)
-    f.size = 200  # the record carries the state at flush time
+    md.set_size(f, 200)  # the record carries the state at flush time
     md.mark_dirty(f)
     md.mark_dirty(md.root)
     assert md.is_dirty(f.ino)
@@ -462,3 +462,22 @@ def test_inode_kinds() -> None:
     assert Inode(5, stat.S_IFDIR).entries == {}
     sym = Inode(5, stat.S_IFLNK)
     assert sym.extents is None and sym.entries is None and sym.is_symlink
+
+
+def test_recorded_size_follows_written_data_only() -> None:
+    """A write past the end grows the size at once but the recorded size only as the
+    data reaches the device, so a crash never leaves a tail of zeros."""
+    md, _ = new_md()
+    f = md.new_inode(stat.S_IFREG | 0o644, 0, 0, now=1)
+    f.size = 3 * 4096  # a buffered write extended the file (pagecache does this)
+    assert f.record_fields()[5] == 0
+    md.data_written(f, 4096)  # its first block went out
+    assert f.record_fields()[5] == 4096 and md.size_dirty(f.ino)
+    md.set_size(f, 5 * 4096)  # truncate up over unwritten data: no growth yet
+    assert f.size == 5 * 4096 and f.record_fields()[5] == 4096
+    md.data_written(f, 1 << 40)  # never past the size
+    assert f.record_fields()[5] == 5 * 4096
+    md.set_size(f, 100)  # truncate down shrinks both
+    assert f.size == f.record_fields()[5] == 100
+    md.set_size(f, 8192)  # truncate up of a fully recorded file: a hole, recorded
+    assert f.record_fields()[5] == 8192
