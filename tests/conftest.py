@@ -7,6 +7,7 @@ session finaliser sweeps up anything left under the test's temporary directories
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+
+from atomicfs.crash_env import wait_gone
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ATOMICFS = [sys.executable, "-m", "atomicfs"]
@@ -115,16 +118,14 @@ def loop_device(mount_env: None, tmp_path: Path) -> Iterator[str]:
         detach_loop(dev)
 
 
-@pytest.fixture(scope="session")
-def xfs_dir(mount_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A directory on kernel XFS (on a loop device), where image files report atomic
-    write limits: the hardware path is tested there, for real."""
-    need(shutil.which("mkfs.xfs"), "mkfs.xfs (package xfsprogs)")
-    base = tmp_path_factory.mktemp("xfs")
-    img = base / "xfs.img"
+@contextlib.contextmanager
+def kernel_fs(base: Path, size: int, mkfs: list[str]) -> Iterator[str]:
+    """A kernel filesystem made by mkfs on a sparse image of size bytes under base, on a
+    loop device, mounted; unmounted and detached afterwards."""
+    img = base / "fs.img"
     with open(img, "wb") as f:
-        f.truncate(3 << 30)
-    run("mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(img))
+        f.truncate(size)
+    run(*mkfs, str(img))
     mnt = base / "mnt"
     mnt.mkdir()
     dev = attach_loop(str(img))
@@ -137,6 +138,16 @@ def xfs_dir(mount_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             _unmount_kernel(str(mnt))
     finally:
         detach_loop(dev)
+
+
+@pytest.fixture(scope="session")
+def xfs_dir(mount_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A directory on kernel XFS (on a loop device), where image files report atomic
+    write limits: the hardware path is tested there, for real."""
+    need(shutil.which("mkfs.xfs"), "mkfs.xfs (package xfsprogs)")
+    with kernel_fs(tmp_path_factory.mktemp("xfs"), 3 << 30,
+                   ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"]) as mnt:
+        yield mnt
 
 
 def _unmount_kernel(path: str) -> None:
@@ -199,7 +210,7 @@ class Mount:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            _wait_gone(self.pid)
+            wait_gone(self.pid)
         run("fusermount3", "-u", "-z", self.path, check=False)
 
     def cleanup(self) -> None:
@@ -212,19 +223,6 @@ class Mount:
         except subprocess.TimeoutExpired:
             pass
         self.kill()
-
-
-def _wait_gone(pid: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().split(") ", 1)[1][0] == "Z":
-                    return
-        except (ProcessLookupError, FileNotFoundError):
-            return
-        time.sleep(0.02)
 
 
 MountFactory = Callable[..., Mount]

@@ -138,6 +138,47 @@ def kill_pids(pids: Iterable[int], timeout: float = 30) -> None:
             time.sleep(0.02)
 
 
+class Server:
+    """A database server started as our child, with its log file: what the PostgreSQL
+    and MariaDB drivers share."""
+
+    logfile: Path
+    proc: subprocess.Popen[bytes] | None
+    shutdown_signal = signal.SIGTERM
+    shutdown_timeout = 120.0
+
+    def start(self, timeout: float = 600) -> None:
+        raise NotImplementedError
+
+    def freeze(self) -> list[int]:
+        """Stop the server where it stands (the first half of a crash); its pids."""
+        raise NotImplementedError
+
+    def kill(self, frozen: Sequence[int] = ()) -> None:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        """Ask the server to stop, then kill what is left (the lab's teardown)."""
+        if self.proc is None:
+            return
+        if pid_alive(self.proc.pid):
+            self.proc.send_signal(self.shutdown_signal)
+            try:
+                self.proc.wait(self.shutdown_timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def log_text(self) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return tail(self.log_text(), lines)
+
+
 # --------------------------------------------------------------------------------- lab
 
 class Lab:

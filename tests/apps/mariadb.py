@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Sequence
 
-from tests.apps.harness import (CheckFailed, Lab, kill_pids, pid_alive, run, tail, wait_for,
+from tests.apps.harness import (CheckFailed, Lab, Server, kill_pids, run, tail, wait_for,
                                 which)
 
 USER = "mysql"
@@ -42,7 +42,7 @@ DELIMITER ;
 O_DIRECT = 0o40000
 
 
-class MariaServer:
+class MariaServer(Server):
     def __init__(self, lab: Lab, datadir: Path, flush_method: str = "O_DIRECT",
                  name: str = "mariadb") -> None:
         if which("mariadbd") is None:
@@ -115,28 +115,6 @@ class MariaServer:
         self.proc.wait(60)
         self.proc = None
 
-    def cleanup(self) -> None:
-        if self.proc is None:
-            return
-        if pid_alive(self.proc.pid):
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return tail(self.logfile.read_text(errors="replace"), lines)
-        except OSError:
-            return ""
-
-    def log_text(self) -> str:
-        try:
-            return self.logfile.read_text(errors="replace")
-        except OSError:
-            return ""
 
     # ------------------------------------------------------------------ clients
 

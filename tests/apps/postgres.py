@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 from typing import Sequence
 
-from tests.apps.harness import (CheckFailed, Lab, freeze_tree, kill_pids, pg_bindir,
-                                pid_alive, run, tail, wait_for)
+from tests.apps.harness import (CheckFailed, Lab, Server, freeze_tree, kill_pids, pg_bindir,
+                                run, tail, wait_for)
 
 USER = "postgres"
 
@@ -26,7 +26,10 @@ COMMON_SETTINGS: dict[str, str] = {
 }
 
 
-class PgServer:
+class PgServer(Server):
+    shutdown_signal = signal.SIGQUIT  # immediate shutdown
+    shutdown_timeout = 30.0
+
     def __init__(self, lab: Lab, datadir: Path, settings: dict[str, str], name: str = "pg"
                  ) -> None:
         bindir = pg_bindir()
@@ -104,25 +107,6 @@ class PgServer:
         self.proc.wait(60)
         self.proc = None
 
-    def cleanup(self) -> None:
-        if self.proc is None:
-            return
-        if pid_alive(self.proc.pid):
-            try:
-                self.proc.send_signal(signal.SIGQUIT)  # immediate shutdown
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return tail(self.logfile.read_text(errors="replace"), lines)
-        except OSError:
-            return ""
-
-    def log_text(self) -> str:
-        return self.logfile.read_text(errors="replace")
 
     # ------------------------------------------------------------------ clients
 

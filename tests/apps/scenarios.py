@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Any, Callable
 
 from tests.apps import fio as fiomod
 from tests.apps import sqlitedb
-from tests.apps.harness import (AtomicMount, CheckFailed, Lab, atomic_writebacks, atomicfs,
-                                counter_delta, kernel_mount, kill_pids, loop_device,
+from tests.apps.harness import (AtomicMount, CheckFailed, Lab, Server, atomic_writebacks,
+                                atomicfs, counter_delta, kernel_mount, kill_pids, loop_device,
                                 set_unit, tail)
 from tests.apps.mariadb import MariaServer
 from tests.apps.postgres import PgServer
@@ -63,6 +64,31 @@ def crash(mount: AtomicMount, freeze: Callable[[], list[int]],
     frozen = freeze()
     mount.kill()
     kill(frozen)
+
+
+def crash_under_load(mnt: AtomicMount, server: Server, load: subprocess.Popen[bytes],
+                     log: Path, what: str, delay: float) -> None:
+    """Let the client load run for delay seconds, cut the power under the server and the
+    filesystem, and mount again."""
+    try:
+        time.sleep(delay)
+        if load.poll() is not None:
+            raise CheckFailed(f"{what} ended before the crash:\n" + tail(log.read_text()))
+        crash(mnt, server.freeze, server.kill)
+    finally:
+        if load.poll() is None:
+            load.kill()
+        load.wait(60)
+    mnt.mount()
+
+
+def restart_after_crash(server: Server, marker: str) -> None:
+    """Start the server again; its log must show that it ran crash recovery."""
+    log_from = len(server.log_text())
+    server.start()
+    recovery = server.log_text()[log_from:]
+    if marker not in recovery:
+        raise CheckFailed(f"no crash recovery in the server log:\n{tail(recovery)}")
 
 
 # --------------------------------------------------------------------------------- fio
@@ -259,24 +285,10 @@ def postgres_scenario(lab: Lab, report: Report, scale: int = 2, clients: int = 4
     for i in range(kills):
         t = time.monotonic()
         rows_before = got["history_rows"]
-        bench = pg.pgbench_start(clients, 3600, lab.path(f"pgbench-{i}.log"))
-        try:
-            delay = rnd.uniform(*kill_after)
-            time.sleep(delay)
-            if bench.poll() is not None:
-                raise CheckFailed("pgbench ended before the crash:\n" +
-                                  tail(lab.path(f"pgbench-{i}.log").read_text()))
-            crash(mnt, pg.freeze, pg.kill)
-        finally:
-            if bench.poll() is None:
-                bench.kill()
-            bench.wait(60)
-        mnt.mount()
-        log_from = len(pg.log_text())
-        pg.start()
-        recovery = pg.log_text()[log_from:]
-        if "automatic recovery in progress" not in recovery:
-            raise CheckFailed(f"no crash recovery in the server log:\n{tail(recovery)}")
+        log = lab.path(f"pgbench-{i}.log")
+        delay = rnd.uniform(*kill_after)
+        crash_under_load(mnt, pg, pg.pgbench_start(clients, 3600, log), log, "pgbench", delay)
+        restart_after_crash(pg, "automatic recovery in progress")
         got = pg.check_consistency()
         if got["history_rows"] < rows_before:
             raise CheckFailed(f"{rows_before - got['history_rows']} transactions committed "
@@ -343,24 +355,10 @@ def mariadb_scenario(lab: Lab, report: Report, transactions: int = 2000, clients
               f"tables, {atomic_writebacks(delta)} atomic 16 KiB writebacks", t)
     for i in range(kills):
         t = time.monotonic()
-        slap = db.slap_start(clients, lab.path(f"slap-{i}.log"))
-        try:
-            delay = rnd.uniform(*kill_after)
-            time.sleep(delay)
-            if slap.poll() is not None:
-                raise CheckFailed("mariadb-slap ended before the crash:\n" +
-                                  tail(lab.path(f"slap-{i}.log").read_text()))
-            crash(mnt, db.freeze, db.kill)
-        finally:
-            if slap.poll() is None:
-                slap.kill()
-            slap.wait(60)
-        mnt.mount()
-        log_from = len(db.log_text())
-        db.start()
-        recovery = db.log_text()[log_from:]
-        if "crash recovery" not in recovery:
-            raise CheckFailed(f"no InnoDB crash recovery in the log:\n{tail(recovery)}")
+        log = lab.path(f"slap-{i}.log")
+        delay = rnd.uniform(*kill_after)
+        crash_under_load(mnt, db, db.slap_start(clients, log), log, "mariadb-slap", delay)
+        restart_after_crash(db, "crash recovery")
         got = db.check_consistency()
         report.ok(area, f"crash {i + 1} after {delay:.1f}s of mariadb-slap: recovered",
                   f"CHECK TABLE clean on {got['tables_checked']} tables, balances agree, "

@@ -19,8 +19,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.conftest import (_SESSION_DIRS, Mount, MountFactory, _unmount_kernel, attach_loop,
-                            cli, detach_loop, make_image, need, run)
+from tests.conftest import Mount, MountFactory, cli, kernel_fs, make_image, need
 
 _libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
@@ -71,24 +70,11 @@ def sha256_of(path: str) -> str:
 def ext4_root(mount_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A kernel ext4 on a loop device, for reference behaviour."""
     need(shutil.which("mkfs.ext4"), "mkfs.ext4 (package e2fsprogs)")
-    base = tmp_path_factory.mktemp("ext4")
-    img = base / "ext4.img"
-    with open(img, "wb") as f:
-        f.truncate(256 << 20)
-    run("mkfs.ext4", "-q", "-F", "-b", "4096", str(img))  # as atomicfs: 4 KiB blocks
-    mnt = base / "mnt"
-    mnt.mkdir()
-    dev = attach_loop(str(img))
-    try:
-        run("mount", dev, str(mnt))
-        _SESSION_DIRS.append(str(mnt))
-        try:
-            os.chmod(mnt, 0o755)
-            yield str(mnt)
-        finally:
-            _unmount_kernel(str(mnt))
-    finally:
-        detach_loop(dev)
+    # as atomicfs: 4 KiB blocks
+    with kernel_fs(tmp_path_factory.mktemp("ext4"), 256 << 20,
+                   ["mkfs.ext4", "-q", "-F", "-b", "4096"]) as mnt:
+        os.chmod(mnt, 0o755)
+        yield mnt
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from atomicfs.device import Device
 from atomicfs.errors import CorruptFilesystem, NotAtomicfs
 from atomicfs.journal import read_superblock, superblock_offset, write_superblock_sync
 from atomicfs.mkfs import mkfs
+from tests.unit.fsutil import scribble
 
 
 def make_sb(**changes: int) -> fmt.Superblock:
@@ -99,15 +100,6 @@ def _read_sb(path: str) -> fmt.Superblock:
         dev.close()
 
 
-def _scribble(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def test_read_superblock_picks_the_higher_sequence(fs_image: str) -> None:
     sb = _read_sb(fs_image)
     assert sb.seq == 1  # mkfs writes seq 0 into slot 0 and seq 1 into slot 1
@@ -128,11 +120,11 @@ def test_read_superblock_falls_back_when_the_newer_slot_is_torn(fs_image: str,
     sb = _read_sb(fs_image)
     _rewrite_slot(fs_image, dataclasses.replace(sb, seq=2, next_ino=77))  # slot 0
     if how == "garbage":
-        _scribble(fs_image, 0, random.Random(1).randbytes(4096))
+        scribble(fs_image, 0, random.Random(1).randbytes(4096))
     elif how == "zero-sector":
-        _scribble(fs_image, 0, bytes(512))  # a torn write: the first sector never landed
+        scribble(fs_image, 0, bytes(512))  # a torn write: the first sector never landed
     else:
-        _scribble(fs_image, 40, b"\xff")  # a flipped field inside the checksummed body
+        scribble(fs_image, 40, b"\xff")  # a flipped field inside the checksummed body
     got = _read_sb(fs_image)
     assert (got.seq, got.next_ino) == (1, sb.next_ino)
 
@@ -141,7 +133,7 @@ def test_read_superblock_slot_one_of_a_larger_block_size(tmp_path: Path) -> None
     """With 8 KiB blocks slot B sits at 8 KiB; it is found when slot A is unreadable."""
     path = str(tmp_path / "big.img")
     mkfs(path, size=fmt.MIN_SIZE, block_size=8192)
-    _scribble(path, 0, bytes(4096))
+    scribble(path, 0, bytes(4096))
     sb = _read_sb(path)
     assert (sb.block_size, sb.seq) == (8192, 1)
 
@@ -158,14 +150,14 @@ def test_read_superblock_ignores_a_slot_of_another_filesystem(fs_image: str,
     _rewrite_slot(fs_image, dataclasses.replace(sb, seq=2))  # slot 0 valid, seq 2
     foreign = fmt.Superblock.unpack(foreign_slot)
     foreign.seq = 5
-    _scribble(fs_image, 4096, foreign.pack())  # slot 1: valid but another uuid
+    scribble(fs_image, 4096, foreign.pack())  # slot 1: valid but another uuid
     got = _read_sb(fs_image)
     assert got.uuid == sb.uuid and got.seq == 2
 
 
 def test_read_superblock_both_slots_damaged(fs_image: str) -> None:
-    _scribble(fs_image, 100, b"\xff\xff")
-    _scribble(fs_image, 4096 + 100, b"\xff\xff")
+    scribble(fs_image, 100, b"\xff\xff")
+    scribble(fs_image, 4096 + 100, b"\xff\xff")
     with pytest.raises(NotAtomicfs, match="damaged"):
         _read_sb(fs_image)
 
