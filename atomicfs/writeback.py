@@ -216,6 +216,11 @@ class Writeback:
         (and, for writethrough, for the log batch) but does not flush. sync: the caller
         makes the data durable at once (fsync, write-through)."""
         out = WriteOutcome()
+        if sync or writethrough:
+            # A folio under I/O is skipped below. One under a checkpoint's home copy (of
+            # its logged, clean blocks) may still have other dirty blocks: wait, so that
+            # this call writes them, or fsync would return without them.
+            await self._wait_idle([f for f, _ in items])
         hw: list[Folio] = []
         logged: list[tuple[Folio, int]] = []
         inplace: list[tuple[Folio, int]] = []
@@ -271,6 +276,18 @@ class Writeback:
                 self.cache.end_writeback(folio, folio.wb_mask if failed else 0,
                                          restore_atomic=was_atomic and failed)
         return out
+
+    @staticmethod
+    async def _wait_idle(folios: list[Folio]) -> None:
+        """Return when none of the folios is locked or under writeback (in one step with
+        what the caller does next, if that does not await)."""
+        while True:
+            busy = [f for f in folios if f.writeback or f.locked]
+            if not busy:
+                return
+            for folio in busy:
+                while folio.writeback or folio.locked:
+                    await folio.wait_unlocked_or_written()
 
     async def _still_dirty(self, m: Mapping, items: list[tuple[Folio, int]],
                            out: WriteOutcome) -> list[tuple[Folio, int]]:
@@ -365,20 +382,26 @@ class Writeback:
                             holds: list[tuple[Folio, bool]]) -> None:
         """Copy the blocks into DATA records of the pending log batch (software path)."""
         bs = self.bs
-        await self.journal.wait_for_room(popcount(mask) * bs + 256)
-        # From here to the end nothing awaits: the copy, the records and the state change
-        # are one step.
-        # An atomic folio goes into the log whole, even if it was partly dirty when it was
-        # picked and a whole-unit write has made it atomic since.
-        mask = folio.dirty if folio.atomic else mask & folio.dirty
-        if not mask or folio.writeback or folio.locked:
-            # Another task took these blocks while we waited for room: a write-through
-            # must still wait for the batch (or device write) that carries them.
+        wanted = mask
+        while True:
+            await self.journal.wait_for_room(popcount(wanted) * bs + 256)
+            # From here to the end nothing awaits: the copy, the records and the state
+            # change are one step.
+            # An atomic folio goes into the log whole, even if it was partly dirty when it
+            # was picked and a whole-unit write has made it atomic since.
+            mask = folio.dirty if folio.atomic else wanted & folio.dirty
+            if mask and not (folio.writeback or folio.locked):
+                break
+            # Another task took the folio while we waited for room: a write-through must
+            # still wait for the batch (or device write) that carries its blocks, and
+            # blocks still dirty after that (a checkpoint's home copy takes none) are
+            # ours to write.
             while folio.writeback or folio.locked:
                 await folio.wait_unlocked_or_written()
             out.logged_seq = max(out.logged_seq, folio.logged_seq)
             m.flush_gen = out.flush_gen = max(out.flush_gen, m.flush_gen)
-            return
+            if not (folio.dirty if folio.atomic else wanted & folio.dirty):
+                return
         holes = [(f, k) for b, n in mask_runs(mask)
                  for f, d, k in extents_of(inode).runs(folio.fblock + b, n) if d is None]
         if holes:

@@ -268,3 +268,40 @@ def test_checkpoint_writes_home_every_block_of_partly_overwritten_log_records(
     m2 = mounter(image)
     with open(m2 / "f", "rb") as f:
         assert f.read() == b"a" * 4096 + b"B" * 4096 + b"c" * 4096 + b"d" * 4096
+
+
+def test_fsync_during_a_home_copy_still_writes_the_folios_other_blocks(
+        image: str, mounter: MountFactory) -> None:
+    """A checkpoint copying a folio's logged blocks home holds the folio (as writeback of
+    no dirty blocks). An fsync meanwhile must wait and write the folio's other dirty
+    blocks; it used to skip the busy folio and return without them."""
+    m = mounter(image)
+    path = m / "f"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_DSYNC, 0o644)
+    os.pwrite(fd, b"a" * 4096, 0)  # small new data with O_DSYNC: into the log
+    os.close(fd)
+    assert m.stat()["log"]["resident_folios"] >= 1
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"b" * 4096, 8192)  # buffered, in the same folio: dirty
+        m.control("delay=400")  # every device write now takes 0.4 s
+
+        def checkpoint() -> None:
+            try:
+                m.control("checkpoint")
+            except OSError:
+                pass  # the daemon is killed below
+        t = threading.Thread(target=checkpoint)
+        t.start()
+        deadline = time.monotonic() + 30
+        while m.stat("f")["folios"]["writeback"] == 0:  # the home copy holds the folio
+            assert time.monotonic() < deadline, "the checkpoint never wrote the folio home"
+            time.sleep(0.002)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    m.kill()
+    t.join(60)
+    m2 = mounter(image)
+    with open(m2 / "f", "rb") as f:
+        assert f.read() == b"a" * 4096 + bytes(4096) + b"b" * 4096
