@@ -278,13 +278,15 @@ class Writeback:
         return out
 
     @staticmethod
-    async def _wait_idle(folios: list[Folio]) -> None:
+    async def _wait_idle(folios: list[Folio]) -> bool:
         """Return when none of the folios is locked or under writeback (in one step with
-        what the caller does next, if that does not await)."""
+        what the caller does next, if that does not await); whether any was."""
+        waited = False
         while True:
             busy = [f for f in folios if f.writeback or f.locked]
             if not busy:
-                return
+                return waited
+            waited = True
             for folio in busy:
                 while folio.writeback or folio.locked:
                     await folio.wait_unlocked_or_written()
@@ -295,13 +297,7 @@ class Writeback:
         some of these meanwhile: wait for that (fsync and write-through must cover it),
         then keep only blocks still dirty. Returns when none is busy, so that planning
         and starting the writes that follow happen in one step."""
-        while True:
-            busy = [f for f, _ in items if f.writeback or f.locked]
-            if not busy:
-                break
-            for folio in busy:
-                while folio.writeback or folio.locked:
-                    await folio.wait_unlocked_or_written()
+        if await self._wait_idle([f for f, _ in items]):
             m.flush_gen = out.flush_gen = max(out.flush_gen, m.flush_gen)
         return [(f, mask & f.dirty) for f, mask in items if mask & f.dirty]
 
@@ -328,8 +324,7 @@ class Writeback:
         # Writing the folios before this one awaited: another task may have taken this
         # one meanwhile. Wait for it, then write only what is still dirty; skipping it
         # ("a later writeback takes it") would let fsync return without its data.
-        while folio.writeback or folio.locked:
-            await folio.wait_unlocked_or_written()
+        await self._wait_idle([folio])
         if not folio.dirty:
             m.flush_gen = out.flush_gen = max(out.flush_gen, m.flush_gen)
             return True
@@ -396,8 +391,7 @@ class Writeback:
             # still wait for the batch (or device write) that carries its blocks, and
             # blocks still dirty after that (a checkpoint's home copy takes none) are
             # ours to write.
-            while folio.writeback or folio.locked:
-                await folio.wait_unlocked_or_written()
+            await self._wait_idle([folio])
             out.logged_seq = max(out.logged_seq, folio.logged_seq)
             m.flush_gen = out.flush_gen = max(out.flush_gen, m.flush_gen)
             if not (folio.dirty if folio.atomic else wanted & folio.dirty):
