@@ -233,14 +233,20 @@ class Mount:
 
     def kill(self) -> None:
         """SIGKILL the daemon (a crash) and detach the dead mount."""
-        if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            wait_gone(self.pid)
-        run(["fusermount3", "-u", "-z", self.path], check=False)
+        kill_daemon(self.pid, self.path)
         self.live = False
+
+
+def kill_daemon(pid: int, mountpoint: str) -> None:
+    """The crash: SIGKILL the daemon (pid 0: none known), wait until it is gone, and
+    detach its dead mount."""
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        wait_gone(pid)
+    run(["fusermount3", "-u", "-z", mountpoint], check=False)
 
 
 def wait_gone(pid: int, timeout: float = 30) -> None:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from atomicfs.crash_env import wait_gone
+from atomicfs.crash_env import kill_daemon
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ATOMICFS = [sys.executable, "-m", "atomicfs"]
@@ -205,13 +204,7 @@ class Mount:
 
     def kill(self) -> None:
         """SIGKILL the daemon (a crash) and detach the dead mount."""
-        if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            wait_gone(self.pid)
-        run("fusermount3", "-u", "-z", self.path, check=False)
+        kill_daemon(self.pid, self.path)
 
     def cleanup(self) -> None:
         if not self.alive:

@@ -144,8 +144,24 @@ class Server:
 
     logfile: Path
     proc: subprocess.Popen[bytes] | None
-    shutdown_signal = signal.SIGTERM
+    program = "server"  # for messages
+    stop_signal = signal.SIGTERM  # a clean shutdown (stop)
+    shutdown_signal = signal.SIGTERM  # the lab's teardown (cleanup)
     shutdown_timeout = 120.0
+
+    def stop(self, timeout: float = 600) -> None:
+        """A clean shutdown; CheckFailed unless the server exits 0 in time."""
+        if self.proc is None:
+            return
+        self.proc.send_signal(self.stop_signal)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise CheckFailed(f"{self.program} did not stop within {timeout:.0f}s") from None
+        if self.proc.returncode != 0:
+            raise CheckFailed(f"{self.program} exited {self.proc.returncode} at shutdown:\n"
+                              f"{self.log_tail()}")
+        self.proc = None
 
     def start(self, timeout: float = 600) -> None:
         raise NotImplementedError
@@ -346,6 +362,14 @@ class AtomicMount:
 
     def fsck(self) -> subprocess.CompletedProcess[str]:
         return atomicfs("fsck", self.target, check=False)
+
+    def umount_and_fsck(self, after: str = "") -> None:
+        """Unmount (everything written back), then fsck: CheckFailed unless clean."""
+        self.umount()
+        res = self.fsck()
+        if res.returncode != 0:
+            where = f" after {after}" if after else ""
+            raise CheckFailed(f"fsck{where}: {tail(res.stdout)}")
 
     def cleanup(self) -> None:
         if not self.mounted:

@@ -43,6 +43,8 @@ O_DIRECT = 0o40000
 
 
 class MariaServer(Server):
+    program = "mariadbd"
+
     def __init__(self, lab: Lab, datadir: Path, flush_method: str = "O_DIRECT",
                  name: str = "mariadb") -> None:
         if which("mariadbd") is None:
@@ -91,17 +93,7 @@ class MariaServer(Server):
         wait_for(ready, timeout, "MariaDB to accept connections")
 
     def stop(self, timeout: float = 900) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGTERM)  # a normal shutdown
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise CheckFailed(f"mariadbd did not stop within {timeout:.0f}s") from None
-        if self.proc.returncode != 0:
-            raise CheckFailed(f"mariadbd exited {self.proc.returncode} at shutdown:\n"
-                              f"{self.log_tail()}")
-        self.proc = None
+        super().stop(timeout)  # SIGTERM: a normal shutdown
 
     def freeze(self) -> list[int]:
         assert self.proc is not None

@@ -27,6 +27,8 @@ COMMON_SETTINGS: dict[str, str] = {
 
 
 class PgServer(Server):
+    program = "postgres"
+    stop_signal = signal.SIGINT  # fast shutdown: a shutdown checkpoint, then exit
     shutdown_signal = signal.SIGQUIT  # immediate shutdown
     shutdown_timeout = 30.0
 
@@ -78,20 +80,6 @@ class PgServer(Server):
                         self.port, "-t", "2"], check=False).returncode == 0
 
         wait_for(ready, timeout, "PostgreSQL to accept connections")
-
-    def stop(self, timeout: float = 600) -> None:
-        """Fast shutdown (SIGINT): a shutdown checkpoint, then exit."""
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise CheckFailed(f"postgres did not stop within {timeout:.0f}s") from None
-        if self.proc.returncode != 0:
-            raise CheckFailed(f"postgres exited {self.proc.returncode} at shutdown:\n"
-                              f"{self.log_tail()}")
-        self.proc = None
 
     def freeze(self) -> list[int]:
         """Stop every server process where it stands (the first half of the crash)."""

@@ -114,10 +114,7 @@ def fio_scenario(lab: Lab, report: Report, size: str = "16m") -> None:
     report.ok(area, "16 KiB writes went out as atomic units",
               f"{atomic_writebacks(delta)} atomic writebacks")
     t = time.monotonic()
-    mnt.umount()
-    fsck = mnt.fsck()
-    if fsck.returncode != 0:
-        raise CheckFailed(f"fsck after fio: {tail(fsck.stdout)}")
+    mnt.umount_and_fsck(after="fio")
     mnt.mount()
     for job in files:
         fiomod.run_fio(job, mnt.path / job.stem, size, lab.root, verify_only=True)
@@ -218,10 +215,7 @@ def sqlite_scenario(lab: Lab, report: Report, mode: str, workers: int = 3,
         got = sqlitedb.check(db, mode, accounts, claimed)
         report.ok(area, f"crash {i + 1} after {delay:.1f}s: recovered",
                   f"integrity_check ok, all {len(claimed)} acknowledged commits present", t)
-    mnt.umount()
-    fsck = mnt.fsck()
-    if fsck.returncode != 0:
-        raise CheckFailed(f"fsck: {tail(fsck.stdout)}")
+    mnt.umount_and_fsck()
 
 
 def freeze_pids(pids: list[int]) -> list[int]:
@@ -298,10 +292,7 @@ def postgres_scenario(lab: Lab, report: Report, scale: int = 2, clients: int = 4
                   f"{got['relations_checked']} relations, balances agree, "
                   f"{got['history_rows']} transactions", t)
     pg.stop()
-    mnt.umount()
-    fsck = mnt.fsck()
-    if fsck.returncode != 0:
-        raise CheckFailed(f"fsck: {tail(fsck.stdout)}")
+    mnt.umount_and_fsck()
 
 
 # ----------------------------------------------------------------------------- MariaDB
@@ -364,10 +355,7 @@ def mariadb_scenario(lab: Lab, report: Report, transactions: int = 2000, clients
                   f"CHECK TABLE clean on {got['tables_checked']} tables, balances agree, "
                   f"{got['transactions']} transfers", t)
     db.stop()
-    mnt.umount()
-    fsck = mnt.fsck()
-    if fsck.returncode != 0:
-        raise CheckFailed(f"fsck: {tail(fsck.stdout)}")
+    mnt.umount_and_fsck()
 
 
 # --------------------------------------------------------------- pgbench: side by side
