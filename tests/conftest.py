@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from atomicfs.crash_env import kill_daemon
+from atomicfs.crash_env import mounted_fstype as mounted_at  # the type mounted at a path
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ATOMICFS = [sys.executable, "-m", "atomicfs"]
@@ -52,18 +53,6 @@ def run(*args: str, check: bool = True, timeout: float = 120) -> subprocess.Comp
     if check and res.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} exited {res.returncode}: {res.stderr.strip()}")
     return res
-
-
-def mounted_at(path: str) -> str | None:
-    """The filesystem type mounted exactly at path, if any."""
-    real = os.path.realpath(path)
-    fstype = None
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if parts[1].replace("\\040", " ") == real:
-                fstype = parts[2]
-    return fstype
 
 
 # --------------------------------------------------------------------------- environment
