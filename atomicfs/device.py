@@ -34,6 +34,7 @@ import trio
 from atomicfs import native
 from atomicfs.errors import DeviceError, UserError
 from atomicfs.native import Buffer, Segment, ffi, lib
+from atomicfs.watchdog import waiting
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,8 @@ class Device:
         self._pending[ident] = (*req, done)
         lib.afs_ioq_submit(self._q, io)
         try:
-            await done.wait()
+            with waiting(f"device {what}"):
+                await done.wait()
         except BaseException:
             # the request is in a C thread and will complete; keep its memory alive
             if ident in self._pending:
@@ -381,7 +383,8 @@ class Device:
         target = self._flush_started + 1  # a flush starting after now covers this caller
         while self._flush_done < target:
             if self._flush_running:
-                await self._flush_event.wait()
+                with waiting("a device flush"):
+                    await self._flush_event.wait()
                 continue
             self._flush_running = True
             self._flush_started += 1

@@ -77,9 +77,13 @@ class DirHandle:
 
 def fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn OSError and device/log failures into FUSE errors with the right errno."""
+    name = fn.__name__
+
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return await fn(*args, **kwargs)
+            # tracked by the watchdog: a request that hangs says what it waits for
+            with args[0].vol.watchdog.track(name, str(args[1]) if len(args) > 1 else ""):
+                return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except NoSpace:

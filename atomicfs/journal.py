@@ -38,6 +38,7 @@ from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace
 from atomicfs.metadata import Extent, Metadata
 from atomicfs.native import Buffer, Segment
 from atomicfs.stats import Counters
+from atomicfs.watchdog import waiting
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ class DataRun:
     nblocks: int
     log_pos: int  # byte offset of its payload within the log region (set when written)
     seq: int  # the batch holding it
+    # Set only while a checkpoint writes home a batch it absorbed (never written to the
+    # log): the payload buffer and the run's offset in it.
+    buf: Buffer | None = None
+    buf_off: int = 0
 
 
 @dataclass
@@ -69,7 +74,7 @@ class PendingBatch:
 
     __slots__ = ("seq", "meta", "payloads", "data_runs", "barrier_gen", "payload_bytes",
                  "sealed", "checkpoint", "pos", "total", "placed_after", "segments",
-                 "done", "attempt", "error", "written", "inflight", "pieces")
+                 "done", "attempt", "error", "written", "inflight", "pieces", "absorbed")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
@@ -90,6 +95,7 @@ class PendingBatch:
         self.written = False
         self.inflight = False
         self.pieces: list[tuple[DataRun, DataRun, int]] = []  # piece, its run, block offset
+        self.absorbed = False  # taken by a checkpoint instead of being written to the log
 
     @property
     def empty(self) -> bool:
@@ -145,7 +151,12 @@ class Journal:
         self.snapshot_extents: list[Extent] = []
         self._wakeup = trio.Event()
         self._room = trio.Event()
+        # Set when a checkpoint is wanted; replaced only once set, so the checkpointer,
+        # which may be waiting on it, is never left waiting on an event nobody sets.
         self.want_checkpoint = trio.Event()
+        self._absorbed: list[PendingBatch] = []  # a running checkpoint writes these home
+        self._stuck: PendingBatch | None = None  # a checkpoint batch that found no room
+        self._ckpt_changed = trio.Event()  # a batch ended or got stuck: settle looks again
 
     # ------------------------------------------------------------ MetadataSink
 
@@ -174,7 +185,8 @@ class Journal:
             self._check_failed()
             pending = self._pending
             self._wakeup.set()
-            await pending.sealed.wait()
+            with waiting(f"log batch {pending.seq} to be sealed"):
+                await pending.sealed.wait()
 
     def append_data(self, ino: int, index: int, fblock: int, dblock: int,
                     payload: Buffer, nblocks: int) -> int:
@@ -217,7 +229,9 @@ class Journal:
 
     def _piece(self, run: DataRun, off: int, n: int) -> DataRun:
         piece = DataRun(run.fblock + off, run.dblock + off, n, -1, run.seq)
-        if run.log_pos >= 0:
+        if run.buf is not None:  # absorbed by the running checkpoint
+            piece.buf, piece.buf_off = run.buf, run.buf_off + off * self.bs
+        elif run.log_pos >= 0:
             piece.log_pos = run.log_pos + off * self.bs
         else:  # its batch is not placed yet: _assemble sets the piece's position too
             for batch in [self._pending] + self._boundaries + self._sealed:
@@ -238,8 +252,8 @@ class Journal:
         return bool(self._boundaries) or not self._pending.empty or self.md.any_dirty
 
     def _batch(self, seq: int) -> PendingBatch:
-        """The batch holding seq (sealed or the pending one)."""
-        for batch in self._sealed + self._boundaries:
+        """The batch holding seq (sealed, absorbed or the pending one)."""
+        for batch in self._sealed + self._boundaries + self._absorbed:
             if batch.seq == seq:
                 return batch
         return self._pending
@@ -263,9 +277,11 @@ class Journal:
                 # that attempt failed before this caller came: ask for a rewrite, wait
                 self._rewrite_wanted = True
                 started = self._rewrite_started
-                await started.wait()
+                with waiting(f"a rewrite of log batch {batch.seq}"):
+                    await started.wait()
                 continue
-            await attempt.wait()
+            with waiting(f"log batch {batch.seq} to be durable"):
+                await attempt.wait()
             if batch.error is not None and not batch.done.is_set():
                 raise LogFailed(5, f"log write failed: {batch.error}")
 
@@ -301,7 +317,10 @@ class Journal:
                         self._rewrite_wanted = False
                         await self._rewrite_sealed()
                     continue
-                while self.has_pending() and len(self._sealed) < self.MAX_INFLIGHT:
+                # Nothing new is placed while a checkpoint holds absorbed batches: they
+                # come first in the order in which batches become durable.
+                while self.has_pending() and len(self._sealed) < self.MAX_INFLIGHT \
+                        and not self._absorbed:
                     batch = await self._seal_and_place()
                     if batch is None or self._retrying or self.failed is not None:
                         break
@@ -335,10 +354,13 @@ class Journal:
         self._sealed.append(batch)
         hdr = fmt.header_area_size(len(batch.meta), self.bs)
         try:
-            batch.pos = await self._place(hdr + batch.payload_bytes, batch)
+            pos = await self._place(hdr + batch.payload_bytes, batch)
         except CorruptFilesystem as exc:
             self.fail(exc)
             return None
+        if pos < 0:
+            return None  # a checkpoint absorbed it while it waited for room
+        batch.pos = pos
         batch.placed_after = self._placed
         batch.segments, batch.total = self._assemble(batch, batch.pos)
         return batch
@@ -389,6 +411,7 @@ class Journal:
                     b.attempt.set()
         batch.attempt.set()
         self._wakeup.set()
+        self._ckpt_changed.set()
 
     def _acknowledge(self, batch: PendingBatch) -> None:
         self._failures = 0
@@ -438,7 +461,11 @@ class Journal:
         for b in self._sealed + self._boundaries + [self._pending]:
             b.error = exc
             b.attempt.set()
+        for b in self._absorbed:
+            b.error = exc
+            b.attempt.set()
         self._rewrite_started.set()  # waiters look again and find the log failed
+        self._ckpt_changed.set()
 
     def _assemble(self, batch: PendingBatch, pos: int) -> tuple[list[Segment], int]:
         meta = bytes(batch.meta)
@@ -471,10 +498,13 @@ class Journal:
     async def _place(self, size: int, batch: PendingBatch) -> int:
         """Find the log position for a batch of this size, waiting for a checkpoint to
         free space when the log is too full. Batches up to a checkpoint's boundary may use
-        the reserve at the end, which other batches leave free for them."""
+        the reserve at the end, which other batches leave free for them; one that does not
+        fit even so is absorbed by the checkpoint (see settle_for_checkpoint): then -1."""
         if size > self.log_size - self.reserve:
             raise CorruptFilesystem(f"log batch of {size} bytes exceeds the log")
         while True:
+            if batch.absorbed:
+                return -1
             pos = self.head_pos
             waste = 0
             if pos + size > self.log_size:
@@ -487,13 +517,32 @@ class Journal:
                 if self.head_pos + self.bs > self.log_size:
                     self.head_pos = 0
                 if self.used > self.log_size // 2:
-                    self.want_checkpoint.set()
+                    self.request_checkpoint()
                 return pos
-            self.want_checkpoint.set()
+            self.request_checkpoint()
+            if batch.checkpoint:
+                self._stuck = batch  # the checkpoint that waits for it takes it instead
+                self._ckpt_changed.set()
             room = self._room
-            await room.wait()
+            with waiting(f"log space for batch {batch.seq} ({size} bytes, "
+                         f"{self.used} of {self.log_size} used)"):
+                await room.wait()
+            if self._stuck is batch:
+                self._stuck = None
 
     # --------------------------------------------------------------- checkpoints
+    #
+    # Progress, by construction: a checkpoint never needs log space. Every batch up to
+    # its boundary is either placed (its space granted: only its device write remains) or
+    # not; one that is not placed gets the reserve, and if it does not fit even there the
+    # checkpoint absorbs it (settle_for_checkpoint): its data is written home from its own
+    # buffers with the other logged units, its metadata is already in the snapshot, and it
+    # becomes durable with the checkpoint's superblock, never written to the log. So a
+    # checkpoint waits only for device I/O and for other checkpoints, never for a request
+    # or for log space, and whatever waits for log space waits for a checkpoint.
+
+    def request_checkpoint(self) -> None:
+        self.want_checkpoint.set()
 
     def seal_for_checkpoint(self) -> int:
         """Seal the current pending batch (if any) as the checkpoint boundary; returns the
@@ -516,6 +565,66 @@ class Journal:
         self._wakeup.set()
         return batch.seq
 
+    async def settle_for_checkpoint(self, boundary: int) -> list[PendingBatch]:
+        """Wait until every batch up to boundary is durable, or absorb those that cannot
+        be placed for want of log space (returned, in order: the checkpoint writes their
+        data home and they become durable with its superblock). LogFailed if a write
+        failed."""
+        while self.durable_seq < boundary:
+            self._check_failed()
+            if self._stuck is not None:
+                return await self._absorb(boundary)
+            failed = next((b for b in self._sealed if b.error is not None
+                           and b.attempt.is_set()), None)
+            if failed is not None:
+                raise LogFailed(5, f"log write failed: {failed.error}")
+            self._wakeup.set()
+            changed = self._ckpt_changed = trio.Event()
+            with waiting(f"log batch {self.durable_seq + 1} (checkpoint up to {boundary})"):
+                await changed.wait()
+        return []
+
+    async def _absorb(self, boundary: int) -> list[PendingBatch]:
+        """Take every batch up to boundary not placed yet away from the writer."""
+        taken = [b for b in self._sealed if b.pos < 0] + self._boundaries
+        assert all(b.seq <= boundary for b in taken) and taken[-1].seq == boundary
+        self._sealed = [b for b in self._sealed if b.pos >= 0]
+        self._boundaries = []
+        self._absorbed = taken
+        self._stuck = None
+        for b in taken:
+            b.absorbed = True
+            for run, (buf, _) in zip(b.data_runs, b.payloads):
+                run.buf, run.buf_off = buf, 0
+            for piece, run, off in b.pieces:
+                piece.buf, piece.buf_off = run.buf, off * self.bs
+        room, self._room = self._room, trio.Event()
+        room.set()  # the writer's _place sees its batch absorbed
+        if self._sealed:
+            await self.commit(self._sealed[-1].seq)
+        # No batch is placed until these are acknowledged: the log continues here.
+        for b in taken:
+            self._batch_end[b.seq] = (self.head_pos, self._placed)
+        self.counters.checkpoint_absorbed += len(taken)
+        log.info("log full: checkpoint writes batches %d-%d home instead of logging them",
+                 taken[0].seq, boundary)
+        return taken
+
+    def _acknowledge_absorbed(self) -> None:
+        """The checkpoint's superblock is durable: so are the batches it absorbed."""
+        for b in self._absorbed:
+            self.durable_seq = b.seq
+            self.alloc.release_durable(b.seq)
+            b.error = None
+            b.done.set()
+            b.attempt.set()
+            for run in b.data_runs:
+                run.buf = None
+            for piece, _, _ in b.pieces:
+                piece.buf = None
+        self._absorbed = []
+        self._wakeup.set()
+
     def batch_end(self, seq: int) -> int:
         """Log position just after batch seq (where replay continues)."""
         return self._batch_end[seq][0]
@@ -536,9 +645,10 @@ class Journal:
                 del self.resident[key]
         room, self._room = self._room, trio.Event()
         room.set()
-        self.want_checkpoint = trio.Event()
+        if self.want_checkpoint.is_set():
+            self.want_checkpoint = trio.Event()
         if self.used > self.log_size // 2:
-            self.want_checkpoint.set()
+            self.request_checkpoint()
 
 
     async def write_checkpoint(self, snapshot: bytes, boundary_seq: int,
@@ -570,6 +680,7 @@ class Journal:
             new_sb.next_ino = next_ino
             new_sb.ckpt_time_ns = time.time_ns()
             await write_superblock(self.dev, new_sb)
+            self._acknowledge_absorbed()
         except BaseException:
             for dblock, count in extents:
                 self.alloc.free_now(dblock, count)

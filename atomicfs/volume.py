@@ -25,6 +25,7 @@ from atomicfs.metadata import Inode, Metadata
 from atomicfs.options import MountOptions
 from atomicfs.pagecache import Mapping, PageCache
 from atomicfs.stats import Counters
+from atomicfs.watchdog import Watchdog
 from atomicfs.writeback import Writeback, WritebackPolicy
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,10 @@ class Volume:
         self.bs = sb.block_size
         self.cache = PageCache(self.bs, opts.cache_size, max(opts.folio_size, self.bs),
                                counters)
+        self.watchdog = Watchdog()
         self.wb = Writeback(dev, md, alloc, journal, self.cache, counters,
                             WritebackPolicy(opts.atomic_path, opts.dirty_expire, opts.debug,
-                                            opts.unsafe_atomic))
+                                            opts.unsafe_atomic), self.watchdog)
         self.needs_checkpoint = needs_checkpoint
         self.replayed: ReplayResult | None = None
         self.started_ns = time.time_ns()
@@ -123,6 +125,7 @@ class Volume:
         await nursery.start(self.journal.run)
         await nursery.start(self.wb.run_flusher)
         await nursery.start(self.wb.run_checkpointer)
+        await nursery.start(self.watchdog.run)
         orphans = [i for i in self.md.inodes.values() if i.nlink == 0
                    and i.ino != fmt.ROOT_INO]
         for inode in orphans:
@@ -207,6 +210,7 @@ class Volume:
                        "flushes": self.dev.flushes, "write_ios": self.dev.write_ios,
                        "write_bytes": self.dev.write_bytes},
             "counters": self.counters.as_dict(),
+            "requests": self.watchdog.stats(),
             "log": {"size": self.journal.log_size, "used": self.journal.used,
                     "durable_seq": self.journal.durable_seq,
                     "tail_seq": self.journal.tail_seq,
