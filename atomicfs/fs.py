@@ -12,9 +12,11 @@ cannot go stale, because every change to a file's data passes through the kernel
 Permissions are checked by the kernel (default_permissions); this layer keeps owners,
 modes and times as ext4 does, and returns ext4's errno values.
 
-Two virtual attributes serve the command line: `user.atomicfs.stat` (read, any file; JSON)
-and `user.atomicfs.control` (write, root directory; sync, checkpoint, inject=, delay=).
-Neither is listed.
+Virtual attributes serve the command line and the preload library: `user.atomicfs.stat`
+(read, any file; JSON), `user.atomicfs.limits` (read, regular files: the statx atomic-write
+limits) and `user.atomicfs.control` (write; on the root directory sync, checkpoint,
+inject=, delay=; on a regular file the write announcements of the preload library, see
+`_announce`). None is listed.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from atomicfs.device import parse_inject
 from atomicfs.errors import DeviceError, NoSpace
 from atomicfs.journal import LogFailed
 from atomicfs.metadata import (DIRENT_SNAP, INHERITED_XATTRS, INODE_SNAP, SYMLINK_SNAP,
-                               XATTR_ATOMIC_UNIT, XATTR_SNAP, Inode)
+                               XATTR_ATOMIC_UNIT, XATTR_SNAP, XATTR_WRITETHROUGH, Inode)
 from atomicfs.options import check_atomic_unit
 from atomicfs.volume import Volume
 
@@ -47,6 +49,8 @@ XATTR_SIZE_MAX = 65536
 MAX_FILE_BLOCKS = (1 << 32) - 1  # as ext4 extents: 16 TiB - 4 KiB with 4 KiB blocks
 XATTR_STAT = b"user.atomicfs.stat"
 XATTR_CONTROL = b"user.atomicfs.control"
+XATTR_LIMITS = b"user.atomicfs.limits"
+MAX_ANNOUNCED = 1024  # open write announcements per file (one per writing thread, really)
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 # Snapshot bytes a new inode adds besides its name: inode, entry, inherited attributes.
@@ -58,13 +62,31 @@ ENTRY_TIMEOUT = 1.0
 
 
 class Handle:
-    __slots__ = ("inode", "flags", "err_seq", "writethrough")
+    __slots__ = ("inode", "flags", "err_seq", "writethrough", "direct")
 
     def __init__(self, inode: Inode, flags: int, err_seq: int, writethrough: bool) -> None:
         self.inode = inode
         self.flags = flags
         self.err_seq = err_seq
-        self.writethrough = writethrough
+        self.writethrough = writethrough  # O_DSYNC/O_SYNC: durable write-through
+        # O_DIRECT: each write reaches the device (or the log) before it returns, as on a
+        # kernel filesystem; the RFC's write-through (no cache flush) does exactly that.
+        self.direct = bool(flags & os.O_DIRECT)
+
+
+class Announced:
+    """A write the preload library announced before issuing it (RWF_ATOMIC,
+    RWF_WRITETHROUGH, RWF_DSYNC): the write request at exactly (off, length) of the file
+    gets these semantics, whichever thread's it is, until the announcer withdraws it."""
+
+    __slots__ = ("off", "length", "atomic", "writethrough", "durable")
+
+    def __init__(self, off: int, length: int, flags: str) -> None:
+        self.off = off
+        self.length = length
+        self.atomic = "a" in flags
+        self.writethrough = "w" in flags
+        self.durable = "d" in flags
 
 
 class DirHandle:
@@ -108,6 +130,7 @@ class AtomicFS(pyfuse3.Operations):
         self.cache = vol.cache
         self.wb = vol.wb
         self.handles: dict[int, Handle] = {}
+        self.announced: dict[int, dict[str, Announced]] = {}  # ino -> token -> write
         self.dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
         self.max_file_size = MAX_FILE_BLOCKS * vol.bs
@@ -598,18 +621,86 @@ class AtomicFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EFBIG)
             buf = buf[:self.max_file_size - off]
         m = self.vol.mapping(inode)
-        wt = h.writethrough or self.vol.writethrough_of(inode)
+        atomic, mode = self._write_semantics(h, off, len(buf))
         strict = self.vol.strict_of(inode)
         for attempt in (0, 1):
             try:
-                n = await self.cache.write(self.wb, inode, m, off, buf, writethrough=wt,
-                                           strict=strict)
+                n = await self.cache.write(self.wb, inode, m, off, buf,
+                                           writethrough=mode is not None,
+                                           durable=mode == "durable", strict=strict,
+                                           atomic=atomic)
                 break
             except NoSpace:
                 if attempt or not await self.wb.make_room():
                     raise pyfuse3.FUSEError(errno.ENOSPC) from None
         self._update_meta_reserve()
         return n
+
+    def _write_semantics(self, h: Handle, off: int, length: int) -> tuple[bool, str | None]:
+        """Whether this write request is one atomic write, and its write-through mode
+        ("durable", "rfc" or None), from the handle, the file and the announcements."""
+        atomic = writethrough = durable = False
+        for ann in self.announced.get(h.inode.ino, {}).values():
+            if ann.off in (off, -1) and ann.length == length:
+                atomic |= ann.atomic
+                durable |= ann.durable
+            if ann.off <= off and off + length <= ann.off + ann.length or \
+                    ann.off == -1 and ann.length == length:  # a piece of a large write
+                writethrough |= ann.writethrough
+        if atomic:
+            self.vol.counters.atomic_writes_announced += 1
+        mode = self.vol.writethrough_mode(h.inode)
+        if h.writethrough or durable:
+            mode = "durable"
+        elif mode is None and (h.direct or writethrough):
+            mode = "rfc"
+        return atomic, mode
+
+    def _announce(self, node: Inode, cmd: str, arg: str) -> None:
+        """The preload library's side channel, on a regular file (setxattr of
+        user.atomicfs.control; FUSE's setxattr carries no file handle, so it is per file):
+
+            write_begin=TOKEN:OFF:LEN:FLAGS   the write request at exactly (OFF, LEN)
+                                              is atomic (a) and durable (d); requests
+                                              within it are written through as the RFC
+                                              defines it (w). OFF * (O_APPEND): any
+                                              request of LEN bytes.
+            write_end=TOKEN                   withdraw it (after the write returned)
+
+        Race argument: an announcement is not consumed by the first matching request but
+        stays until its announcer withdraws it, so another thread's write of the same range
+        in between only gets the stronger semantics too (harmless), and the announcer's own
+        write can never lose them. The kernel sends a page-cache write of whole pages up to
+        max_write (1 MiB) as one request, so the announced write arrives whole; an atomic
+        announcement the daemon cannot honour (not a power of two from the block size to
+        1 MiB, offset not aligned to its length) is refused with EINVAL before the write."""
+        per_file = self.announced.setdefault(node.ino, {})
+        if cmd == "write_end":
+            if per_file.pop(arg, None) is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if not per_file:
+                del self.announced[node.ino]
+            return
+        token, off_s, len_s, flags = (arg.split(":") + ["", "", "", ""])[:4]
+        if not (token and (off_s.isdigit() or off_s == "*") and len_s.isdigit()) or \
+                set(flags) - set("awd"):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        off, length = int(off_s) if off_s != "*" else -1, int(len_s)
+        if "a" in flags and (length & (length - 1) or not self.vol.bs <= length
+                             <= fmt.MAX_ATOMIC_UNIT or off > 0 and off % length):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if len(per_file) >= MAX_ANNOUNCED and token not in per_file:
+            raise pyfuse3.FUSEError(errno.EAGAIN)
+        per_file[token] = Announced(off, length, flags)
+
+    def _limits(self, node: Inode) -> bytes:
+        """statx atomic-write limits of a file, as the preload library reports them:
+        unit_min, unit_max, segments_max, unit_max_opt. Any power of two from the block
+        size to 1 MiB at an aligned offset is one write request and one write group (one
+        log batch); the file's own unit (or the device's atomic limit) is what is fast."""
+        unit = self.vol.effective_unit(node)
+        opt = unit if unit else 0
+        return f"{self.vol.bs} {fmt.MAX_ATOMIC_UNIT} 1 {opt}\n".encode()
 
     async def flush(self, fh: int) -> None:
         return None
@@ -619,6 +710,8 @@ class AtomicFS(pyfuse3.Operations):
         if h is None:
             return
         h.inode.opens -= 1
+        if h.inode.opens <= 0:  # announcements of a writer that died before withdrawing
+            self.announced.pop(h.inode.ino, None)
         if h.inode.nlink == 0:
             try:
                 await self._maybe_delete(h.inode)
@@ -720,6 +813,8 @@ class AtomicFS(pyfuse3.Operations):
         node = self._get(inode)
         if name == XATTR_STAT:
             return self._stat_json(node).encode()
+        if name == XATTR_LIMITS and node.is_reg:
+            return self._limits(node)
         self._xattr_allowed(node, name, ctx, write=False)
         value = node.xattrs.get(name)
         if value is None:
@@ -787,7 +882,7 @@ class AtomicFS(pyfuse3.Operations):
                     not self.wb.hardware_ok(unit):
                 raise pyfuse3.FUSEError(errno.EINVAL)
             return str(unit).encode()
-        if text not in (b"0", b"1"):
+        if text not in ((b"0", b"1", b"2") if name == XATTR_WRITETHROUGH else (b"0", b"1")):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return text
 
@@ -811,12 +906,17 @@ class AtomicFS(pyfuse3.Operations):
 
     async def _control(self, node: Inode, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        """Commands of the command line and of tests, on the root directory only."""
+        """Commands of the command line and of tests, on the root directory; the write
+        announcements of the preload library on regular files (the kernel has checked
+        that the caller may write the file)."""
+        cmd, _, arg = value.decode(errors="replace").strip("\0 \n").partition("=")
+        if node.is_reg and cmd in ("write_begin", "write_end"):
+            self._announce(node, cmd, arg)
+            return
         if node.ino != fmt.ROOT_INO:
             raise pyfuse3.FUSEError(errno.EINVAL)
         if ctx.uid != 0 and ctx.uid != node.uid:
             raise pyfuse3.FUSEError(errno.EPERM)
-        cmd, _, arg = value.decode(errors="replace").strip().partition("=")
         if cmd == "sync":
             ok = await self.wb.sync_all()
             if self.vol.journal.failed is None:

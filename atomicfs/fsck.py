@@ -161,7 +161,8 @@ def _check_settings(inode, rep: FsckReport) -> None:  # type: ignore[no-untyped-
             rep.problems.append(f"inode {inode.ino} has an invalid atomic unit {value!r}")
     for name in (XATTR_WRITETHROUGH, XATTR_ATOMIC_STRICT):
         value = inode.xattrs.get(name)
-        if value is not None and value not in (b"0", b"1"):
+        ok = (b"0", b"1", b"2") if name == XATTR_WRITETHROUGH else (b"0", b"1")
+        if value is not None and value not in ok:
             rep.problems.append(f"inode {inode.ino} has an invalid {name.decode()} {value!r}")
 
 

@@ -400,7 +400,9 @@ class Metadata:
         if name == XATTR_ATOMIC_UNIT:
             inode.atomic_unit = int(value) if value is not None else -1
         elif name == XATTR_WRITETHROUGH:
-            inode.writethrough = parse_flag_xattr(value) if value is not None else -1
+            # 1: durable write-through; 2: the RFC's (no cache flush); 0: off
+            inode.writethrough = (2 if value.strip() == b"2" else parse_flag_xattr(value)) \
+                if value is not None else -1
         elif name == XATTR_ATOMIC_STRICT:
             inode.atomic_strict = parse_flag_xattr(value) if value is not None else -1
 

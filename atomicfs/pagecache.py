@@ -8,6 +8,9 @@ Its state, after iomap's per-folio state:
     dirty      bitmap: blocks newer in memory than on the device
     reserved   bitmap: dirty blocks with no device block yet, for which space is reserved
     atomic     the last write covered the whole folio: write it back as one untorn unit
+    group      the folio belongs to a *write group*: one write request that must reach the
+               device as a whole (several whole units of an atomic file, or an RWF_ATOMIC
+               write announced by the preload library); all members go into one log batch
     writeback  an I/O from this buffer is in flight
     wb_stable  that I/O needs the buffer unchanged (atomic, write-through, or home copy)
     locked     blocks are being read in
@@ -53,12 +56,16 @@ class FolioIO(Protocol):
     async def balance_dirty(self) -> None: ...
 
     async def write_through(self, inode: Inode, mapping: "Mapping",
-                            items: list[tuple["Folio", int]], size_grew: bool) -> None: ...
+                            items: list[tuple["Folio", int]], size_grew: bool,
+                            durable: bool = True) -> None: ...
 
     def inode_written(self, inode: Inode, size_grew: bool) -> None: ...
 
     def reserve_for_write(self, inode: Inode, mapping: "Mapping",
                           items: list[tuple["Folio", int]]) -> None: ...
+
+    async def write_group(self, inode: Inode, mapping: "Mapping",
+                          group: "WriteGroup") -> None: ...
 
 
 def mask_range(first: int, count: int) -> int:
@@ -86,10 +93,33 @@ def popcount(mask: int) -> int:
     return mask.bit_count()
 
 
+class WriteGroup:
+    """The folios of one write request that must be untorn as a whole. Writeback logs all
+    their dirty blocks in one batch (`Writeback.write_group`); until then a later write to
+    any member first sends the group out, so that no crash can show that later write
+    without the whole group. `seq` is the log batch that took it (-1 while pending)."""
+
+    __slots__ = ("folios", "seq")
+
+    def __init__(self, folios: list["Folio"]) -> None:
+        self.folios = folios
+        self.seq = -1
+
+    @property
+    def pending(self) -> bool:
+        return self.seq < 0
+
+    def dissolve(self, seq: int) -> None:
+        """The group went out (in batch seq), or its protection was given up (seq 0)."""
+        self.seq = seq
+        for folio in self.folios:
+            folio.group = None
+
+
 class Folio:
     __slots__ = ("mapping", "index", "buf", "uptodate", "dirty", "reserved", "atomic",
                  "writeback", "wb_stable", "wb_mask", "locked", "logged_seq", "dirty_since",
-                 "_event", "in_lru", "pins")
+                 "_event", "in_lru", "pins", "group")
 
     def __init__(self, mapping: "Mapping", index: int, buf: Buffer) -> None:
         self.mapping = mapping
@@ -108,6 +138,7 @@ class Folio:
         self._event: trio.Event | None = None
         self.in_lru = False
         self.pins = 0  # requests using the folio right now
+        self.group: WriteGroup | None = None
 
     @property
     def fblock(self) -> int:
@@ -283,6 +314,7 @@ class PageCache:
     def _remove_folio(self, folio: Folio) -> None:
         m = folio.mapping
         self._lru_remove(folio)
+        self.leave_group(folio)
         if folio.logged_seq:
             folio.logged_seq = 0
             self.logged_bytes -= m.folio_size
@@ -485,8 +517,18 @@ class PageCache:
         folio.uptodate &= ~mask
         released = self.unreserve_blocks(folio, mask)
         folio.atomic = False
+        if not folio.dirty:
+            self.leave_group(folio)
         self._refresh_lru(folio)
         return released
+
+    @staticmethod
+    def leave_group(folio: Folio) -> None:
+        """The folio's grouped blocks are gone (truncated): the rest of the group stays."""
+        group = folio.group
+        if group is not None:
+            group.folios.remove(folio)
+            folio.group = None
 
     def _dirty_changed(self) -> None:
         ev, self.dirty_changed = self.dirty_changed, trio.Event()
@@ -579,8 +621,11 @@ class PageCache:
 
     async def write(self, io: FolioIO, inode: Inode, m: Mapping, off: int, data: bytes,
                     writethrough: bool = False, strict: bool = False,
-                    now: int | None = None) -> int:
-        """Copy data into the cache at off; the generic buffered write (or write-through)."""
+                    now: int | None = None, atomic: bool = False, durable: bool = True
+                    ) -> int:
+        """Copy data into the cache at off; the generic buffered write (or write-through,
+        durable or not: see FolioIO.write_through). atomic: the writer asked for this
+        whole write to be untorn (RWF_ATOMIC)."""
         n = len(data)
         if n == 0:
             return 0
@@ -589,21 +634,30 @@ class PageCache:
         if strict and m.atomic and (off % fs or end % fs):
             self.counters.atomic_strict_rejected += 1
             raise OSError(errno.EINVAL, "write not aligned to the atomic unit")
+        # One whole unit is the folio's own atomic tag; several whole units, or an
+        # announced atomic write of any shape, are a write group.
+        whole_units = m.atomic and off % fs == 0 and end % fs == 0
+        grouped = (atomic and not (whole_units and n == fs)) or (whole_units and n > fs)
         await io.balance_dirty()
         pinned: dict[int, Folio] = {}
         if writethrough:
             m.writethrough_begin()
         try:
-            items = await self._prepare_write(io, inode, m, off, end, pinned)
+            items = await self._prepare_write(io, inode, m, off, end, pinned, grouped)
             io.reserve_for_write(inode, m, items)  # ENOSPC here changes nothing
             self._copy_in(m, items, off, end, data)
+            if grouped:
+                group = WriteGroup([f for f, _ in items])
+                for folio, _ in items:
+                    folio.group = group
+                self.counters.atomic_group_writes += 1
             size_grew = end > inode.size
             if size_grew:
                 inode.size = end
             inode.mtime_ns = inode.ctime_ns = now if now is not None else time.time_ns()
             io.inode_written(inode, size_grew)
             if writethrough:
-                await io.write_through(inode, m, items, size_grew)
+                await io.write_through(inode, m, items, size_grew, durable)
         finally:
             if writethrough:
                 m.writethrough_end()
@@ -611,9 +665,11 @@ class PageCache:
         return n
 
     async def _prepare_write(self, io: FolioIO, inode: Inode, m: Mapping, off: int,
-                             end: int, pinned: dict[int, Folio]) -> list[tuple[Folio, int]]:
+                             end: int, pinned: dict[int, Folio], grouped: bool = False
+                             ) -> list[tuple[Folio, int]]:
         """Get the folios of [off, end) ready for copying: wait for locks and stable
-        writeback, read partial blocks. Returns (folio, mask of blocks written)."""
+        writeback, send out pending write groups they belong to, read partial blocks.
+        Returns (folio, mask of blocks written); nothing awaits after the last check."""
         fs = m.folio_size
         bs = self.block_size
         first, last = off // fs, (end - 1) // fs
@@ -626,9 +682,15 @@ class PageCache:
                 base = index * fs
                 # A write that makes the folio atomic must not change it under a writeback
                 # that started before (an in-place one would send part of it out torn).
-                becomes_atomic = m.atomic and off <= base and end >= base + fs
+                becomes_atomic = grouped or (m.atomic and off <= base and end >= base + fs)
                 if m.must_wait(folio) or (becomes_atomic and folio.writeback):
                     await self.wait_folio(folio)
+                    waited = True
+                    break
+                if folio.group is not None:
+                    # An earlier write group must not be torn by this write: it goes into
+                    # the log first, whole, so no crash shows this write without it.
+                    await io.write_group(inode, m, folio.group)
                     waited = True
                     break
                 lo = max(off, base) - base

@@ -10,6 +10,10 @@ class Counters:
     atomic_writebacks_software: int = 0
     atomic_cleared_partial: int = 0
     atomic_strict_rejected: int = 0
+    atomic_group_writes: int = 0  # write requests made one write group (whole-write atomic)
+    atomic_groups_logged: int = 0  # write groups that went into the log, each in one batch
+    atomic_groups_hardware: int = 0  # write groups that went out as one RWF_ATOMIC write
+    atomic_writes_announced: int = 0  # RWF_ATOMIC writes announced by the preload library
     writethrough_writes: int = 0
     stable_waits: int = 0
     stable_wait_ns: int = 0

@@ -179,7 +179,14 @@ class Volume:
         return self.cache.mapping(inode, folio_size)
 
     def writethrough_of(self, inode: Inode) -> bool:
+        """Durable write-through (xattr 1, or the mount option)."""
         return inode.writethrough == 1 or (inode.writethrough == -1 and self.opts.writethrough)
+
+    def writethrough_mode(self, inode: Inode) -> str | None:
+        """"durable", "rfc" (xattr 2: written through without a cache flush) or None."""
+        if self.writethrough_of(inode):
+            return "durable"
+        return "rfc" if inode.writethrough == 2 else None
 
     def strict_of(self, inode: Inode) -> bool:
         return inode.atomic_strict == 1 or (inode.atomic_strict == -1
@@ -236,6 +243,8 @@ class Volume:
             "size": inode.size,
             "atomic_unit": unit,
             "writethrough": self.writethrough_of(inode) or handle_writethrough,
+            "writethrough_mode": "durable" if handle_writethrough else
+            self.writethrough_mode(inode),
             "atomic_strict": self.strict_of(inode) if unit else False,
             "atomic_path": self.wb.atomic_path_of(unit),
             "folio_size": m.folio_size if m is not None else (unit or

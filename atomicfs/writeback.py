@@ -38,7 +38,8 @@ from atomicfs.errors import DeviceError, NoSpace
 from atomicfs.journal import DataRun, Journal, LogFailed
 from atomicfs.metadata import ExtentMap, Inode, Metadata
 from atomicfs.native import MAX_IOV, Buffer, Segment
-from atomicfs.pagecache import Folio, Mapping, PageCache, mask_range, mask_runs, popcount
+from atomicfs.pagecache import (Folio, Mapping, PageCache, WriteGroup, mask_range, mask_runs,
+                                popcount)
 from atomicfs.stats import Counters
 from atomicfs.watchdog import Watchdog
 
@@ -79,9 +80,10 @@ def extents_of(inode: Inode) -> ExtentMap:
 
 
 class WriteOutcome:
-    __slots__ = ("failed", "logged_seq", "meta_changed", "flush_gen", "error")
+    __slots__ = ("failed", "logged_seq", "meta_changed", "flush_gen", "error", "flush")
 
-    def __init__(self) -> None:
+    def __init__(self, flush: bool = True) -> None:
+        self.flush = flush  # a write-through may flush the device cache (not RFC mode)
         self.failed = False
         self.logged_seq = -1
         self.meta_changed = False
@@ -214,11 +216,13 @@ class Writeback:
     # ------------------------------------------------------------------ submission
 
     async def write_folios(self, inode: Inode, m: Mapping, items: list[tuple[Folio, int]],
-                           writethrough: bool = False, sync: bool = False) -> WriteOutcome:
+                           writethrough: bool = False, sync: bool = False,
+                           flush: bool = True) -> WriteOutcome:
         """Write the given dirty blocks by the right path; waits for the device writes
         (and, for writethrough, for the log batch) but does not flush. sync: the caller
-        makes the data durable at once (fsync, write-through)."""
-        out = WriteOutcome()
+        makes the data durable at once (fsync, write-through). flush=False: a
+        write-through of the RFC kind, which must not flush the device cache either."""
+        out = WriteOutcome(flush)
         if sync or writethrough:
             # A folio under I/O is skipped below. One under a checkpoint's home copy (of
             # its logged, clean blocks) may still have other dirty blocks: wait, so that
@@ -227,7 +231,13 @@ class Writeback:
         hw: list[Folio] = []
         logged: list[tuple[Folio, int]] = []
         inplace: list[tuple[Folio, int]] = []
+        groups: dict[int, WriteGroup] = {}
         for folio, mask in items:
+            if folio.group is not None:
+                if not self.policy.unsafe_atomic:
+                    groups[id(folio.group)] = folio.group  # all members, one batch
+                    continue
+                folio.group.dissolve(0)  # crash-test control: no protection
             mask &= folio.dirty
             if not mask or folio.writeback or folio.locked:
                 continue
@@ -245,6 +255,8 @@ class Writeback:
             inplace = []
         holds: list[tuple[Folio, bool]] = []
         try:
+            for group in groups.values():
+                await self._write_group(inode, m, group, out, writethrough, holds)
             for folio in hw:
                 if not await self._write_atomic_hardware(inode, m, folio, out, writethrough):
                     logged.append((folio, folio.dirty))
@@ -256,12 +268,15 @@ class Writeback:
             # not go out in place (a crash would tear it) but by an atomic path; nor may a
             # folio that another task logged meanwhile (replay would roll it back).
             retagged = [f for f, _ in inplace
-                        if (f.atomic and not self.policy.unsafe_atomic)
+                        if ((f.atomic or f.group is not None) and not self.policy.unsafe_atomic)
                         or self.journal.is_resident(m.ino, f.index)]
             inplace = [(f, mask) for f, mask in inplace if f not in retagged]
             if inplace:
                 await self._write_in_place(inode, m, inplace, out, writethrough)
             for folio in retagged:
+                if folio.group is not None:
+                    await self._write_group(inode, m, folio.group, out, writethrough, holds)
+                    continue
                 if not self.journal.is_resident(m.ino, folio.index) and \
                         self.hardware_ok(m.folio_size) and \
                         await self._write_atomic_hardware(inode, m, folio, out, writethrough):
@@ -331,8 +346,9 @@ class Writeback:
         if not folio.dirty:
             m.flush_gen = out.flush_gen = max(out.flush_gen, m.flush_gen)
             return True
-        if not folio.atomic or folio.dirty != full:
-            return False  # a partial write cleared the tag: the log path writes its blocks
+        if not folio.atomic or folio.dirty != full or folio.group is not None:
+            return False  # a partial write cleared the tag (or a group took the folio):
+            # the log path writes its blocks
         runs = list(extents_of(inode).runs(fb, nb))
         dblock = runs[0][1] if len(runs) == 1 else None
         moved = dblock is None or dblock % nb != 0
@@ -352,7 +368,7 @@ class Writeback:
             # durable: flush in the same request (a moved unit waits for its metadata).
             gen = await self._device_write(dblock, [(folio.buf, 0, m.folio_size)],
                                            atomic=True, check=[folio],
-                                           durable=writethrough and not moved)
+                                           durable=writethrough and out.flush and not moved)
         except DeviceError as exc:
             if moved:
                 self.alloc.free_now(dblock, nb)
@@ -383,6 +399,9 @@ class Writeback:
         wanted = mask
         while True:
             await self.journal.wait_for_room(popcount(wanted) * bs + 256)
+            if folio.group is not None:  # a write made it part of a group meanwhile
+                await self._write_group(inode, m, folio.group, out, hold, holds)
+                return
             # From here to the end nothing awaits: the copy, the records and the state
             # change are one step.
             # An atomic folio goes into the log whole, even if it was partly dirty when it
@@ -399,17 +418,89 @@ class Writeback:
             m.flush_gen = out.flush_gen = max(out.flush_gen, m.flush_gen)
             if not (folio.dirty if folio.atomic else wanted & folio.dirty):
                 return
+        try:
+            homes, _ = self._homes_for(inode, folio, mask)
+        except NoSpace:
+            log.warning("no space to log inode %d folio %d", m.ino, folio.index)
+            return
+        self._log_now(inode, m, folio, mask, homes, out, hold, holds)
+
+    async def write_group(self, inode: Inode, m: Mapping, group: WriteGroup) -> None:
+        """FolioIO: a write is about to change a member of a pending write group: the group
+        goes into the log first (NoSpace if it cannot)."""
+        if self.policy.unsafe_atomic:
+            group.dissolve(0)
+            return
+        out = WriteOutcome()
+        await self._write_group(inode, m, group, out, False, [])
+        if out.error is not None:
+            raise out.error
+        if group.pending:
+            raise NoSpace("no space to log a write group")
+
+    async def _write_group(self, inode: Inode, m: Mapping, group: WriteGroup,
+                           out: WriteOutcome, hold: bool,
+                           holds: list[tuple[Folio, bool]]) -> None:
+        """Log every dirty block of every member of a write group in one batch: the batch
+        is checksummed whole, so replay applies all of the write or none of it; a
+        checkpoint writes the members home only once the batch is durable (and a crash
+        during those home writes replays the whole batch again)."""
+        bs = self.bs
+        while True:
+            if not group.pending:  # another task logged it: wait for that batch if asked
+                out.logged_seq = max(out.logged_seq, group.seq)
+                return
+            need = sum(popcount(f.dirty) for f in group.folios) * bs + 256 * len(group.folios)
+            # max_batch holds the largest group (1 MiB of data and its records)
+            await self.journal.wait_for_room(need)
+            if not group.pending:
+                continue
+            busy = [f for f in group.folios if f.writeback or f.locked]
+            if not busy:
+                break
+            await self._wait_idle(busy)
+        # From here on nothing awaits: every member lands in the pending batch.
+        members = [f for f in group.folios if f.dirty]
+        done: list[tuple[Folio, int, list[tuple[int, int, int]], int]] = []
+        try:
+            for folio in members:
+                old_reserved = folio.reserved
+                homes, unreserved = self._homes_for(inode, folio, folio.dirty)
+                done.append((folio, old_reserved, homes, unreserved))
+        except NoSpace:
+            for folio, old_reserved, homes, unreserved in done:  # all or nothing
+                for _, dblock, count in homes:
+                    self.alloc.free_now(dblock, count)
+                self.alloc.reserve_again(unreserved)
+                folio.reserved = old_reserved
+            log.warning("no space to log a write group of inode %d", m.ino)
+            return
+        seq = self.journal.pending_seq
+        for folio, _, homes, _ in done:
+            seq = self._log_now(inode, m, folio, folio.dirty, homes, out, hold, holds)
+        group.dissolve(seq)
+        self.counters.atomic_groups_logged += 1
+
+    def _homes_for(self, inode: Inode, folio: Folio, mask: int
+                   ) -> tuple[list[tuple[int, int, int]], int]:
+        """Device blocks for the holes among the blocks about to be logged (see
+        _allocate_homes); NoSpace changes nothing."""
         holes = [(f, k) for b, n in mask_runs(mask)
                  for f, d, k in extents_of(inode).runs(folio.fblock + b, n) if d is None]
-        if holes:
-            whole = folio.atomic and holes == [(folio.fblock, m.blocks_per_folio)]
-            try:
-                homes = self._allocate_homes(folio, holes, aligned=whole)
-            except NoSpace:
-                log.warning("no space to log inode %d folio %d", m.ino, folio.index)
-                return
-            for fblock, dblock, count in homes:  # in the batch of the DATA records
-                self.md.map_extent(inode, fblock, dblock, count)
+        if not holes:
+            return [], 0
+        whole = folio.atomic and holes == [(folio.fblock, folio.mapping.blocks_per_folio)]
+        return self._allocate_homes(folio, holes, aligned=whole)
+
+    def _log_now(self, inode: Inode, m: Mapping, folio: Folio, mask: int,
+                 homes: list[tuple[int, int, int]], out: WriteOutcome, hold: bool,
+                 holds: list[tuple[Folio, bool]]) -> int:
+        """Append the blocks in mask as DATA records (mapping the new homes in the same
+        batch) and mark the folio; does not await. Returns the batch seq."""
+        bs = self.bs
+        for fblock, dblock, count in homes:  # in the batch of the DATA records
+            self.md.map_extent(inode, fblock, dblock, count)
+        if homes:
             out.meta_changed = True
         seq = -1
         for b, n in mask_runs(mask):
@@ -433,12 +524,14 @@ class Writeback:
             self.counters.atomic_writebacks_software += 1
         if self.cache.logged_bytes > self.cache.limit // 4:
             self.journal.request_checkpoint()
+        return seq
 
     def _allocate_homes(self, folio: Folio, holes: list[tuple[int, int]],
-                        aligned: bool) -> list[tuple[int, int, int]]:
+                        aligned: bool) -> tuple[list[tuple[int, int, int]], int]:
         """Device blocks for the reserved holes of a folio about to be logged, all or none
         (NoSpace). A whole unit gets a unit-aligned extent when there is one, for later
-        hardware writes. Returns (file block, device block, count) pieces."""
+        hardware writes. Returns (file block, device block, count) pieces and the number
+        of block reservations used up."""
         nb = folio.mapping.blocks_per_folio
         homes: list[tuple[int, int, int]] = []
         reserved = popcount(folio.reserved & sum(mask_range(f - folio.fblock, k)
@@ -466,7 +559,7 @@ class Writeback:
         self.alloc.unreserve(min(reserved, used))
         for fblock, count in holes:
             folio.reserved &= ~mask_range(fblock - folio.fblock, count)
-        return homes
+        return homes, min(reserved, used)
 
     async def _write_in_place(self, inode: Inode, m: Mapping,
                               items: list[tuple[Folio, int]], out: WriteOutcome,
@@ -492,7 +585,7 @@ class Writeback:
 
         # A write-through that is one device write into blocks already at home: flush in
         # the same request.
-        durable = writethrough and len(ios) == 1 and not ios[0].new_extents
+        durable = writethrough and out.flush and len(ios) == 1 and not ios[0].new_extents
 
         async def run(io: _InPlaceIO) -> None:
             try:
@@ -647,13 +740,19 @@ class Writeback:
         self.md.mark_dirty(inode, size_grew)
 
     async def write_through(self, inode: Inode, m: Mapping, items: list[tuple[Folio, int]],
-                            size_grew: bool) -> None:
-        """Write the blocks just copied now, wait, make them durable (with the new size
-        when the write extended the file); EIO on failure."""
+                            size_grew: bool, durable: bool = True) -> None:
+        """Write the blocks just copied now and wait; EIO on failure. durable (O_DSYNC,
+        RWF_DSYNC, writethrough=1): also make them durable, with the new size when the
+        write extended the file. Otherwise (RWF_WRITETHROUGH, writethrough=2, O_DIRECT),
+        as the RFC defines write-through: the device write completes before the call
+        returns and its error is the call's, but no cache flush and no metadata commit
+        (data in the log is committed, which flushes: the log has no other way)."""
         self.counters.writethrough_writes += 1
-        out = await self.write_folios(inode, m, items, writethrough=True)
+        out = await self.write_folios(inode, m, items, writethrough=True, flush=durable)
         if out.failed:
             raise OSError(errno.EIO, f"write-through failed: {out.error}")
+        if not durable:
+            return
         try:
             if out.meta_changed or size_grew:
                 await self.journal.commit()
