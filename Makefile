@@ -39,7 +39,10 @@ $(VENV)/.installed: pyproject.toml setup.py
 
 native: $(NATIVE)
 
-$(NATIVE): native/atomicfs_native.c native/atomicfs_native.h native/build.py $(VENV)/.installed
+native: atomicfs/libatomicfs-preload.so
+
+$(NATIVE) atomicfs/libatomicfs-preload.so &: native/atomicfs_native.c native/atomicfs_native.h \
+        native/preload.c native/build.py $(VENV)/.installed
 	$(PY) native/build.py
 
 test: setup apps-deps
@@ -106,4 +109,4 @@ $(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
 	@touch $@
 
 clean:
-	rm -rf build *.egg-info atomicfs/_native.* .pytest_cache
+	rm -rf build *.egg-info atomicfs/_native.* atomicfs/libatomicfs-preload.so .pytest_cache

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stat)
 
+    s = sub.add_parser("run", help="start a program with RWF_ATOMIC, RWF_WRITETHROUGH and "
+                       "statx atomic limits on atomicfs files (the preload library)",
+                       usage="atomicfs run -- CMD [ARGS...]")
+    s.add_argument("cmd", nargs=argparse.REMAINDER, help="the command and its arguments")
+    s.set_defaults(func=cmd_run)
+
     s = sub.add_parser("crashtest", help="crash-consistency explorer")
     s.add_argument("--workload", default="units",
                    help="units, writethrough, namespace, mixed, a comma list, or all")
@@ -164,14 +170,28 @@ def _print_stat(path: str, data: dict[str, Any]) -> None:
           + (", stable" if f["stable"] else ""))
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from atomicfs.run import run
+    run(args.cmd)
+
+
 def cmd_crashtest(args: argparse.Namespace) -> int:
     from atomicfs.crash import run_crashtest
+    from atomicfs.crash_workloads import WORKLOADS, preload_active
+    names = WORKLOADS if args.workload == "all" else args.workload.split(",")
+    if "rwf" in names and not preload_active():
+        # the rwf workload's RWF_ATOMIC writes go through the preload library: start again
+        # under it (the daemons it mounts inherit it, and pass everything through)
+        from atomicfs.run import preload_env
+        os.execve(sys.executable, [sys.executable, "-m", "atomicfs", *args.argv],
+                  preload_env())
     return run_crashtest(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.command != "mount":
         logging.basicConfig(level=logging.WARNING, format="atomicfs: %(message)s")
     try:

@@ -33,7 +33,8 @@ from atomicfs.crash_check import CheckResult, check_with_mount, check_with_volum
 from atomicfs.crash_env import DEVICES, Env, Mount, mounted
 from atomicfs.crash_record import CrashState, Recording, StateBuilder, choose_states, \
     sparse_copy
-from atomicfs.crash_workloads import WORKLOADS, History, Workload, WorkloadError, make_workload
+from atomicfs.crash_workloads import WORKLOADS, History, Workload, WorkloadError, \
+    make_workload, preload_active
 from atomicfs.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ WORKLOAD_OPTIONS = {
     "writethrough": ["dirty_expire=1"],
     "mixed": ["dirty_expire=1"],
     "namespace": ["dirty_expire=1", "commit_interval=0.2"],
+    "rwf": ["dirty_expire=1"],
 }
 
 
@@ -197,6 +199,9 @@ def validate(cfg: CrashConfig) -> None:
     for name in cfg.workloads:
         if name not in WORKLOADS:
             raise UserError(f"unknown workload {name!r} (one of {', '.join(WORKLOADS)}, all)")
+    if "rwf" in cfg.workloads and not preload_active():
+        raise UserError("the rwf workload issues RWF_ATOMIC through the preload library: "
+                        "run under `atomicfs run --`")
     for device in cfg.device.split(","):
         if device not in DEVICES:
             raise UserError(f"unknown device {device!r} (one of {', '.join(DEVICES)}, all)")

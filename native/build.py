@@ -5,6 +5,7 @@ Also referenced from setup.py (``cffi_modules``) so that wheels carry the compil
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 from cffi import FFI
@@ -33,10 +34,23 @@ ffibuilder.set_source(
     extra_link_args=["-pthread"],
 )
 
+PRELOAD = ROOT / "atomicfs" / "libatomicfs-preload.so"
+
+
+def build_preload(out: Path = PRELOAD) -> Path:
+    """The LD_PRELOAD library of `atomicfs run` (plain C, no Python): libatomicfs-preload.so
+    in the package, next to the module that starts it."""
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-fPIC",
+                    "-shared", "-pthread", "-o", str(out), str(HERE / "preload.c"), "-ldl"],
+                   check=True)
+    return out
+
+
 if __name__ == "__main__":
     import os
 
     os.chdir(ROOT)
+    build_preload()
     built = Path(ffibuilder.compile(verbose=False)).resolve()
     # An older build for another ABI tag (e.g. from `pip install -e`) would shadow nothing
     # but confuse; keep only the module just built.
