@@ -55,7 +55,8 @@ lint: setup
 
 # The long form of the crash explorer: power-loss states from recorded runs of every
 # workload on an image file, a loop device and an image on XFS (hardware path), SIGKILLs of
-# the daemon, then the control run (atomic protection off), which must see torn units.
+# the daemon, then the control runs (atomic protection off), which must see torn units.
+# The rwf workload (RWF_ATOMIC through the preload library) restarts the explorer under it.
 CRASH_SEED ?= 1
 CRASH_STATES ?= 5400
 CRASH_KILLS ?= 120
@@ -63,6 +64,8 @@ crashtest: setup
 	$(PY) -m atomicfs crashtest --workload all --device all --states $(CRASH_STATES) \
 	    --kills $(CRASH_KILLS) --seed $(CRASH_SEED)
 	$(PY) -m atomicfs crashtest --workload units --device file,xfs --states 200 \
+	    --seed $(CRASH_SEED) --control --expect-torn
+	$(PY) -m atomicfs crashtest --workload rwf --device file --states 100 \
 	    --seed $(CRASH_SEED) --control --expect-torn
 
 test-unit: setup

@@ -17,6 +17,7 @@ from atomicfs.crash import CrashConfig, Totals, explore
 from atomicfs.crash_env import Env, mounted
 from atomicfs.crash_record import Recording, StateBuilder, sparse_copy
 from atomicfs.crash_workloads import make_workload
+from atomicfs.errors import UserError
 from tests.conftest import cli
 
 pytestmark = pytest.mark.mount
@@ -136,3 +137,27 @@ def test_cli_reports_and_exits_non_zero_on_torn_units(mount_env: None,
                  "fsck failures: 0"):
         assert line in res.stdout
     _no_leftovers(tmp_path)
+
+
+def test_rwf_atomic_writes_through_the_preload_library(mount_env: None,
+                                                       tmp_path: Path) -> None:
+    """The rwf workload: pwritev2(RWF_ATOMIC) of 1..64 units (some RWF_DSYNC) through the
+    preload library (the command starts itself again under it): no write torn as a whole,
+    no unit torn, no durable write lost; then the control, which must see tearing."""
+    res = cli("crashtest", "--workload", "rwf", "--states", "60", "--seed", "21",
+              "--workdir", str(tmp_path), check=False, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for line in ("states checked: 60", "torn units: 0", "lost durable writes: 0",
+                 "workload failures (live filesystem): 0", "mount failures: 0",
+                 "fsck failures: 0"):
+        assert line in res.stdout, res.stdout
+    res = cli("crashtest", "--workload", "rwf", "--states", "40", "--seed", "22", "--control",
+              "--expect-torn", "--workdir", str(tmp_path), check=False, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "torn as a whole" in res.stdout
+    _no_leftovers(tmp_path)
+
+
+def test_rwf_workload_needs_the_preload_library(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="preload library"):
+        explore(CrashConfig(workloads=["rwf"], workdir=str(tmp_path), states=1))
