@@ -35,12 +35,16 @@ from typing import Iterator, Protocol
 
 import trio
 
+from atomicfs import format as fmt
 from atomicfs.metadata import Inode
 from atomicfs.native import Buffer, copy_into
 from atomicfs.stats import Counters
 from atomicfs.watchdog import waiting
 
 log = logging.getLogger(__name__)
+
+# The largest write group: what FUSE sends in one request; a log batch holds it whole.
+MAX_GROUP_BYTES = fmt.MAX_ATOMIC_UNIT
 
 
 class InvalidTransition(AssertionError):
@@ -635,9 +639,11 @@ class PageCache:
             self.counters.atomic_strict_rejected += 1
             raise OSError(errno.EINVAL, "write not aligned to the atomic unit")
         # One whole unit is the folio's own atomic tag; several whole units, or an
-        # announced atomic write of any shape, are a write group.
+        # announced atomic write of any shape, are a write group: at most what FUSE sends
+        # in one request, so that a group always fits in one log batch.
         whole_units = m.atomic and off % fs == 0 and end % fs == 0
-        grouped = (atomic and not (whole_units and n == fs)) or (whole_units and n > fs)
+        grouped = ((atomic and not (whole_units and n == fs)) or (whole_units and n > fs)) \
+            and n <= MAX_GROUP_BYTES
         await io.balance_dirty()
         pinned: dict[int, Folio] = {}
         if writethrough:

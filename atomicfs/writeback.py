@@ -446,9 +446,13 @@ class Writeback:
         checkpoint writes the members home only once the batch is durable (and a crash
         during those home writes replays the whole batch again)."""
         bs = self.bs
+        if self._group_hardware_ok(inode, m, group) and \
+                await self._write_group_hardware(inode, m, group, out, writethrough=hold):
+            return
         while True:
-            if not group.pending:  # another task logged it: wait for that batch if asked
+            if not group.pending:  # another task wrote it: wait for that batch if asked
                 out.logged_seq = max(out.logged_seq, group.seq)
+                m.flush_gen = out.flush_gen = max(out.flush_gen, m.flush_gen)
                 return
             need = sum(popcount(f.dirty) for f in group.folios) * bs + 256 * len(group.folios)
             # max_batch holds the largest group (1 MiB of data and its records)
@@ -480,6 +484,92 @@ class Writeback:
             seq = self._log_now(inode, m, folio, folio.dirty, homes, out, hold, holds)
         group.dissolve(seq)
         self.counters.atomic_groups_logged += 1
+
+    def _group_hardware_ok(self, inode: Inode, m: Mapping, group: WriteGroup) -> bool:
+        """Can the group go out as one RWF_ATOMIC write: k whole, consecutive, atomic
+        units of the file, k * U a power of two the device writes untorn, none of them
+        resident in the log (replay would roll a newer in-place copy back)?"""
+        members = group.folios
+        k = len(members)
+        size = k * m.folio_size
+        if not group.pending or k < 2 or not m.atomic or size & (size - 1) or \
+                not self.hardware_ok(size):
+            return False
+        full = mask_range(0, m.blocks_per_folio)
+        first = min(f.index for f in members)
+        if first % k or {f.index for f in members} != set(range(first, first + k)):
+            return False
+        return all(f.atomic and f.dirty == full and not self.journal.is_resident(m.ino, f.index)
+                   for f in members)
+
+    async def _write_group_hardware(self, inode: Inode, m: Mapping, group: WriteGroup,
+                                    out: WriteOutcome, writethrough: bool) -> bool:
+        """The hardware path of a write group: its units copied into one buffer and written
+        as one pwritev2(RWF_ATOMIC) at a device address aligned to the whole (moving them
+        there if they are not, the remap committed with the metadata). False: the log path
+        must take it (no aligned space, or the folios changed while we waited)."""
+        await self._wait_idle(group.folios)
+        if not self._group_hardware_ok(inode, m, group):
+            return False
+        members = sorted(group.folios, key=lambda f: f.index)
+        nb = m.blocks_per_folio * len(members)
+        fb = members[0].fblock
+        runs = list(extents_of(inode).runs(fb, nb))
+        dblock = runs[0][1] if len(runs) == 1 else None
+        moved = dblock is None or dblock % nb != 0
+        reserved = sum(popcount(f.reserved) for f in members)
+        old_reserved = [f.reserved for f in members]
+        if moved:
+            try:
+                dblock, _ = self.alloc.allocate(nb, goal=runs[0][1] or 0, align=nb,
+                                                min_len=nb, reserved=reserved)
+            except NoSpace:
+                return False
+            self.alloc.unreserve(reserved)
+            for f in members:
+                f.reserved = 0
+        assert dblock is not None
+        size = nb * self.bs
+        whole = Buffer(size)  # RWF_ATOMIC takes one segment: the units side by side
+        for i, f in enumerate(members):
+            whole.copy_from(i * m.folio_size, f.buf, 0, m.folio_size)
+        full = mask_range(0, m.blocks_per_folio)
+        for f in members:
+            self.cache.start_writeback(f, full, stable=True)
+        group.dissolve(0)  # taken: nothing else may write its units meanwhile
+        try:
+            gen = await self._device_write(dblock, [(whole, 0, size)], atomic=True,
+                                           check=members,
+                                           durable=writethrough and out.flush and not moved)
+        except DeviceError as exc:
+            if moved:
+                self.alloc.free_now(dblock, nb)
+                self.alloc.reserve_again(reserved)
+                for f, r in zip(members, old_reserved):
+                    f.reserved = r
+            self._write_failed(m, [(f, full) for f in members], exc, writethrough, out,
+                               restore_atomic=True)
+            for f in members:  # still one write: retried whole
+                if f.dirty == full:
+                    f.group = group
+            group.seq = -1
+            return True
+        if moved:
+            self.md.map_extent(inode, fb, dblock, nb)
+            self.journal.need_barrier(gen)
+            out.meta_changed = True
+            m.meta_seq = self.journal.pending_seq
+        m.flush_gen = out.flush_gen = max(m.flush_gen, gen)
+        self.md.data_written(inode, (fb + nb) * self.bs)
+        for f in members:
+            self._wb_failures.pop((m.ino, f.index), None)
+            self.cache.end_writeback(f)
+        self.settle_size(inode, m)
+        self.counters.atomic_groups_hardware += 1
+        self.counters.atomic_writebacks_hardware += len(members)
+        self.counters.writeback_ios += 1
+        self.counters.writeback_bytes += size
+        return True
 
     def _homes_for(self, inode: Inode, folio: Folio, mask: int
                    ) -> tuple[list[tuple[int, int, int]], int]:

@@ -330,7 +330,7 @@ async def test_user_xattrs_on_symlinks_and_fifos_are_refused(drv: Driver) -> Non
     ("user.atomicfs.atomic_unit", b""),
     ("user.atomicfs.atomic_unit", b"4194304"),
     ("user.atomicfs.atomic_unit", b"0x4000"),
-    ("user.atomicfs.writethrough", b"2"),
+    ("user.atomicfs.writethrough", b"3"),  # 2 is the RFC's write-through
     ("user.atomicfs.writethrough", b"yes"),
     ("user.atomicfs.writethrough", b""),
     ("user.atomicfs.atomic_strict", b"true"),

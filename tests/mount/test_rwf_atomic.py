@@ -17,6 +17,7 @@ from typing import Iterator
 
 import pytest
 
+from atomicfs.recording import read_events
 from tests.conftest import ATOMICFS, Mount, MountFactory, cli, need, run
 
 pytestmark = pytest.mark.mount
@@ -254,3 +255,38 @@ def test_announcements_refused_when_they_cannot_be_honoured(mnt: Mount) -> None:
         assert exc.value.errno in (errno.EINVAL, errno.ENOENT), bad
     os.setxattr(path, "user.atomicfs.control", b"write_begin=t:0:4096:a")
     os.setxattr(path, "user.atomicfs.control", b"write_end=t")
+
+
+def test_hardware_path_writes_a_group_as_one_rwf_atomic_write(xfs_dir: str, tmp_path: Path,
+                                                              mounter: MountFactory) -> None:
+    """On an image on XFS (statx atomic limits), a write of k units, k * U a power of two
+    within the device's limit, goes out as one RWF_ATOMIC write of k * U, aligned to it;
+    a write of 3 units cannot (not a power of two) and takes the log, still whole."""
+    img = os.path.join(xfs_dir, f"hwgroup-{os.getpid()}.img")
+    try:
+        cli("mkfs", img, "--size", "256M")
+        rec = str(tmp_path / "rec")
+        m = mounter(img, f"record={rec}")
+        dev = m.stat()["device"]
+        need(dev["atomic_unit_max"] >= 4 * UNIT, "XFS atomic writes of 64 KiB")
+        path = m / "f"
+        open(path, "wb").close()
+        os.setxattr(path, "user.atomicfs.atomic_unit", str(UNIT).encode())
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"h" * 4 * UNIT, 4 * UNIT)
+            os.pwrite(fd, b"s" * 3 * UNIT, 8 * UNIT)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        c = m.counters()
+        assert c["atomic_groups_hardware"] == 1 and c["atomic_groups_logged"] == 1
+        atomic = [e for e in read_events(rec) if e.type == b"W" and e.atomic]
+        assert [(e.length, e.offset % (4 * UNIT)) for e in atomic] == [(4 * UNIT, 0)]
+        m.umount()
+        m2 = mounter(img)
+        with open(m2 / "f", "rb") as f:
+            f.seek(4 * UNIT)
+            assert f.read(7 * UNIT) == b"h" * 4 * UNIT + b"s" * 3 * UNIT
+    finally:
+        os.unlink(img)

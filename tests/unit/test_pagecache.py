@@ -45,7 +45,8 @@ class ZeroIO:
         pass
 
     async def write_through(self, inode: Inode, mapping: Mapping,
-                            items: list[tuple[Folio, int]], size_grew: bool) -> None:
+                            items: list[tuple[Folio, int]], size_grew: bool,
+                            durable: bool = True) -> None:
         self.through.append({"stable": mapping.stable, "inflight": mapping.wt_inflight,
                              "items": [(f.index, m) for f, m in items],
                              "size_grew": size_grew})
@@ -717,7 +718,8 @@ async def test_failed_write_through_still_ends_the_stable_period() -> None:
 
     class FailingIO(ZeroIO):
         async def write_through(self, inode: Inode, mapping: Mapping,
-                                items: list[tuple[Folio, int]], size_grew: bool) -> None:
+                                items: list[tuple[Folio, int]], size_grew: bool,
+                                durable: bool = True) -> None:
             raise OSError(errno.EIO, "device error")
 
     with pytest.raises(OSError):
