@@ -42,7 +42,7 @@ native: $(NATIVE)
 native: atomicfs/libatomicfs-preload.so
 
 $(NATIVE) atomicfs/libatomicfs-preload.so &: native/atomicfs_native.c native/atomicfs_native.h \
-        native/preload.c native/build.py $(VENV)/.installed
+        native/afs_statx.h native/preload.c native/build.py $(VENV)/.installed
 	$(PY) native/build.py
 
 test: setup apps-deps

@@ -336,9 +336,7 @@ class Writeback:
                                      out: WriteOutcome, writethrough: bool) -> bool:
         """One RWF_ATOMIC write of the whole unit; False if it must take the log instead
         (no aligned space for a unit that has to move)."""
-        nb = m.blocks_per_folio
-        fb = folio.fblock
-        full = mask_range(0, nb)
+        full = mask_range(0, m.blocks_per_folio)
         # Writing the folios before this one awaited: another task may have taken this
         # one meanwhile. Wait for it, then write only what is still dirty; skipping it
         # ("a later writeback takes it") would let fsync return without its data.
@@ -349,33 +347,60 @@ class Writeback:
         if not folio.atomic or folio.dirty != full or folio.group is not None:
             return False  # a partial write cleared the tag (or a group took the folio):
             # the log path writes its blocks
+        return await self._write_units_hardware(inode, m, [folio], out, writethrough) \
+            is not None
+
+    async def _write_units_hardware(self, inode: Inode, m: Mapping, members: list[Folio],
+                                    out: WriteOutcome, writethrough: bool) -> bool | None:
+        """One pwritev2(RWF_ATOMIC) of whole consecutive units (one folio, or a write
+        group side by side in one buffer: RWF_ATOMIC takes one segment), in place, at a
+        device address aligned to the whole: units mapped elsewhere move to an aligned
+        extent, and the remap commits with the metadata. None: no aligned space (nothing
+        changed; the log must take them); else whether the write succeeded (a failure is
+        recorded and the units are dirty and atomic again). Does not await before the
+        writeback has started."""
+        nb = m.blocks_per_folio * len(members)
+        fb = members[0].fblock
+        full = mask_range(0, m.blocks_per_folio)
         runs = list(extents_of(inode).runs(fb, nb))
         dblock = runs[0][1] if len(runs) == 1 else None
         moved = dblock is None or dblock % nb != 0
-        reserved = popcount(folio.reserved)
+        reserved = sum(popcount(f.reserved) for f in members)
+        old_reserved = [f.reserved for f in members]
         if moved:
             try:
                 dblock, _ = self.alloc.allocate(nb, goal=runs[0][1] or 0, align=nb,
                                                 min_len=nb, reserved=reserved)
             except NoSpace:
-                return False
+                return None
             self.alloc.unreserve(reserved)
-            old_reserved, folio.reserved = folio.reserved, 0
+            for f in members:
+                f.reserved = 0
         assert dblock is not None
-        self.cache.start_writeback(folio, full, stable=True)
+        size = nb * self.bs
+        if len(members) == 1:
+            segment: Segment = (members[0].buf, 0, size)
+        else:
+            whole = Buffer(size)
+            for i, f in enumerate(members):
+                whole.copy_from(i * m.folio_size, f.buf, 0, m.folio_size)
+            segment = (whole, 0, size)
+        for f in members:
+            self.cache.start_writeback(f, full, stable=True)
         try:
-            # A write-through of a unit already at home needs nothing but this write to be
-            # durable: flush in the same request (a moved unit waits for its metadata).
-            gen = await self._device_write(dblock, [(folio.buf, 0, m.folio_size)],
-                                           atomic=True, check=[folio],
+            # A write-through of units already at home needs nothing but this write to be
+            # durable: flush in the same request (moved units wait for their metadata).
+            gen = await self._device_write(dblock, [segment], atomic=True, check=members,
                                            durable=writethrough and out.flush and not moved)
         except DeviceError as exc:
             if moved:
                 self.alloc.free_now(dblock, nb)
                 self.alloc.reserve_again(reserved)
-                folio.reserved = old_reserved
-            self._write_failed(m, [(folio, full)], exc, writethrough, out, restore_atomic=True)
-            return True
+                for f, r in zip(members, old_reserved):
+                    f.reserved = r
+            self._write_failed(m, [(f, full) for f in members], exc, writethrough, out,
+                               restore_atomic=True)
+            return False
         if moved:
             self.md.map_extent(inode, fb, dblock, nb)
             self.journal.need_barrier(gen)
@@ -383,12 +408,13 @@ class Writeback:
             m.meta_seq = self.journal.pending_seq
         m.flush_gen = out.flush_gen = max(m.flush_gen, gen)
         self.md.data_written(inode, (fb + nb) * self.bs)
-        self._wb_failures.pop((m.ino, folio.index), None)
-        self.cache.end_writeback(folio)
+        for f in members:
+            self._wb_failures.pop((m.ino, f.index), None)
+            self.cache.end_writeback(f)
         self.settle_size(inode, m)
-        self.counters.atomic_writebacks_hardware += 1
+        self.counters.atomic_writebacks_hardware += len(members)
         self.counters.writeback_ios += 1
-        self.counters.writeback_bytes += m.folio_size
+        self.counters.writeback_bytes += size
         return True
 
     async def _write_logged(self, inode: Inode, m: Mapping, folio: Folio, mask: int,
@@ -504,72 +530,23 @@ class Writeback:
 
     async def _write_group_hardware(self, inode: Inode, m: Mapping, group: WriteGroup,
                                     out: WriteOutcome, writethrough: bool) -> bool:
-        """The hardware path of a write group: its units copied into one buffer and written
-        as one pwritev2(RWF_ATOMIC) at a device address aligned to the whole (moving them
-        there if they are not, the remap committed with the metadata). False: the log path
-        must take it (no aligned space, or the folios changed while we waited)."""
+        """The hardware path of a write group (see _write_units_hardware). False: the log
+        path must take it (no aligned space, or the folios changed while we waited)."""
         await self._wait_idle(group.folios)
         if not self._group_hardware_ok(inode, m, group):
             return False
         members = sorted(group.folios, key=lambda f: f.index)
-        nb = m.blocks_per_folio * len(members)
-        fb = members[0].fblock
-        runs = list(extents_of(inode).runs(fb, nb))
-        dblock = runs[0][1] if len(runs) == 1 else None
-        moved = dblock is None or dblock % nb != 0
-        reserved = sum(popcount(f.reserved) for f in members)
-        old_reserved = [f.reserved for f in members]
-        if moved:
-            try:
-                dblock, _ = self.alloc.allocate(nb, goal=runs[0][1] or 0, align=nb,
-                                                min_len=nb, reserved=reserved)
-            except NoSpace:
-                return False
-            self.alloc.unreserve(reserved)
-            for f in members:
-                f.reserved = 0
-        assert dblock is not None
-        size = nb * self.bs
-        whole = Buffer(size)  # RWF_ATOMIC takes one segment: the units side by side
-        for i, f in enumerate(members):
-            whole.copy_from(i * m.folio_size, f.buf, 0, m.folio_size)
-        full = mask_range(0, m.blocks_per_folio)
-        for f in members:
-            self.cache.start_writeback(f, full, stable=True)
         group.dissolve(0)  # taken: nothing else may write its units meanwhile
-        try:
-            gen = await self._device_write(dblock, [(whole, 0, size)], atomic=True,
-                                           check=members,
-                                           durable=writethrough and out.flush and not moved)
-        except DeviceError as exc:
-            if moved:
-                self.alloc.free_now(dblock, nb)
-                self.alloc.reserve_again(reserved)
-                for f, r in zip(members, old_reserved):
-                    f.reserved = r
-            self._write_failed(m, [(f, full) for f in members], exc, writethrough, out,
-                               restore_atomic=True)
-            for f in members:  # still one write: retried whole
-                if f.dirty == full:
-                    f.group = group
-            group.seq = -1
+        done = await self._write_units_hardware(inode, m, members, out, writethrough)
+        if done:
+            self.counters.atomic_groups_hardware += 1
             return True
-        if moved:
-            self.md.map_extent(inode, fb, dblock, nb)
-            self.journal.need_barrier(gen)
-            out.meta_changed = True
-            m.meta_seq = self.journal.pending_seq
-        m.flush_gen = out.flush_gen = max(m.flush_gen, gen)
-        self.md.data_written(inode, (fb + nb) * self.bs)
+        full = mask_range(0, m.blocks_per_folio)
+        group.seq = -1  # not written (no room, or failed): still one write
         for f in members:
-            self._wb_failures.pop((m.ino, f.index), None)
-            self.cache.end_writeback(f)
-        self.settle_size(inode, m)
-        self.counters.atomic_groups_hardware += 1
-        self.counters.atomic_writebacks_hardware += len(members)
-        self.counters.writeback_ios += 1
-        self.counters.writeback_bytes += size
-        return True
+            if f.dirty == full:
+                f.group = group
+        return done is not None
 
     def _homes_for(self, inode: Inode, folio: Folio, mask: int
                    ) -> tuple[list[tuple[int, int, int]], int]:

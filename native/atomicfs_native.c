@@ -31,26 +31,7 @@
 #ifndef RWF_ATOMIC
 #define RWF_ATOMIC 0x00000040
 #endif
-#define AFS_STATX_WRITE_ATOMIC 0x00010000U
-#define AFS_STATX_DIOALIGN 0x00002000U
-
-/* struct statx as of Linux 6.16, declared here for the same reason. */
-struct afs_statx {
-    uint32_t stx_mask, stx_blksize;
-    uint64_t stx_attributes;
-    uint32_t stx_nlink, stx_uid, stx_gid;
-    uint16_t stx_mode, spare0;
-    uint64_t stx_ino, stx_size, stx_blocks, stx_attributes_mask;
-    uint8_t timestamps[64];
-    uint32_t stx_rdev_major, stx_rdev_minor, stx_dev_major, stx_dev_minor;
-    uint64_t stx_mnt_id;
-    uint32_t stx_dio_mem_align, stx_dio_offset_align;
-    uint64_t stx_subvol;
-    uint32_t stx_atomic_write_unit_min, stx_atomic_write_unit_max;
-    uint32_t stx_atomic_write_segments_max, stx_dio_read_offset_align;
-    uint32_t stx_atomic_write_unit_max_opt, spare2;
-    uint64_t spare3[8];
-};
+#include "afs_statx.h"
 
 int afs_rwf_atomic(void) { return RWF_ATOMIC; }
 

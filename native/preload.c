@@ -42,38 +42,10 @@
 #define AFS_RWF_SYNC 0x00000004
 #define AFS_RWF_ATOMIC 0x00000040
 #define AFS_RWF_WRITETHROUGH 0x00000200 /* "iomap: buffered RWF_WRITETHROUGH" (RFC, 2026) */
-#define AFS_STATX_WRITE_ATOMIC 0x00010000U
-#define AFS_STATX_ATTR_WRITE_ATOMIC 0x00400000ULL
 #define LIMITS_XATTR "user.atomicfs.limits"
 #define CONTROL_XATTR "user.atomicfs.control"
 
-/* struct statx from the kernel's include/uapi/linux/stat.h (Linux 6.16): Debian 12's glibc
- * headers stop before the atomic-write fields, so the layout is written out here and its
- * offsets checked against the uapi comments. */
-struct afs_statx {
-    uint32_t stx_mask, stx_blksize;
-    uint64_t stx_attributes;
-    uint32_t stx_nlink, stx_uid, stx_gid;
-    uint16_t stx_mode, spare0;
-    uint64_t stx_ino, stx_size, stx_blocks, stx_attributes_mask;
-    uint8_t timestamps[64];
-    uint32_t stx_rdev_major, stx_rdev_minor, stx_dev_major, stx_dev_minor;
-    uint64_t stx_mnt_id;
-    uint32_t stx_dio_mem_align, stx_dio_offset_align;
-    uint64_t stx_subvol;
-    uint32_t stx_atomic_write_unit_min, stx_atomic_write_unit_max;
-    uint32_t stx_atomic_write_segments_max, stx_dio_read_offset_align;
-    uint32_t stx_atomic_write_unit_max_opt, spare2;
-    uint64_t spare3[8];
-};
-_Static_assert(offsetof(struct afs_statx, stx_rdev_major) == 0x80, "statx layout");
-_Static_assert(offsetof(struct afs_statx, stx_mnt_id) == 0x90, "statx layout");
-_Static_assert(offsetof(struct afs_statx, stx_atomic_write_unit_min) == 0xa8, "statx layout");
-_Static_assert(offsetof(struct afs_statx, stx_atomic_write_segments_max) == 0xb0,
-               "statx layout");
-_Static_assert(offsetof(struct afs_statx, stx_atomic_write_unit_max_opt) == 0xb8,
-               "statx layout");
-_Static_assert(sizeof(struct afs_statx) == 0x100, "statx layout");
+#include "afs_statx.h"
 
 struct limits {
     uint32_t unit_min, unit_max, segments_max, unit_max_opt;
