@@ -699,8 +699,9 @@ class AtomicFS(pyfuse3.Operations):
         size to 1 MiB at an aligned offset is one write request and one write group (one
         log batch); the file's own unit (or the device's atomic limit) is what is fast."""
         unit = self.vol.effective_unit(node)
-        opt = unit if unit else 0
-        return f"{self.vol.bs} {fmt.MAX_ATOMIC_UNIT} 1 {opt}\n".encode()
+        # atomic_strict refuses writes that are not whole units: its minimum is the unit
+        low = unit if unit and self.vol.strict_of(node) else self.vol.bs
+        return f"{low} {fmt.MAX_ATOMIC_UNIT} 1 {unit}\n".encode()
 
     async def flush(self, fh: int) -> None:
         return None

@@ -83,6 +83,9 @@ def test_statx_reports_the_limits_on_atomicfs(mnt: Mount, probe: str) -> None:
         f"atomic=1 attr=1 min=4096 max={MIB} segments=1 opt=0"
     assert _probe(probe, "statx", unit, preload=True) == \
         f"atomic=1 attr=1 min=4096 max={MIB} segments=1 opt={UNIT}"
+    os.setxattr(unit, "user.atomicfs.atomic_strict", b"1")  # refuses partial units
+    assert _probe(probe, "statx", unit, preload=True) == \
+        f"atomic=1 attr=1 min={UNIT} max={MIB} segments=1 opt={UNIT}"
     # without the library the kernel knows no limits for a FUSE file
     assert _probe(probe, "statx", unit, preload=False).startswith("atomic=0")
     # directories have none, as on XFS
@@ -290,3 +293,13 @@ def test_hardware_path_writes_a_group_as_one_rwf_atomic_write(xfs_dir: str, tmp_
             assert f.read(7 * UNIT) == b"h" * 4 * UNIT + b"s" * 3 * UNIT
     finally:
         os.unlink(img)
+
+
+def test_o_append_atomic_writes(mnt: Mount, probe: str) -> None:
+    """With O_APPEND the write lands at the end of file, which the kernel validates."""
+    path = mnt / "log"
+    assert _write(probe, path, 0, 8 * KIB, ("append",), byte=1) == f"ok {8 * KIB}"
+    assert _write(probe, path, 0, 8 * KIB, ("append",), byte=2) == f"ok {8 * KIB}"
+    assert _write(probe, path, 0, 32 * KIB, ("append",)) == "errno EINVAL"  # 32K at 16K
+    with open(path, "rb") as f:
+        assert f.read() == b"\x01" * 8 * KIB + b"\x02" * 8 * KIB
