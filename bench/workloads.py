@@ -43,6 +43,7 @@ class Spec:
     prep: tuple[str, ...] = ()      # "fresh", "seqfile", "cold", "warm", in this order
     ddir: str = "write"             # the side of fio's report to read
     latency: str = "clat"           # "clat", or "sync" (fio's fsync latencies)
+    preload: bool = False           # run under `atomicfs run` (the preload library)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ DSYNC_DIRECT = {j: Spec(f"rand16k-dsync-direct-j{j}", "fio", "O_DIRECT|O_DSYNC",
                         args=_RAND + ("--sync=dsync", "--direct=1")) for j in (1, 4)}
 ATOMIC_DIRECT = {j: Spec(f"rand16k-atomic-direct-j{j}", "atomic",
                          "pwritev2(RWF_ATOMIC|RWF_DSYNC), O_DIRECT", jobs=j) for j in (1, 4)}
+# The same driver under the preload library: on atomicfs, RWF_ATOMIC reaches the daemon
+ATOMIC_PRELOAD = Spec("rand16k-atomic-preload-j1", "atomic",
+                      "pwritev2(RWF_ATOMIC|RWF_DSYNC), O_DIRECT, under atomicfs run",
+                      preload=True)
 FSYNC = Spec("rand16k-fsync", "fio", "buffered, fsync after each write",
              args=_RAND + ("--fsync=1",), latency="sync")
 APPEND = Spec("append4k-dsync", "fio", "O_DSYNC appends to a new file", where="plain",
@@ -114,6 +119,10 @@ WORKLOADS: tuple[Workload, ...] = (
                    "O_DIRECT (ext4 refuses it without hardware atomic support)"),
     Workload("atomic16k_j4", "16K durable atomic random write, 4 jobs", "iops",
              {"atomicfs": DSYNC[4], "nullfs": DSYNC[4], "kernel": ATOMIC_DIRECT[4]}),
+    Workload("rwf_atomic16k_j1", "16K RWF_ATOMIC|RWF_DSYNC (preload library), 1 job", "iops",
+             {"atomicfs": ATOMIC_PRELOAD, "nullfs": None, "kernel": ATOMIC_DIRECT[1]},
+             notes="the same program on both: atomicfs under `atomicfs run`, kernel XFS "
+                   "O_DIRECT RWF_ATOMIC as is"),
     Workload("dsync16k_j1", "16K O_DSYNC random write, 1 job", "iops", {"*": DSYNC[1]}),
     Workload("dsync16k_j4", "16K O_DSYNC random write, 4 jobs", "iops", {"*": DSYNC[4]}),
     Workload("dsync16k_direct_j1", "16K durable random write, 1 job, kernel O_DIRECT",
@@ -317,8 +326,10 @@ def _run_fio(target: Target, spec: Spec, timing: Timing) -> Outcome:
                    extra={"usr_cpu": job.get("usr_cpu"), "sys_cpu": job.get("sys_cpu")})
 
 
-def _driver(args: list[str], timeout: float) -> dict[str, Any]:
+def _driver(args: list[str], timeout: float, preload: bool = False) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.driver"] + args
+    if preload:
+        cmd = [sys.executable, "-m", "atomicfs", "run", "--"] + cmd
     res = run(cmd, timeout=timeout, cwd=str(Path(__file__).resolve().parent.parent))
     return json.loads(res.stdout)
 
@@ -327,8 +338,9 @@ def _run_atomic(target: Target, spec: Spec, timing: Timing) -> Outcome:
     files = [str(target.atomic_dir / f"{spec.stem}.{j}") for j in range(spec.jobs)]
     args = ["atomic", *files, "--bs", "16384", "--runtime", f"{timing.runtime:g}",
             "--ramp", f"{timing.ramp:g}", "--dsync"]
-    out = _driver(args, timing.runtime + timing.ramp + 300)
-    cmd = "python -m bench.driver " + " ".join(args)
+    out = _driver(args, timing.runtime + timing.ramp + 300, spec.preload)
+    cmd = ("atomicfs run -- " if spec.preload else "") + "python -m bench.driver " + \
+        " ".join(args)
     if "unsupported" in out:
         return Outcome(unsupported=out["unsupported"], cmd=cmd)
     return Outcome(values=out, cmd=cmd)
