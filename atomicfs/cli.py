@@ -164,7 +164,9 @@ def _print_stat(path: str, data: dict[str, Any]) -> None:
     print(f"{path}: " + (f"atomic unit {unit} ({data['atomic_path']} path"
                          + (", strict" if data["atomic_strict"] else "") + ")"
                          if unit else "not atomic")
-          + (", write-through" if data["writethrough"] else ""))
+          + (", write-through" + (" (RFC, no cache flush)"
+                                  if data.get("writethrough_mode") == "rfc" else "")
+             if data["writethrough"] else ""))
     print(f"  folios: {f['cached']} cached, {f['dirty']} dirty, {f['writeback']} writeback, "
           f"{f['atomic']} atomic; write-throughs in flight {f['writethrough_inflight']}"
           + (", stable" if f["stable"] else ""))

@@ -242,7 +242,7 @@ class Volume:
             "ino": inode.ino,
             "size": inode.size,
             "atomic_unit": unit,
-            "writethrough": self.writethrough_of(inode) or handle_writethrough,
+            "writethrough": self.writethrough_mode(inode) is not None or handle_writethrough,
             "writethrough_mode": "durable" if handle_writethrough else
             self.writethrough_mode(inode),
             "atomic_strict": self.strict_of(inode) if unit else False,

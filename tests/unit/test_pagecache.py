@@ -758,3 +758,72 @@ async def test_truncate_drops_folios_beyond_and_zeroes_the_tail_block() -> None:
     inode.size = 2 * UNIT  # extended again: reads zeros past the old end
     out = await cache.read(io, inode, m, UNIT, UNIT)
     assert bytes(out) == b"t" * 100 + bytes(UNIT - 100)
+
+
+# ----------------------------------------------------------------- write groups (issue 15)
+
+class GroupIO(ZeroIO):
+    """Records write_group calls; taking a group cleans its members, as the log does."""
+
+    def __init__(self, cache: PageCache) -> None:
+        super().__init__()
+        self.cache = cache
+        self.groups: list[list[int]] = []
+
+    async def write_group(self, inode: Inode, mapping: Mapping, group: Any) -> None:
+        self.groups.append(sorted(f.index for f in group.folios))
+        for f in group.folios:
+            self.cache.take_clean(f, f.dirty)
+        group.dissolve(1)
+
+
+async def test_a_write_of_several_whole_units_is_one_group() -> None:
+    cache = make_cache()
+    inode, m = atomic_mapping(cache)
+    io = GroupIO(cache)
+    await cache.write(io, inode, m, UNIT, b"g" * 3 * UNIT)  # units 1..3
+    members = [m.folios[i] for i in (1, 2, 3)]
+    assert all(f.group is members[0].group is not None for f in members)
+    assert all(f.atomic for f in members)  # each unit stays atomic on its own too
+    await cache.write(io, inode, m, 0, b"u" * UNIT)  # one whole unit: its own tag only
+    assert m.folios[0].group is None and m.folios[0].atomic
+    assert cache.counters.atomic_group_writes == 1
+    check_accounting(cache)
+
+
+async def test_a_later_write_into_a_group_sends_the_group_out_first() -> None:
+    cache = make_cache()
+    inode, m = atomic_mapping(cache)
+    io = GroupIO(cache)
+    await cache.write(io, inode, m, 0, b"g" * 4 * UNIT)
+    assert io.groups == []
+    await cache.write(io, inode, m, 2 * UNIT + 100, b"p" * 10)  # partial, into unit 2
+    assert io.groups == [[0, 1, 2, 3]]  # the whole group, before the change
+    assert all(f.group is None for f in m.folios.values())
+    assert m.folios[2].dirty and not m.folios[2].atomic
+    check_accounting(cache)
+
+
+async def test_an_announced_atomic_write_groups_even_without_a_unit() -> None:
+    cache = make_cache()
+    inode = make_inode(11, unit=0)
+    m = cache.mapping(inode, DEFAULT_FOLIO)
+    assert not m.atomic
+    io = GroupIO(cache)
+    await cache.write(io, inode, m, 8192, b"a" * 4096, atomic=True)  # part of one folio
+    assert m.folios[0].group is not None and not m.folios[0].atomic
+    await cache.write(io, inode, m, 0, b"b" * 4096)  # a plain write: no group of its own
+    assert io.groups == [[0]]
+
+
+async def test_truncate_takes_folios_out_of_their_group() -> None:
+    cache = make_cache()
+    inode, m = atomic_mapping(cache)
+    io = GroupIO(cache)
+    await cache.write(io, inode, m, 0, b"g" * 4 * UNIT)
+    group = m.folios[0].group
+    assert group is not None
+    await cache.truncate(io, inode, m, 2 * UNIT)
+    inode.size = 2 * UNIT
+    assert sorted(f.index for f in group.folios) == [0, 1]
+    check_accounting(cache)
