@@ -14,8 +14,9 @@
  *   - maps RWF_WRITETHROUGH (the 2026 RFC's flag, 0x200, unknown to this kernel) to the
  *     daemon's RFC write-through and RWF_DSYNC on an atomic write to its durable one;
  *   - answers statx(STATX_WRITE_ATOMIC) with the file's limits.
- * Everything else, and every other filesystem, goes straight to libc. Not covered:
- * io_uring, raw syscall(2), mmap, statically linked programs.
+ * The same through syscall(2) for SYS_statx and SYS_pwritev2. Everything else, and every
+ * other filesystem, goes straight to libc. Not covered: io_uring, inline system calls,
+ * mmap, statically linked programs.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -23,6 +24,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -323,6 +325,37 @@ done:
     if (fd >= 0)
         close(fd);
     return ret;
+}
+
+int statx(int dirfd, const char *path, int flags, unsigned int mask, struct statx *buf);
+
+typedef long (*syscall_fn)(long, ...);
+
+/* Programs that call statx and pwritev2 through syscall(2) (xfstests' fsx does, for
+ * statx) get the same: the two numbers are routed to the wrappers above and below, every
+ * other goes to libc unchanged (six arguments passed on, as the x86-64 and arm64 calling
+ * conventions allow). */
+long syscall(long number, ...)
+{
+    static _Atomic(syscall_fn) fn;
+    va_list ap;
+    long a[6];
+    va_start(ap, number);
+    for (int i = 0; i < 6; i++)
+        a[i] = va_arg(ap, long);
+    va_end(ap);
+    if (number == SYS_statx)
+        return statx((int)a[0], (const char *)a[1], (int)a[2], (unsigned int)a[3],
+                     (struct statx *)a[4]);
+    if (number == SYS_pwritev2) /* fd, iov, iovcnt, pos_l, pos_h, flags */
+        return afs_pwritev2((int)a[0], (const struct iovec *)a[1], (int)a[2], (off_t)a[3],
+                            (int)a[5]);
+    syscall_fn f = atomic_load(&fn);
+    if (!f) {
+        f = (syscall_fn)dlsym(RTLD_NEXT, "syscall");
+        atomic_store(&fn, f);
+    }
+    return f(number, a[0], a[1], a[2], a[3], a[4], a[5]);
 }
 
 int statx(int dirfd, const char *path, int flags, unsigned int mask, struct statx *buf)

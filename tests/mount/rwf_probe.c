@@ -3,7 +3,8 @@
  * writes: statx(STATX_WRITE_ATOMIC) on the path, then pwritev2(..., RWF_ATOMIC) with one
  * iovec. Built by tests/mount/test_rwf_atomic.py and run as is, or under `atomicfs run`.
  *
- *   rwf_probe statx PATH
+ *   rwf_probe statx PATH        (statx(3), as fio calls it)
+ *   rwf_probe statx-raw PATH    (syscall(SYS_statx), as fsx calls it)
  *       prints: atomic=<0|1> attr=<0|1> min=N max=N segments=N opt=N
  *   rwf_probe write PATH OFF LEN BYTE [atomic] [dsync] [wt] [direct] [iov2] [append]
  *       pwritev2 of LEN bytes of value BYTE at OFF; prints: ok N  or  errno NAME
@@ -16,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -58,11 +60,13 @@ static const char *errname(int e)
     }
 }
 
-static int do_statx(const char *path)
+static int do_statx(const char *path, int raw)
 {
     struct probe_statx sx;
     memset(&sx, 0, sizeof(sx));
-    if (statx(AT_FDCWD, path, 0, STATX_WRITE_ATOMIC, (struct statx *)&sx) != 0) {
+    int r = raw ? (int)syscall(SYS_statx, AT_FDCWD, path, 0, STATX_WRITE_ATOMIC, &sx)
+                : statx(AT_FDCWD, path, 0, STATX_WRITE_ATOMIC, (struct statx *)&sx);
+    if (r != 0) {
         printf("errno %s\n", errname(errno));
         return 1;
     }
@@ -117,9 +121,12 @@ static int do_write(int argc, char **argv)
 int main(int argc, char **argv)
 {
     if (argc >= 3 && !strcmp(argv[1], "statx"))
-        return do_statx(argv[2]);
+        return do_statx(argv[2], 0);
+    if (argc >= 3 && !strcmp(argv[1], "statx-raw"))
+        return do_statx(argv[2], 1);
     if (argc >= 6 && !strcmp(argv[1], "write"))
         return do_write(argc, argv);
-    fprintf(stderr, "usage: rwf_probe statx PATH | write PATH OFF LEN BYTE [flags...]\n");
+    fprintf(stderr, "usage: rwf_probe statx|statx-raw PATH | write PATH OFF LEN BYTE "
+            "[flags...]\n");
     return 2;
 }

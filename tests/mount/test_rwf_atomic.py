@@ -83,6 +83,9 @@ def test_statx_reports_the_limits_on_atomicfs(mnt: Mount, probe: str) -> None:
         f"atomic=1 attr=1 min=4096 max={MIB} segments=1 opt=0"
     assert _probe(probe, "statx", unit, preload=True) == \
         f"atomic=1 attr=1 min=4096 max={MIB} segments=1 opt={UNIT}"
+    # fsx asks through syscall(SYS_statx): the same answer
+    assert _probe(probe, "statx-raw", unit, preload=True) == \
+        f"atomic=1 attr=1 min=4096 max={MIB} segments=1 opt={UNIT}"
     os.setxattr(unit, "user.atomicfs.atomic_strict", b"1")  # refuses partial units
     assert _probe(probe, "statx", unit, preload=True) == \
         f"atomic=1 attr=1 min={UNIT} max={MIB} segments=1 opt={UNIT}"
@@ -140,7 +143,8 @@ def test_other_filesystems_behave_as_without_the_library(request: pytest.Fixture
                 outs = {_write(probe, path, off, length, words, atomic=atomic, preload=p)
                         for p in (True, False)}
                 assert len(outs) == 1, (fs, off, length, words, atomic, outs)
-        assert len({_probe(probe, "statx", path, preload=p) for p in (True, False)}) == 1
+        for how in ("statx", "statx-raw"):
+            assert len({_probe(probe, how, path, preload=p) for p in (True, False)}) == 1
     finally:
         os.unlink(path)
 
