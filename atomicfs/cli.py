@@ -152,6 +152,12 @@ def _print_stat(path: str, data: dict[str, Any]) -> None:
         print(f"  cache: {format_size(c['bytes'])} of {format_size(c['limit'])}, dirty "
               f"{format_size(c['dirty_bytes'])}, writeback {format_size(c['writeback_bytes'])}")
         print("  counters: " + ", ".join(f"{n}={v}" for n, v in sorted(k.items()) if v))
+        req = data.get("requests") or {}
+        old = req.get("oldest")
+        if old:
+            print(f"  requests: {req['in_flight']} in flight; oldest {old['kind']} "
+                  f"{old['detail']} for {old['age_s']:.1f} s"
+                  + (f", waiting for {old['waiting_for']}" if old["waiting_for"] else ""))
         return
     f = data["folios"]
     unit = data["atomic_unit"]
