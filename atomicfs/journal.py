@@ -155,8 +155,6 @@ class Journal:
         # which may be waiting on it, is never left waiting on an event nobody sets.
         self.want_checkpoint = trio.Event()
         self._absorbed: list[PendingBatch] = []  # a running checkpoint writes these home
-        self._stuck: PendingBatch | None = None  # a checkpoint batch that found no room
-        self._ckpt_changed = trio.Event()  # a batch ended or got stuck: settle looks again
 
     # ------------------------------------------------------------ MetadataSink
 
@@ -411,7 +409,6 @@ class Journal:
                     b.attempt.set()
         batch.attempt.set()
         self._wakeup.set()
-        self._ckpt_changed.set()
 
     def _acknowledge(self, batch: PendingBatch) -> None:
         self._failures = 0
@@ -465,7 +462,6 @@ class Journal:
             b.error = exc
             b.attempt.set()
         self._rewrite_started.set()  # waiters look again and find the log failed
-        self._ckpt_changed.set()
 
     def _assemble(self, batch: PendingBatch, pos: int) -> tuple[list[Segment], int]:
         meta = bytes(batch.meta)
@@ -498,8 +494,8 @@ class Journal:
     async def _place(self, size: int, batch: PendingBatch) -> int:
         """Find the log position for a batch of this size, waiting for a checkpoint to
         free space when the log is too full. Batches up to a checkpoint's boundary may use
-        the reserve at the end, which other batches leave free for them; one that does not
-        fit even so is absorbed by the checkpoint (see settle_for_checkpoint): then -1."""
+        the reserve at the end, which other batches leave free for them (and what does not
+        fit even there, the checkpoint absorbs: then -1, see seal_for_checkpoint)."""
         if size > self.log_size - self.reserve:
             raise CorruptFilesystem(f"log batch of {size} bytes exceeds the log")
         while True:
@@ -520,26 +516,23 @@ class Journal:
                     self.request_checkpoint()
                 return pos
             self.request_checkpoint()
-            if batch.checkpoint:
-                self._stuck = batch  # the checkpoint that waits for it takes it instead
-                self._ckpt_changed.set()
             room = self._room
             with waiting(f"log space for batch {batch.seq} ({size} bytes, "
                          f"{self.used} of {self.log_size} used)"):
                 await room.wait()
-            if self._stuck is batch:
-                self._stuck = None
 
     # --------------------------------------------------------------- checkpoints
     #
-    # Progress, by construction: a checkpoint never needs log space. Every batch up to
-    # its boundary is either placed (its space granted: only its device write remains) or
-    # not; one that is not placed gets the reserve, and if it does not fit even there the
-    # checkpoint absorbs it (settle_for_checkpoint): its data is written home from its own
-    # buffers with the other logged units, its metadata is already in the snapshot, and it
-    # becomes durable with the checkpoint's superblock, never written to the log. So a
-    # checkpoint waits only for device I/O and for other checkpoints, never for a request
-    # or for log space, and whatever waits for log space waits for a checkpoint.
+    # Progress, by construction: a checkpoint never needs log space. When it seals its
+    # boundary, the batches up to it that are not placed yet (the one the writer may be
+    # waiting with, and the boundary) either fit into what is left of the log, the
+    # reserve included, or are *absorbed*: they are never written to the log. Their data
+    # goes to new blocks (out of place, so that a crash before the checkpoint's
+    # superblock leaves every home as it was: nothing is torn, and the blocks were free
+    # in the durable state), the remap is metadata of the snapshot, and they become
+    # durable with the superblock. So a checkpoint waits only for device I/O and for
+    # batches already placed, never for a request or for log space; and whatever waits
+    # for log space waits for a checkpoint.
 
     def request_checkpoint(self) -> None:
         self.want_checkpoint.set()
@@ -547,12 +540,21 @@ class Journal:
     def seal_for_checkpoint(self) -> int:
         """Seal the current pending batch (if any) as the checkpoint boundary; returns the
         sequence number of the last batch the checkpoint covers. Batches before it that
-        wait for log space may now use the reserve (they are what frees it)."""
+        wait for log space may now use the reserve (they are what frees it); if they and
+        the boundary do not fit even so, they are absorbed. Nothing here awaits: the
+        caller takes its snapshot of the metadata in the same step."""
+        self._check_failed()
         self.md.flush_dirty()
         for batch in self._sealed:
             batch.checkpoint = True
         room, self._room = self._room, trio.Event()
         room.set()  # a batch waiting in _place looks again, with the reserve
+        unplaced = [b for b in self._sealed if b.pos < 0]
+        if not self._pending.empty:
+            unplaced.append(self._pending)
+        absorb = bool(unplaced) and not self._fits(unplaced)
+        if absorb:
+            self._absorb(unplaced)  # remaps: records into the pending batch, absorbed too
         if self._pending.empty:
             return self._pending.seq - 1
         # Seal it now, not when the writer gets to it: whatever is appended from here on
@@ -561,54 +563,82 @@ class Journal:
         batch.checkpoint = True
         batch.sealed.set()
         self._pending = PendingBatch(batch.seq + 1)
-        self._boundaries.append(batch)
+        if absorb:
+            batch.absorbed = True
+            self._absorbed.append(batch)
+        else:
+            self._boundaries.append(batch)
         self._wakeup.set()
         return batch.seq
 
-    async def settle_for_checkpoint(self, boundary: int) -> list[PendingBatch]:
-        """Wait until every batch up to boundary is durable, or absorb those that cannot
-        be placed for want of log space (returned, in order: the checkpoint writes their
-        data home and they become durable with its superblock). LogFailed if a write
-        failed."""
-        while self.durable_seq < boundary:
-            self._check_failed()
-            if self._stuck is not None:
-                return await self._absorb(boundary)
-            failed = next((b for b in self._sealed if b.error is not None
-                           and b.attempt.is_set()), None)
-            if failed is not None:
-                raise LogFailed(5, f"log write failed: {failed.error}")
-            self._wakeup.set()
-            changed = self._ckpt_changed = trio.Event()
-            with waiting(f"log batch {self.durable_seq + 1} (checkpoint up to {boundary})"):
-                await changed.wait()
-        return []
+    def _fits(self, batches: list[PendingBatch]) -> bool:
+        """Would these batches, placed in order after the head, fit into the log with the
+        reserve (as _place places a checkpoint's batches)?"""
+        used, head = self.used, self.head_pos
+        for b in batches:
+            size = fmt.header_area_size(len(b.meta), self.bs) + b.payload_bytes
+            waste = self.log_size - head if head + size > self.log_size else 0
+            head = (0 if waste else head) + size
+            used += waste + size
+            if used > self.log_size - self.bs:
+                return False
+            if head + self.bs > self.log_size:
+                head = 0
+        return True
 
-    async def _absorb(self, boundary: int) -> list[PendingBatch]:
-        """Take every batch up to boundary not placed yet away from the writer."""
-        taken = [b for b in self._sealed if b.pos < 0] + self._boundaries
-        assert all(b.seq <= boundary for b in taken) and taken[-1].seq == boundary
-        self._sealed = [b for b in self._sealed if b.pos >= 0]
-        self._boundaries = []
-        self._absorbed = taken
-        self._stuck = None
-        for b in taken:
-            b.absorbed = True
+    def _absorb(self, batches: list[PendingBatch]) -> None:
+        """Take these batches (not placed, in order, the last maybe the pending one) away
+        from the writer: give each resident run they hold a new home out of place, with
+        its payload to write from; they become durable with the checkpoint."""
+        seqs = {b.seq for b in batches}
+        for b in batches:
             for run, (buf, _) in zip(b.data_runs, b.payloads):
                 run.buf, run.buf_off = buf, 0
             for piece, run, off in b.pieces:
-                piece.buf, piece.buf_off = run.buf, off * self.bs
-        room, self._room = self._room, trio.Event()
-        room.set()  # the writer's _place sees its batch absorbed
-        if self._sealed:
+                piece.buf, piece.buf_off = run.buf, run.buf_off + off * self.bs
+        for res in self.resident.values():
+            for run in res.runs:
+                if run.seq in seqs:
+                    self._move_run(res.ino, run)
+        for b in batches:
+            if b is not self._pending:
+                b.absorbed = True
+                self._sealed.remove(b)
+                self._absorbed.append(b)
+        self.counters.checkpoint_absorbed += len(batches)
+        log.info("log full: checkpoint takes batches %d-%d out of place instead of logging "
+                 "them", batches[0].seq, batches[-1].seq)
+
+    def _move_run(self, ino: int, run: DataRun) -> None:
+        """A new home for an absorbed run whose blocks the file still maps there."""
+        inode = self.md.inodes.get(ino)
+        if inode is None or inode.extents is None:
+            return
+        if list(inode.extents.runs(run.fblock, run.nblocks)) != \
+                [(run.fblock, run.dblock, run.nblocks)]:
+            return  # remapped or freed since: the run is revoked, nothing to write
+        try:
+            new, _ = self.alloc.allocate(run.nblocks, goal=run.dblock, metadata=True)
+        except NoSpace as exc:
+            # Neither log space nor free space: refuse changes (EIO), never tear a unit.
+            self.fail(exc)
+            raise LogFailed(5, f"no room to checkpoint a full log: {exc}") from exc
+        self.md.map_extent(inode, run.fblock, new, run.nblocks)  # old home: freed when durable
+        run.dblock = new
+
+    async def settle_for_checkpoint(self, boundary: int) -> list[PendingBatch]:
+        """Wait until every batch up to boundary is durable, except the absorbed ones
+        (returned, in order: they become durable with the checkpoint's superblock).
+        LogFailed if a write failed."""
+        if not self._absorbed:
+            await self.commit(boundary)
+            return []
+        if self._sealed:  # placed before the absorbed ones: only their write remains
             await self.commit(self._sealed[-1].seq)
-        # No batch is placed until these are acknowledged: the log continues here.
-        for b in taken:
+        # No batch is placed until the absorbed ones are acknowledged: the log goes on here.
+        for b in self._absorbed:
             self._batch_end[b.seq] = (self.head_pos, self._placed)
-        self.counters.checkpoint_absorbed += len(taken)
-        log.info("log full: checkpoint writes batches %d-%d home instead of logging them",
-                 taken[0].seq, boundary)
-        return taken
+        return list(self._absorbed)
 
     def _acknowledge_absorbed(self) -> None:
         """The checkpoint's superblock is durable: so are the batches it absorbed."""
