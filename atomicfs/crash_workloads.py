@@ -872,10 +872,16 @@ def make_workload(name: str, unit: int, scale: float = 1.0) -> Workload:
                             writers=3)
     if name == "namespace":
         return NamespaceWorkload(ops=n(300))
-    raise ValueError(f"unknown workload {name!r} (units, writethrough, namespace, mixed)")
+    if name == "logfill":
+        # Writes of up to 8 units, many fsyncs: about twice the 16 MiB log of the 256 MiB
+        # image goes through the log, so it fills and is checkpointed again and again
+        # while the crash points fall (issue 17).
+        return DataWorkload("logfill", ops=n(200), unit=unit, max_units=8,
+                            units_per_writer=24, files=2, sync_share=0.2)
+    raise ValueError(f"unknown workload {name!r} ({', '.join(WORKLOADS)})")
 
 
-WORKLOADS = ("units", "writethrough", "namespace", "mixed")
+WORKLOADS = ("units", "writethrough", "namespace", "mixed", "logfill")
 
 
 def file_kind(mode: int) -> str:
