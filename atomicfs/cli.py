@@ -107,9 +107,10 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from atomicfs.daemon import mount
-    from atomicfs.options import parse_mount_options
+    from atomicfs.options import check_privileges, parse_mount_options
     try:
         opts = parse_mount_options(args.options)
+        check_privileges(opts, os.geteuid())
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return mount(args.target, args.mountpoint, opts, args.foreground)

@@ -82,7 +82,7 @@ def parse_inject(spec: str) -> InjectSpec:
                              f"(one of {', '.join(INJECT_TARGETS)}, or off)")
     if not targets:
         raise ValueError("inject needs a target")
-    if count and (not count.isdigit() or int(count) < 1):
+    if count and (not count.isdigit() or not 1 <= int(count) < 1 << 31):
         raise ValueError(f"bad inject count {count!r}")
     return InjectSpec(targets, int(count) if count else None)
 
@@ -112,7 +112,8 @@ class Recorder:
     @classmethod
     def open(cls, path: str) -> int:
         """An append descriptor for the C recorder, with the magic written if new."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o644)
         if os.fstat(fd).st_size == 0:
             os.write(fd, cls.MAGIC)
         return fd
