@@ -272,7 +272,7 @@ def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
         ok = False
     _fusermount(path, lazy=False)
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while runtime.pid_alive(pid):
         if time.monotonic() > deadline:
             raise UserError(f"the daemon (pid {pid}) did not exit within {timeout:.0f}s")
         time.sleep(0.02)
@@ -297,20 +297,6 @@ def _fusermount(path: str, lazy: bool) -> None:
         if "busy" in msg.lower():
             raise UserError(f"{path} is busy (files are open or a process works in it)")
         raise UserError(f"cannot unmount {path}: {msg}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (our own child in tests) counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _read_status(pid: int) -> int:

@@ -42,7 +42,10 @@ class RepeatFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "repeat_summary", False):
             return True
-        key = (record.name, record.levelno, record.getMessage())
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:  # another error, another line
+            text += f" ({record.exc_info[1]!r})"
+        key = (record.name, record.levelno, text)
         if key == self._last and record.created - self._shown_at < self.window:
             self._repeats += 1
             return False

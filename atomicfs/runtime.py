@@ -147,7 +147,7 @@ def sweep() -> None:
         logs: list[tuple[float, str]] = []
         for name in os.listdir(dfd):
             pid_text, _, kind = name.partition(".")
-            if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            if not pid_text.isdigit() or pid_alive(int(pid_text)):
                 continue
             try:
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -170,11 +170,16 @@ def _unlink_quietly(name: str, dfd: int) -> None:
         pass
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs with this pid; a zombie (a test's own child) counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
