@@ -7,10 +7,10 @@ one-line reason it could not). The parent returns only then, so the mount is ser
 runtime directory (atomicfs.runtime), which `atomicfs umount` reads after waiting for the
 daemon to go away.
 
-The daemon never unmounts by itself: not when it fails (the mount then answers ENOTCONN, as
-after SIGKILL, until `atomicfs umount` or `umount` detaches it), and on SIGTERM only when
-the mount is not busy, as `umount` would. A mount that vanished under running applications
-would let them write into the directory underneath.
+Once it has served, the daemon never unmounts by itself: not when it fails (the mount then
+answers ENOTCONN, as after SIGKILL, until `atomicfs umount` or `umount` detaches it), and
+on SIGTERM only when the mount is not busy, as `umount` would. A mount that vanished under
+running applications would let them write into the directory underneath.
 """
 from __future__ import annotations
 
@@ -138,8 +138,11 @@ def serve(target: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
           repeats: daemonlog.RepeatFilter) -> int:
     """Open, mount and serve until unmounted; the daemon's exit code."""
 
+    served = False  # the kernel's INIT was answered: applications may be using the mount
+
     def report(message: str) -> None:
-        nonlocal ready_fd
+        nonlocal ready_fd, served
+        served = served or message == "ready"
         if ready_fd is not None:
             os.write(ready_fd, message.encode())
             os.close(ready_fd)
@@ -173,7 +176,9 @@ def serve(target: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
             ok = trio.run(_main, vol, fs, mountpoint)
             code = 0 if ok else 1
         finally:
-            pyfuse3.close(unmount=False)  # see the module's docstring
+            # Never unmount a mount that served (see the module's docstring); one that failed
+            # during start-up was never used, and `mount` reports the failure.
+            pyfuse3.close(unmount=not served)
     except BaseException as exc:
         log.exception("daemon stopped on an error; %s stays mounted, answering ENOTCONN "
                       "until `atomicfs umount` or `umount`", mountpoint)

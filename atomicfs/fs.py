@@ -850,7 +850,9 @@ class AtomicFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         if ctx.uid not in (0, self.owner, node.uid):
             raise pyfuse3.FUSEError(errno.EPERM)
-        cmd, _, arg = value.decode(errors="replace").strip(" \n\0").partition("=")
+        cmd, eq, arg = value.decode(errors="replace").strip(" \n\0").partition("=")
+        if eq and cmd not in KNOB_CONTROLS:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # the other commands take no value
         if cmd in KNOB_CONTROLS:
             if ctx.uid != 0 or not self.vol.opts.testing:
                 log.warning("control %s refused: a test knob, for root on mounts started "

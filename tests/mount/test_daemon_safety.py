@@ -164,7 +164,8 @@ def test_sigterm_leaves_a_busy_mount_mounted(mnt: Mount) -> None:
 # ------------------------------------------------------------- controls and test knobs
 
 BAD_CONTROLS = ["delay=inf", "delay=nan", "delay=1e300", "delay=-5", "delay=", "delay=abc",
-                "inject=bogus", "inject=data:99999999999999999999", "fault=", "fault=bogus"]
+                "inject=bogus", "inject=data:99999999999999999999", "fault=", "fault=bogus",
+                "sync=now", "bogus"]
 
 
 def test_invalid_control_values_are_refused(image: str, mounter: MountFactory) -> None:
