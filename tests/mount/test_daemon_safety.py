@@ -12,6 +12,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -234,6 +235,17 @@ def test_test_knob_mount_options_are_for_root(option: str, mount_env: None,
 
 # ------------------------------------------------------------------ runtime files, logs
 
+# The attacker's part: a directory for everyone, with symlinks named after the next pids.
+PLANT = """import os, sys
+where, target, first, last = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+os.mkdir(where)
+os.chmod(where, 0o777)
+for pid in range(first, last):
+    for kind in ("status", "log"):
+        os.symlink(target, f"{where}/{pid}.{kind}")
+"""
+
+
 def test_a_planted_runtime_directory_is_not_used(temp_user: pwd.struct_passwd,
                                                  world_dir: Path, mount_env: None) -> None:
     """The attack of issue 12: without XDG_RUNTIME_DIR the runtime files were put in
@@ -249,19 +261,14 @@ def test_a_planted_runtime_directory_is_not_used(temp_user: pwd.struct_passwd,
     mp = world_dir / "mnt"
     mp.mkdir()
     os.chown(mp, uid, gid)
-    nobody = pwd.getpwnam(NOBODY).pw_uid
     planted = Path(f"/tmp/atomicfs-{uid}")
     shutil.rmtree(planted, ignore_errors=True)
-    planted.mkdir(mode=0o777)
     try:
-        os.chmod(planted, 0o777)
         with open("/proc/sys/kernel/ns_last_pid") as f:
             last = int(f.read())
-        for pid in range(last + 1, last + 5000):
-            for name in (f"{pid}.status", f"{pid}.log"):
-                os.symlink(precious, planted / name)
-                os.lchown(planted / name, nobody, nobody)
-        os.chown(planted, nobody, nobody)
+        res = as_user(NOBODY, sys.executable, "-c", PLANT, str(planted), str(precious),
+                      str(last + 1), str(last + 5000))
+        assert res.returncode == 0, res.stderr
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home)}
         res = as_user(temp_user.pw_name, *ATOMICFS, "mount", img, str(mp), env=env)
         if res.returncode == 0:  # where unprivileged FUSE mounts work
