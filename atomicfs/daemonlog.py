@@ -83,9 +83,10 @@ def system_log_available() -> bool:
 
 def where(pid: int) -> str:
     """Where a detached daemon with this pid logs, for messages that point there."""
-    if system_log_available():
-        return f"the system log: journalctl -t {SYSLOG_TAG} _PID={pid}"
-    return runtime.file_path(runtime.log_name(pid))
+    path = runtime.file_path(runtime.log_name(pid))
+    if os.path.exists(path) or not system_log_available():
+        return path
+    return f"the system log: journalctl -t {SYSLOG_TAG} _PID={pid}"
 
 
 def _install(handler: logging.Handler, fmt: str, debug: bool) -> RepeatFilter:
@@ -113,10 +114,15 @@ def log_detached(debug: bool) -> RepeatFilter:
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
+    handler: logging.Handler | None = None
     if system_log_available():
+        try:
+            handler = logging.handlers.SysLogHandler(
+                SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        except OSError:  # a socket nobody listens on: the file, then
+            handler = None
+    if handler is not None:
         os.dup2(devnull, 2)
-        handler: logging.Handler = logging.handlers.SysLogHandler(
-            SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         fmt = f"{SYSLOG_TAG}[%(process)d]: %(name)s %(levelname)s: %(message)s"
     else:
         path = runtime.file_path(runtime.log_name(os.getpid()))

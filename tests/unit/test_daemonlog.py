@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import logging
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 from atomicfs.daemonlog import RepeatFilter
 
@@ -52,3 +56,22 @@ def test_an_endless_run_still_shows_after_the_window_and_at_the_end() -> None:
     assert h.lines == ["stuck", "last message repeated 9 times", "stuck",
                        "last message repeated 9 times", "stuck",
                        "last message repeated 4 times"]
+
+
+def test_a_detached_daemon_logs_to_the_system_log_socket(tmp_path: Path) -> None:
+    """Where /dev/log exists (journald, syslog) the daemon logs there, tagged atomicfs[PID];
+    a stand-in socket takes its place (in a child process: its stdio is replaced)."""
+    path = str(tmp_path / "log")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        server.settimeout(60)
+        code = ("import logging, atomicfs.daemonlog as d\n"
+                f"d.SYSLOG_SOCKET = {path!r}\n"
+                "d.log_detached(False)\n"
+                "for _ in range(3): logging.getLogger('atomicfs.x').warning('hello %d', 1)\n"
+                "logging.getLogger('atomicfs.x').warning('bye')\n")
+        child = subprocess.run([sys.executable, "-c", code], timeout=60)
+        assert child.returncode == 0
+        got = [server.recv(65536).decode() for _ in range(3)]
+    assert "atomicfs[" in got[0] and got[0].endswith("atomicfs.x WARNING: hello 1\x00")
+    assert "last message repeated 2 times" in got[1] and "bye" in got[2]
