@@ -15,12 +15,14 @@ import argparse
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
 from atomicfs.crash_compare import compare, table
+from atomicfs.crash_workloads import WorkloadError
 from atomicfs.demo_png import write_page_grid
 from atomicfs.errors import UserError
 
@@ -77,11 +79,18 @@ def power_cuts(args: argparse.Namespace) -> int:
           "then;\neach filesystem runs on a loop device over a recording FUSE file, then "
           "the power is cut\nat random points of the recording: writes not yet flushed may "
           f"be lost, kept or torn ({args.tear}-byte pieces).")
+    missing = [t for t in ("mkfs.ext4", "e2fsck", "losetup", "fusermount3")
+               if shutil.which(t) is None]
+    if os.geteuid() != 0 or missing:
+        print("demo: the power cuts need " + (f"{', '.join(missing)} (packages e2fsprogs, "
+              "util-linux, fuse3)" if missing else "root (loop devices, kernel mounts)")
+              + "; skipped", file=sys.stderr)
+        return 1
     try:
         results = compare(args.states, seed=args.seed, tear=args.tear,
                           progress=lambda m: print(f"  {m}", flush=True))
-    except UserError as exc:
-        print(f"demo: {exc}", file=sys.stderr)
+    except (UserError, WorkloadError, OSError) as exc:
+        print(f"demo: the power-cut comparison failed: {exc}", file=sys.stderr)
         return 1
     print()
     print(table(results))
