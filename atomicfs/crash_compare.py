@@ -9,7 +9,8 @@ sectors: is each 16 KiB page one version? is every fsynced write there?) judges 
 filesystem recovers:
 
 * ext4: the state image is repaired by `e2fsck -fy` (journal replay, then a forced
-  check), mounted read-only through a loop device, and read through the kernel;
+  check), mounted read-only through a loop device (`mount -o ro,loop`), and read through
+  the kernel;
 * atomicfs: the state is recovered and read in this process through its Volume, as the
   crash explorer does (crash_check.check_with_volume), fsck before and after.
 
@@ -28,9 +29,10 @@ from typing import Callable
 
 from atomicfs.crash_blockdev import recording_device
 from atomicfs.crash_check import CheckResult, check_with_volume, read_tree
-from atomicfs.crash_env import Env, atomicfs_cli, detach_loop, mounted_fstype, run
+from atomicfs.crash_env import Env, atomicfs_cli, mounted_fstype, run
 from atomicfs.crash_record import Recording, StateBuilder, choose_states, sparse_copy
 from atomicfs.crash_workloads import DataHistory, DataWorkload, SyncRequest, Verdict
+from atomicfs.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -132,18 +134,18 @@ class Ext4(Filesystem):
         repaired = _e2fsck_repaired(fsck.stdout)
         mnt = env.new_path("ext4-state", scratch=True)
         os.makedirs(mnt)
-        dev = run(["losetup", "--find", "--show", "--read-only", image]).stdout.strip()
         try:
-            run(["mount", "-t", "ext4", "-o", "ro", dev, mnt])
+            # mount(8) attaches a read-only loop device and detaches it at umount.
+            run(["mount", "-t", "ext4", "-o", "ro,loop", image, mnt])
             try:
                 view = read_tree(mnt)
             finally:
-                run(["umount", mnt], check=False)
-        except (OSError, RuntimeError) as exc:
+                if run(["umount", mnt], check=False).returncode != 0:
+                    run(["umount", "-l", mnt], check=False)
+        except (OSError, UserError) as exc:
             res.mount_failure = str(exc)
             return res, repaired
         finally:
-            detach_loop(dev)
             if mounted_fstype(mnt) is None:
                 os.rmdir(mnt)
         res.verdict = history.check(view, t_crash)

@@ -49,8 +49,8 @@ def step(text: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m atomicfs.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--states", type=int, default=300,
-                   help="crash states checked on each filesystem (300)")
+    p.add_argument("--states", type=int, default=250,
+                   help="crash states checked on each filesystem (250)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--tear", type=int, default=4096,
                    help="a cut write keeps some of its TEAR-byte pieces (4096: a device "
