@@ -206,7 +206,7 @@ def run_filesystem(env: Env, fs: Filesystem, states: int, seed: int, tear: int,
         try:
             history = wl.run(mnt, seed, threading.Event())
         finally:
-            fs.umount(mnt)
+            _umount(fs, mnt)
     os.unlink(disk)
     out.pages = sorted({(history.files[f], u) for f, u in history.units},
                        key=lambda p: (p[0], p[1]))
@@ -228,6 +228,17 @@ def run_filesystem(env: Env, fs: Filesystem, states: int, seed: int, tear: int,
     os.unlink(base)
     out.seconds = time.monotonic() - t0
     return out
+
+
+def _umount(fs: Filesystem, mnt: str) -> None:
+    """Unmount; if that fails, detach lazily (so that the loop and recording devices can
+    go) and report the failure."""
+    try:
+        fs.umount(mnt)
+    except UserError:
+        if mounted_fstype(mnt) is not None:
+            run(["umount", "-l", mnt], check=False)
+        raise
 
 
 def compare(states: int, seed: int = 1, tear: int = 4096, scale: float = 1.0,

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NoReturn
 
 from atomicfs.crash_compare import compare, table
 from atomicfs.crash_workloads import WorkloadError
@@ -46,8 +47,13 @@ def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
+        self.exit(2, f"demo: {message} (see python -m atomicfs.demo --help)\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m atomicfs.demo", description=__doc__,
+    p = _Parser(prog="python -m atomicfs.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--states", type=int, default=250,
                    help="crash states checked on each filesystem (250)")

@@ -9,8 +9,11 @@ with different seeds); over 150 states the chance of none is below one in ten th
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -118,3 +121,24 @@ def test_page_grid_marks_torn_and_lost_pages(tmp_path: Path) -> None:
     width, height, pixels = _read_png(write_page_grid([r], str(tmp_path / "g.png")))
     colours = {tuple(pixels[k: k + 3]) for k in range(0, len(pixels), 3)}
     assert TORN in colours and (255, 150, 0) in colours
+
+
+def test_demo_command(mount_env: None, tmp_path: Path) -> None:
+    """`python -m atomicfs.demo`, the power cuts alone in a short form: the table, the
+    picture's path, exit 0; bad options are one line."""
+    need(shutil.which("mkfs.ext4") and shutil.which("e2fsck"), "e2fsprogs")
+    png = tmp_path / "pages.png"
+    res = subprocess.run([sys.executable, "-m", "atomicfs.demo", "--crash-only", "--states",
+                          "20", "--png", str(png)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.search(r"crash states checked +20 +20\n", res.stdout), res.stdout
+    assert re.search(r"torn 16 KiB pages +\d+ \(in \d+ states\) +0 \(in 0 states\)",
+                     res.stdout)
+    assert re.search(r"lost fsynced writes +0 \(in 0 states\) +0 \(in 0 states\)",
+                     res.stdout)
+    assert f"torn ones red): {png}\n" in res.stdout and _read_png(str(png))
+    bad = subprocess.run([sys.executable, "-m", "atomicfs.demo", "--tear", "1000"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "multiple of 512" in bad.stderr
