@@ -31,7 +31,8 @@ from atomicfs.crash_blockdev import recording_device
 from atomicfs.crash_check import CheckResult, check_with_volume, read_tree
 from atomicfs.crash_env import Env, atomicfs_cli, mounted_fstype, run
 from atomicfs.crash_record import Recording, StateBuilder, choose_states, sparse_copy
-from atomicfs.crash_workloads import DataHistory, DataWorkload, SyncRequest, Verdict
+from atomicfs.crash_workloads import DataHistory, DataWorkload, SyncRequest, Verdict, \
+    WorkloadError
 from atomicfs.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,8 @@ def run_filesystem(env: Env, fs: Filesystem, states: int, seed: int, tear: int,
         fs.mount(dev, mnt)
         try:
             history = wl.run(mnt, seed, threading.Event())
+        except (WorkloadError, OSError) as exc:
+            raise WorkloadError(f"the workload failed on {fs.name}: {exc}") from exc
         finally:
             _umount(fs, mnt)
     os.unlink(disk)
