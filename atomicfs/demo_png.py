@@ -17,6 +17,7 @@ WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)
 INTACT = (205, 215, 205)
 TORN = (215, 25, 30)
+TORN_TITLE = (150, 0, 0)  # not TORN: only cells are drawn in that colour
 LOST = (255, 150, 0)
 
 CELL_W, CELL_H = 4, 3  # a page: 3x3 pixels and a 1-pixel gap to its right neighbour
@@ -97,7 +98,7 @@ def page_grid(results: Sequence[FsResult]) -> Canvas:
     c = Canvas(width, height)
     x = MARGIN
     for r, title, pw in zip(results, titles, panel_w):
-        c.text(x, MARGIN, title, TORN if r.torn_pages else BLACK)
+        c.text(x, MARGIN, title, TORN_TITLE if r.torn_pages else BLACK)
         column = {p: k for k, p in enumerate(r.pages)}
         top = MARGIN + line
         for k, v in enumerate(r.rows):
