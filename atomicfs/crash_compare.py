@@ -4,8 +4,9 @@ Both filesystems run the same workload of 16 KiB page writes on the same kind of
 loop device over the recording device of atomicfs.crash_blockdev, which records every
 write and flush whatever the filesystem. The crash explorer's generator then draws the
 same kind of crash states from each recording (a write not covered by a completed flush
-may be missing, whole or torn at `tear` bytes), and the same oracle (self-identifying
-sectors: is each 16 KiB page one version? is every fsynced write there?) judges what each
+may be missing, whole or torn at `tear` bytes), to which come the worst cuts just before
+flushes (flush_cut_states: no randomness), and the same oracle (self-identifying sectors:
+is each 16 KiB page one version? is every fsynced write there?) judges what each
 filesystem recovers:
 
 * ext4: the state image is repaired by `e2fsck -fy` (journal replay, then a forced
@@ -25,12 +26,13 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from atomicfs.crash_blockdev import recording_device
 from atomicfs.crash_check import CheckResult, check_with_volume, read_tree
 from atomicfs.crash_env import Env, atomicfs_cli, mounted_fstype, run
-from atomicfs.crash_record import Recording, StateBuilder, choose_states, sparse_copy
+from atomicfs.crash_record import TORN, WHOLE, Applied, CrashState, Recording, StateBuilder, \
+    choose_states, sparse_copy
 from atomicfs.crash_workloads import DataHistory, DataWorkload, SyncRequest, Verdict, \
     WorkloadError
 from atomicfs.errors import UserError
@@ -56,22 +58,15 @@ class PageWorkload(DataWorkload):
 
 
 @dataclass
-class FsResult:
-    """What one filesystem went through: counts, and for each state the pages it tore."""
+class Tally:
+    """The verdicts on a set of crash states."""
 
-    name: str
     states: int = 0
     torn_pages: int = 0
     torn_states: int = 0
     lost_writes: int = 0
     lost_states: int = 0
-    repaired_states: int = 0  # ext4: e2fsck corrected something beyond the journal
     failures: int = 0  # the state could not be recovered or read (mount, fsck, Volume)
-    device_writes: int = 0
-    flushes: int = 0
-    torn_writes: int = 0  # writes the generator tore
-    seconds: float = 0.0
-    pages: list[tuple[str, int]] = field(default_factory=list)  # the grid's columns
     rows: list[Verdict] = field(default_factory=list)  # one per state, by crash point
     problems: list[str] = field(default_factory=list)
 
@@ -87,6 +82,27 @@ class FsResult:
         self.rows.append(v)
         if not res.ok and len(self.problems) < 5:
             self.problems.extend(res.problems()[:1])
+
+
+@dataclass
+class FsResult(Tally):
+    """What one filesystem went through: the random crash states (and, for each, the
+    pages it tore), the worst cuts before flushes, and the run itself."""
+
+    name: str = ""
+    flush_cuts: Tally = field(default_factory=Tally)
+    repaired_states: int = 0  # ext4: e2fsck corrected something beyond the journal
+    device_writes: int = 0
+    flushes: int = 0
+    torn_writes: int = 0  # writes the generator tore in the random states
+    seconds: float = 0.0
+    pages: list[tuple[str, int]] = field(default_factory=list)  # the grid's columns
+
+    @property
+    def failed(self) -> bool:
+        """Torn, lost or unrecoverable in any state."""
+        return any(t.torn_pages or t.lost_writes or t.failures
+                   for t in (self, self.flush_cuts))
 
 
 class Filesystem:
@@ -187,50 +203,89 @@ def page_workload(scale: float = 1.0) -> PageWorkload:
     return PageWorkload(ops=max(1, int(120 * scale)), unit=PAGE)
 
 
-def run_filesystem(env: Env, fs: Filesystem, states: int, seed: int, tear: int,
-                   scale: float = 1.0,
-                   progress: Callable[[str], None] | None = None) -> FsResult:
-    """Record the page workload on fs over the recording device, then check `states`
-    crash states drawn from the recording."""
-    out = FsResult(fs.name)
-    t0 = time.monotonic()
+def record(env: Env, fs: Filesystem, seed: int, scale: float = 1.0
+           ) -> tuple[str, str, DataHistory]:
+    """Make fs on a base image, run the page workload on a copy of it through the
+    recording device; the base, the recording and the workload's history."""
     base = env.new_path(f"{fs.name}-base.img")
     fs.make(base)
     disk = env.new_path(f"{fs.name}-disk.img")
     sparse_copy(base, disk)
     rec_path = env.new_path(f"{fs.name}.rec")
-    wl = page_workload(scale)
     mnt = env.new_path(f"{fs.name}-mnt")
     os.makedirs(mnt)
     with recording_device(disk, rec_path, env.workdir) as dev:
         fs.mount(dev, mnt)
         try:
-            history = wl.run(mnt, seed, threading.Event())
+            history = page_workload(scale).run(mnt, seed, threading.Event())
         except (WorkloadError, OSError) as exc:
             raise WorkloadError(f"the workload failed on {fs.name}: {exc}") from exc
         finally:
             _umount(fs, mnt)
     os.unlink(disk)
+    return base, rec_path, history
+
+
+def flush_cut_states(rec: Recording, tear: int, limit: int) -> list[CrashState]:
+    """The worst cut at up to `limit` flushes (spread over the run) that have a write
+    longer than `tear` to cover: just before the flush starts, every write it would have
+    covered reached the device, the long ones torn (only their first tear-sized piece).
+    No randomness: if a filesystem tears pages whenever a flush comes too late, these
+    states show it."""
+    starts = sorted(start for start, _ in rec.flush_pairs
+                    if any(rec.writes[i].length > tear for i in rec.in_flight_writes(start)))
+    if len(starts) > limit:
+        starts = [starts[k * len(starts) // limit] for k in range(limit)]
+    states = []
+    for k, c in enumerate(starts):
+        applied = [Applied(i, WHOLE) if rec.writes[i].atomic or rec.writes[i].length <= tear
+                   else Applied(i, TORN, [(0, tear)]) for i in rec.in_flight_writes(c)]
+        states.append(CrashState(k, c, rec.durable_start(c), applied, len(applied)))
+    return states
+
+
+def run_filesystem(env: Env, fs: Filesystem, states: int, seed: int, tear: int,
+                   scale: float = 1.0, flush_cuts: int = 0,
+                   progress: Callable[[str], None] | None = None) -> FsResult:
+    """Record the page workload on fs over the recording device, then check `states`
+    random crash states drawn from the recording and up to `flush_cuts` worst cuts."""
+    out = FsResult(name=fs.name)
+    t0 = time.monotonic()
+    base, rec_path, history = record(env, fs, seed, scale)
     out.pages = sorted({(history.files[f], u) for f, u in history.units},
                        key=lambda p: (p[0], p[1]))
-    with Recording(rec_path) as rec, StateBuilder(rec, base, env.scratch) as builder:
+    with Recording(rec_path) as rec:
         out.device_writes = len(rec.writes)
         out.flushes = len(rec.flush_pairs)
-        for st in choose_states(rec, states, seed, tear):
-            image = builder.build(st, env.new_path("state.img", scratch=True))
-            try:
-                res, repaired = fs.check(env, image, history, rec.time_before(st.crash_point))
-            finally:
-                os.unlink(image)
+        chosen = choose_states(rec, states, seed, tear)
+        for st, res, repaired in _check_states(env, fs, rec, base, history, chosen):
             out.torn_writes += st.torn_writes
             out.repaired_states += 1 if repaired else 0
             out.add(res)
             if progress and (out.states % 100 == 0 or out.states == states):
                 progress(f"{fs.name}: {out.states}/{states} crash states checked")
+        cuts = flush_cut_states(rec, tear, flush_cuts) if flush_cuts else []
+        for _, res, repaired in _check_states(env, fs, rec, base, history, cuts):
+            out.repaired_states += 1 if repaired else 0
+            out.flush_cuts.add(res)
     os.unlink(rec_path)
     os.unlink(base)
     out.seconds = time.monotonic() - t0
     return out
+
+
+def _check_states(env: Env, fs: Filesystem, rec: Recording, base: str,
+                  history: DataHistory, states: list[CrashState]
+                  ) -> Iterator[tuple[CrashState, CheckResult, bool]]:
+    """Build each state (in crash-point order) and check it."""
+    with StateBuilder(rec, base, env.scratch) as builder:
+        for st in states:
+            image = builder.build(st, env.new_path("state.img", scratch=True))
+            try:
+                res, repaired = fs.check(env, image, history, rec.time_before(st.crash_point))
+            finally:
+                os.unlink(image)
+            yield st, res, repaired
 
 
 def _umount(fs: Filesystem, mnt: str) -> None:
@@ -245,7 +300,8 @@ def _umount(fs: Filesystem, mnt: str) -> None:
 
 
 def compare(states: int, seed: int = 1, tear: int = 4096, scale: float = 1.0,
-            workdir: str | None = None, names: tuple[str, ...] = ("ext4", "atomicfs"),
+            flush_cuts: int = 40, workdir: str | None = None,
+            names: tuple[str, ...] = ("ext4", "atomicfs"),
             progress: Callable[[str], None] | None = None) -> list[FsResult]:
     """The same workload and crash model on each filesystem, in one working directory
     (removed at the end, with every mount and device made)."""
@@ -253,20 +309,28 @@ def compare(states: int, seed: int = 1, tear: int = 4096, scale: float = 1.0,
     with Env("file", workdir) as env:
         for name in names:
             results.append(run_filesystem(env, FILESYSTEMS[name](), states, seed, tear,
-                                          scale, progress))
+                                          scale, flush_cuts, progress))
     return results
 
 
 def table(results: list[FsResult]) -> str:
     """The side-by-side summary."""
-    rows = [
-        ("crash states checked", lambda r: r.states),
-        ("torn 16 KiB pages", lambda r: f"{r.torn_pages} (in {r.torn_states} states)"),
-        ("lost fsynced writes", lambda r: f"{r.lost_writes} (in {r.lost_states} states)"),
+    def torn(t: Tally) -> str:
+        return f"{t.torn_pages} (in {t.torn_states} states)"
+
+    def lost(t: Tally) -> str:
+        return f"{t.lost_writes} (in {t.lost_states} states)"
+    rows: list[tuple[str, Callable[[FsResult], object]]] = [
+        ("random cuts: crash states", lambda r: r.states),
+        ("  torn 16 KiB pages", torn),
+        ("  lost fsynced writes", lost),
+        ("cuts just before a flush", lambda r: r.flush_cuts.states),
+        ("  torn 16 KiB pages", lambda r: torn(r.flush_cuts)),
+        ("  lost fsynced writes", lambda r: lost(r.flush_cuts)),
         ("states fsck had to repair", lambda r: r.repaired_states),
-        ("states not recoverable", lambda r: r.failures),
+        ("states not recoverable", lambda r: r.failures + r.flush_cuts.failures),
         ("device writes / flushes", lambda r: f"{r.device_writes} / {r.flushes}"),
-        ("writes torn by the power cut", lambda r: r.torn_writes),
+        ("writes torn by random cuts", lambda r: r.torn_writes),
         ("time", lambda r: f"{r.seconds:.1f} s"),
     ]
     width = max(len(label) for label, _ in rows) + 2

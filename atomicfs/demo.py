@@ -61,12 +61,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tear", type=int, default=4096,
                    help="a cut write keeps some of its TEAR-byte pieces (4096: a device "
                    "whose 4 KiB sectors are themselves never torn)")
+    p.add_argument("--flush-cuts", type=int, default=40,
+                   help="cuts just before flushes, spread over the run (40)")
     p.add_argument("--png", default=os.environ.get("DEMO_PNG", "./atomicfs-demo.png"),
                    help="where the picture goes (./atomicfs-demo.png)")
     p.add_argument("--crash-only", action="store_true", help="skip the short look")
     args = p.parse_args(argv)
-    if args.states < 1 or args.tear < 512 or args.tear % 512:
-        p.error("--states must be at least 1, --tear a multiple of 512")
+    if args.states < 1 or args.flush_cuts < 0 or args.tear < 512 or args.tear % 512:
+        p.error("--states must be at least 1, --flush-cuts not negative, --tear a "
+                "multiple of 512")
     return args
 
 
@@ -79,12 +82,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def power_cuts(args: argparse.Namespace) -> int:
-    step(f"power cuts: 16 KiB page writes on ext4 and on atomicfs, {args.states} crash "
-         "states each")
+    step(f"power cuts: 16 KiB page writes on ext4 and on atomicfs, {args.states} random "
+         f"cuts each and {args.flush_cuts} just before flushes")
     print("Four writers rewrite runs of 1-3 whole 16 KiB pages in three files, fsync now and "
           "then;\neach filesystem runs on a loop device over a recording FUSE file, then "
-          "the power is cut\nat random points of the recording: writes not yet flushed may "
-          f"be lost, kept or torn ({args.tear}-byte pieces).")
+          "the power is cut:\nat random points of the recording (writes not yet flushed are "
+          "lost, kept or torn),\nand just before flushes (every write not yet flushed "
+          f"reached the device, torn).\nTorn: only some {args.tear}-byte pieces of a write "
+          "made it.")
     missing = [t for t in ("mkfs.ext4", "e2fsck", "losetup", "fusermount3")
                if shutil.which(t) is None]
     if os.geteuid() != 0 or missing:
@@ -94,6 +99,7 @@ def power_cuts(args: argparse.Namespace) -> int:
         return 1
     try:
         results = compare(args.states, seed=args.seed, tear=args.tear,
+                          flush_cuts=args.flush_cuts,
                           progress=lambda m: print(f"  {m}", flush=True))
     except (UserError, WorkloadError, OSError) as exc:
         print(f"demo: the power-cut comparison failed: {exc}", file=sys.stderr)
@@ -101,19 +107,19 @@ def power_cuts(args: argparse.Namespace) -> int:
     print()
     print(table(results))
     png = write_page_grid(results, args.png)
-    print(f"\npicture (pages by crash state, torn ones red): {os.path.abspath(png)}")
+    print(f"\npicture (pages by random cut, torn ones red): {os.path.abspath(png)}")
     by = {r.name: r for r in results}
     ext4, afs = by["ext4"], by["atomicfs"]
-    if ext4.torn_pages == 0:
-        print("ext4 tore no page in these states (few cuts fell between its data writes "
-              "and the next flush); try more --states")
-    bad = afs.torn_pages or afs.lost_writes or afs.failures
-    for problem in afs.problems:
+    torn = ext4.torn_pages + ext4.flush_cuts.torn_pages
+    if torn == 0:
+        print("ext4 tore no page in these states (no cut fell between its data writes and "
+              "the next flush); try more --states")
+    for problem in afs.problems + afs.flush_cuts.problems:
         print(f"atomicfs FAILED: {problem}")
-    if not bad:
-        print(f"atomicfs: every page reads as one version in every state; ext4 mixed two "
-              f"versions of a page {ext4.torn_pages} times.")
-    return 1 if bad else 0
+    if not afs.failed:
+        print(f"atomicfs: every page reads as one version after every cut; ext4 mixed two "
+              f"versions of a page {torn} times.")
+    return 1 if afs.failed else 0
 
 
 def short_look() -> int:

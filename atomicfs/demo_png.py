@@ -1,5 +1,6 @@
 """The demo's picture: for each filesystem, a grid of its 16 KiB pages (columns) in each
-crash state (rows, by crash point), torn pages red, pages missing an fsynced write orange.
+crash state (rows, by crash point: the random cuts, then the cuts just before flushes),
+torn pages red, pages missing an fsynced write orange.
 
 Written with zlib and struct alone (a PNG is a signature and three chunks), with a 3x5
 pixel font for the labels: the demo's install stays pyfuse3, trio and cffi; matplotlib or
@@ -40,7 +41,7 @@ _FONT = {
     "3": "110001010001110", "4": "101101111001001", "5": "111100110001110",
     "6": "011100111101111", "7": "111001010010010", "8": "111101111101111",
     "9": "111101111001110", " ": "000000000000000", ":": "000010000010000",
-    ",": "000000000010100", ".": "000000000000010", "/": "001001010100100",
+    ",": "000000000010010", ".": "000000000000010", "/": "001001010100100",
     "-": "000000111000000", "(": "010100100100010", ")": "010001001001010",
 }
 
@@ -83,35 +84,44 @@ def text_width(text: str, scale: int = TEXT_SCALE) -> int:
     return len(text) * 4 * scale
 
 
+def _section_titles(r: FsResult) -> tuple[str, str]:
+    f = r.flush_cuts
+    return (f"{r.name}: {r.torn_pages} torn pages in {r.torn_states} of {r.states} random "
+            f"cuts, {r.lost_writes} lost fsynced writes",
+            f"just before flushes: {f.torn_pages} torn pages in {f.torn_states} of "
+            f"{f.states} cuts, {f.lost_writes} lost")
+
+
 def page_grid(results: Sequence[FsResult]) -> Canvas:
-    """One panel per filesystem, side by side, titled with its counts; a legend below."""
+    """One panel per filesystem, side by side: its random cuts, then its cuts just
+    before flushes, each titled with its counts; a legend below."""
     line = 5 * TEXT_SCALE + 8
-    titles = [f"{r.name}: {r.torn_pages} torn pages in {r.torn_states} of {r.states} "
-              f"states, {r.lost_writes} lost fsynced writes" for r in results]
-    panel_w = [max(len(r.pages) * CELL_W, text_width(t)) for r, t in zip(results, titles)]
+    titles = [_section_titles(r) for r in results]
+    panel_w = [max(len(r.pages) * CELL_W, *(text_width(t) for t in ts))
+               for r, ts in zip(results, titles)]
     rows = max((r.states for r in results), default=0)
+    cut_rows = max((r.flush_cuts.states for r in results), default=0)
     legend = ["rows: crash states, by crash point. columns: 16 KiB pages of 3 files.",
               "red: torn page (two versions mixed). orange: an fsynced write missing."]
     width = max(sum(panel_w) + PANEL_GAP * (len(results) - 1),
                 max(text_width(t) for t in legend)) + 2 * MARGIN
-    height = MARGIN + line + rows * CELL_H + 8 + len(legend) * line + MARGIN
-    c = Canvas(width, height)
+    cuts_top = MARGIN + line + rows * CELL_H + 8
+    legend_top = cuts_top + line + cut_rows * CELL_H + 8
+    c = Canvas(width, legend_top + len(legend) * line + MARGIN)
     x = MARGIN
-    for r, title, pw in zip(results, titles, panel_w):
-        c.text(x, MARGIN, title, TORN_TITLE if r.torn_pages else BLACK)
+    for r, ts, pw in zip(results, titles, panel_w):
         column = {p: k for k, p in enumerate(r.pages)}
-        top = MARGIN + line
-        for k, v in enumerate(r.rows):
-            y = top + k * CELL_H
-            c.rect(x, y, len(r.pages) * CELL_W - 1, CELL_H, INTACT)
-            for page in v.lost_at:
-                if page in column:
-                    c.rect(x + column[page] * CELL_W, y, CELL_W - 1, CELL_H, LOST)
-            for page in v.torn_at:
-                if page in column:
-                    c.rect(x + column[page] * CELL_W, y, CELL_W - 1, CELL_H, TORN)
+        for top, title, tally in ((MARGIN, ts[0], r), (cuts_top, ts[1], r.flush_cuts)):
+            c.text(x, top, title, TORN_TITLE if tally.torn_pages else BLACK)
+            for k, v in enumerate(tally.rows):
+                y = top + line + k * CELL_H
+                c.rect(x, y, len(r.pages) * CELL_W - 1, CELL_H, INTACT)
+                for colour, pages in ((LOST, v.lost_at), (TORN, v.torn_at)):
+                    for page in pages:
+                        if page in column:
+                            c.rect(x + column[page] * CELL_W, y, CELL_W - 1, CELL_H, colour)
         x += pw + PANEL_GAP
-    y = MARGIN + line + rows * CELL_H + 8
+    y = legend_top
     for t in legend:
         c.text(MARGIN, y, t)
         y += line

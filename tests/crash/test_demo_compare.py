@@ -5,6 +5,8 @@ Torn pages on ext4 are a matter of where the random crash points fall: every fsy
 the file's dirty pages and then flushes, and a cut between the two may tear a page that is
 being overwritten. Between one state in fifteen and one in four does (4..15 of 60 in eight runs
 with different seeds); over 150 states the chance of none is below one in ten thousand.
+The cuts just before flushes involve no chance: each leaves every write the flush would
+have covered torn, and ext4 tears a page in about two of three of them.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from atomicfs.crash_blockdev import recording_device
-from atomicfs.crash_compare import FsResult, compare, table
+from atomicfs.crash_compare import FsResult, Tally, compare, table
 from atomicfs.crash_record import Recording
 from atomicfs.crash_workloads import Verdict
 from atomicfs.demo_png import CELL_H, CELL_W, LOST, TORN, write_page_grid
@@ -70,16 +72,19 @@ def test_recording_device_records_every_write_and_flush(mount_env: None,
 
 def test_ext4_tears_pages_atomicfs_does_not(mount_env: None, tmp_path: Path) -> None:
     need(shutil.which("mkfs.ext4") and shutil.which("e2fsck"), "e2fsprogs")
-    results = compare(150, seed=3, tear=4096, scale=0.5, workdir=str(tmp_path))
+    results = compare(150, seed=3, tear=4096, scale=0.5, flush_cuts=20,
+                      workdir=str(tmp_path))
     print(table(results))
     ext4, afs = results
     assert (ext4.name, afs.name) == ("ext4", "atomicfs")
     assert ext4.states == afs.states == 150
+    assert 0 < ext4.flush_cuts.states <= 20 and 0 < afs.flush_cuts.states <= 20
     assert ext4.torn_pages > 0, "ext4 tore no page: the recording device or tear model broke"
+    assert ext4.flush_cuts.torn_pages > 0
     # ext4 keeps what fsync promised: the recording device passes flushes faithfully.
-    assert ext4.lost_writes == 0, ext4.problems
-    assert ext4.failures == 0, ext4.problems
-    assert afs.torn_pages == 0 and afs.lost_writes == 0 and afs.failures == 0, afs.problems
+    assert ext4.lost_writes == ext4.flush_cuts.lost_writes == 0, ext4.problems
+    assert ext4.failures == ext4.flush_cuts.failures == 0, ext4.problems
+    assert not afs.failed, afs.problems + afs.flush_cuts.problems
     _no_leftovers(tmp_path)
 
     png = write_page_grid(results, str(tmp_path / "grid.png"))
@@ -87,7 +92,7 @@ def test_ext4_tears_pages_atomicfs_does_not(mount_env: None, tmp_path: Path) -> 
     assert width > 2 * len(ext4.pages) * 3 and height > 100
     red = {(k // 3) % width for k in range(0, len(pixels), 3)
            if tuple(pixels[k: k + 3]) == TORN}
-    # Torn cells appear under the ext4 panel only.
+    # Torn cells appear in the ext4 panel only.
     assert red and max(red) < width // 2
 
 
@@ -117,7 +122,7 @@ def test_page_grid_marks_torn_and_lost_pages(tmp_path: Path) -> None:
     pages = [("a", 0), ("a", 1), ("b", 0)]
     rows = [Verdict(), Verdict(torn_units=1, torn_at=[("a", 1)]),
             Verdict(lost_writes=1, lost_at={("b", 0)})]
-    r = FsResult("x", states=3, torn_pages=1, torn_states=1, pages=pages, rows=rows)
+    r = FsResult(name="x", states=3, torn_pages=1, torn_states=1, pages=pages, rows=rows)
     width, height, pixels = _read_png(write_page_grid([r], str(tmp_path / "g.png")))
     colours = [tuple(pixels[k: k + 3]) for k in range(0, len(pixels), 3)]
     cell = (CELL_W - 1) * CELL_H  # one page in one state
@@ -133,13 +138,21 @@ def test_demo_command(mount_env: None, tmp_path: Path) -> None:
                           "20", "--png", str(png)], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert re.search(r"crash states checked +20 +20\n", res.stdout), res.stdout
+    assert re.search(r"random cuts: crash states +20 +20\n", res.stdout), res.stdout
     assert re.search(r"torn 16 KiB pages +\d+ \(in \d+ states\) +0 \(in 0 states\)",
                      res.stdout)
     assert re.search(r"lost fsynced writes +0 \(in 0 states\) +0 \(in 0 states\)",
                      res.stdout)
+    assert re.search(r"cuts just before a flush +\d+ +\d+\n", res.stdout), res.stdout
     assert f"torn ones red): {png}\n" in res.stdout and _read_png(str(png))
     bad = subprocess.run([sys.executable, "-m", "atomicfs.demo", "--tear", "1000"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "multiple of 512" in bad.stderr
+
+
+def test_failed_counts_every_kind_of_finding() -> None:
+    assert not FsResult(name="x", states=5).failed
+    assert FsResult(name="x", lost_writes=1).failed
+    assert FsResult(name="x", flush_cuts=Tally(torn_pages=1)).failed
+    assert FsResult(name="x", flush_cuts=Tally(failures=1)).failed
