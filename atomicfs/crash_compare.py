@@ -300,7 +300,7 @@ def _umount(fs: Filesystem, mnt: str) -> None:
 
 
 def compare(states: int, seed: int = 1, tear: int = 4096, scale: float = 1.0,
-            flush_cuts: int = 40, workdir: str | None = None,
+            flush_cuts: int = 30, workdir: str | None = None,
             names: tuple[str, ...] = ("ext4", "atomicfs"),
             progress: Callable[[str], None] | None = None) -> list[FsResult]:
     """The same workload and crash model on each filesystem, in one working directory

@@ -55,14 +55,14 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(prog="python -m atomicfs.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--states", type=int, default=250,
-                   help="crash states checked on each filesystem (250)")
+    p.add_argument("--states", type=int, default=200,
+                   help="random cuts checked on each filesystem (200)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--tear", type=int, default=4096,
                    help="a cut write keeps some of its TEAR-byte pieces (4096: a device "
                    "whose 4 KiB sectors are themselves never torn)")
-    p.add_argument("--flush-cuts", type=int, default=40,
-                   help="cuts just before flushes, spread over the run (40)")
+    p.add_argument("--flush-cuts", type=int, default=30,
+                   help="cuts just before flushes, spread over the run (30)")
     p.add_argument("--png", default=os.environ.get("DEMO_PNG", "./atomicfs-demo.png"),
                    help="where the picture goes (./atomicfs-demo.png)")
     p.add_argument("--crash-only", action="store_true", help="skip the short look")
