@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def power_cuts(args: argparse.Namespace) -> int:
+    missing = [t for t in ("mkfs.ext4", "e2fsck", "losetup", "fusermount3")
+               if shutil.which(t) is None]
+    if os.geteuid() != 0 or missing:
+        print("demo: the power cuts need " + (f"{', '.join(missing)} (packages e2fsprogs, "
+              "util-linux, fuse3)" if missing else "root (loop devices, kernel mounts)")
+              + "; skipped", file=sys.stderr)
+        return 1
     step(f"power cuts: 16 KiB page writes on ext4 and on atomicfs, {args.states} random "
          f"cuts each and {args.flush_cuts} just before flushes")
     print("Four writers rewrite runs of 1-3 whole 16 KiB pages in three files, fsync now and "
@@ -90,13 +97,6 @@ def power_cuts(args: argparse.Namespace) -> int:
           "lost, kept or torn),\nand just before flushes (every write not yet flushed "
           f"reached the device, torn).\nTorn: only some {args.tear}-byte pieces of a write "
           "made it.")
-    missing = [t for t in ("mkfs.ext4", "e2fsck", "losetup", "fusermount3")
-               if shutil.which(t) is None]
-    if os.geteuid() != 0 or missing:
-        print("demo: the power cuts need " + (f"{', '.join(missing)} (packages e2fsprogs, "
-              "util-linux, fuse3)" if missing else "root (loop devices, kernel mounts)")
-              + "; skipped", file=sys.stderr)
-        return 1
     try:
         results = compare(args.states, seed=args.seed, tear=args.tear,
                           flush_cuts=args.flush_cuts,
