@@ -209,6 +209,7 @@ class Volume:
                        "atomic_path": self.atomic_path(),
                        "flushes": self.dev.flushes, "write_ios": self.dev.write_ios,
                        "write_bytes": self.dev.write_bytes},
+            "folio_states": self._folio_states(),
             "counters": self.counters.as_dict(),
             "requests": self.watchdog.stats(),
             "log": {"size": self.journal.log_size, "used": self.journal.used,
@@ -224,6 +225,15 @@ class Volume:
                       "inodes": len(self.md.inodes)},
             "options": self.opts.describe(),
         }
+
+    def _folio_states(self) -> dict[str, int]:
+        """The folio counts of every file summed (`stable`: files with stable pages)."""
+        total = dict.fromkeys(("cached", "dirty", "writeback", "atomic", "logged",
+                               "writethrough_inflight", "stable"), 0)
+        for m in self.cache.mappings.values():
+            for k, v in m.counts().items():
+                total[k] = total.get(k, 0) + v
+        return total
 
     def file_stats(self, inode: Inode, handle_writethrough: bool = False) -> dict[str, Any]:
         unit = self.effective_unit(inode)
