@@ -3,6 +3,8 @@
 Layout of a formatted target (block numbers in filesystem blocks, default 4 KiB):
 
     block 0, 1       superblock slots A and B; the valid one with the higher sequence wins
+    block 2          the owner record (atomicfs.owner), when the superblock has
+                     FLAG_OWNER_RECORD; images made before it start the log at block 2
     log_start ...    the log: a ring of checksummed batches (metadata records and atomic data)
     data_start ...   data blocks and metadata snapshots, handed out by the allocator
 
@@ -33,6 +35,8 @@ MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 65536
 MAX_ATOMIC_UNIT = 1 << 20  # FUSE hands over at most 1 MiB per write request
 SB_SLOTS = 2
+OWNER_BLOCK = SB_SLOTS  # the block after the slots, with FLAG_OWNER_RECORD
+FLAG_OWNER_RECORD = 1 << 0  # superblock flags: OWNER_BLOCK holds the owner record
 ROOT_INO = 1
 
 # ---------------------------------------------------------------------------- superblock

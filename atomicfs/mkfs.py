@@ -7,9 +7,10 @@ import stat
 import time
 
 from atomicfs import format as fmt
+from atomicfs import owner
 from atomicfs.device import Device
-from atomicfs.errors import CorruptFilesystem, UserError
-from atomicfs.journal import write_superblock_sync
+from atomicfs.errors import CorruptFilesystem, DeviceError, UserError
+from atomicfs.journal import read_superblock, write_superblock_sync
 from atomicfs.metadata import XATTR_ATOMIC_UNIT, Metadata
 from atomicfs.native import Buffer
 from atomicfs.options import check_atomic_unit
@@ -85,6 +86,8 @@ def _format(target: str, size: int | None, atomic_unit: int, block_size: int, fo
     # target may be touched at all, before a resize changes anything.
     dev = Device.open(target)
     try:
+        if not created:
+            _refuse_owned(dev)
         if not force and not created:
             _refuse_existing(dev)
         if resize and size is not None:
@@ -117,6 +120,15 @@ def _resize(target: str, size: int) -> None:
                         f"{exc.strerror}") from None
 
 
+def _refuse_owned(dev: Device) -> None:
+    """An atomicfs whose owner record names a live owner (another host) is in use."""
+    try:
+        sb = read_superblock(dev)
+    except (UserError, DeviceError):
+        return  # no atomicfs here, or none that could be mounted
+    owner.check(dev, sb, "mkfs")
+
+
 def _refuse_existing(dev: Device) -> None:
     head = dev.read_sync(0, 128 << 10).bytes()
     if head[:8] == fmt.MAGIC:
@@ -132,14 +144,15 @@ def _write_empty_fs(dev: Device, fs_size: int, atomic_unit: int,
     bs = block_size
     total = fs_size // bs
     log_blocks = fmt.default_log_blocks(total, bs)
-    log_start = fmt.SB_SLOTS
+    log_start = fmt.OWNER_BLOCK + 1
     data_start = log_start + log_blocks
     if data_start + 1024 > total:
         raise UserError("target too small for the log and data areas")
     now = time.time_ns()
     sb = fmt.Superblock(uuid=fmt.new_uuid(), block_size=bs, total_blocks=total,
                         log_start=log_start, log_blocks=log_blocks, data_start=data_start,
-                        atomic_unit=atomic_unit, mkfs_time_ns=now, ckpt_time_ns=now)
+                        atomic_unit=atomic_unit, mkfs_time_ns=now, ckpt_time_ns=now,
+                        flags=fmt.FLAG_OWNER_RECORD)
     md = Metadata(bs)
     root = md.make_root(os.getuid(), os.getgid(), 0o755, now)
     if atomic_unit:
@@ -155,6 +168,7 @@ def _write_empty_fs(dev: Device, fs_size: int, atomic_unit: int,
     zeros = Buffer(min(log_blocks, 16) * bs)
     dev.writev_sync(log_start * bs, [(zeros, 0, zeros.size)], "log")
     dev.writev_sync(data_start * bs, [(buf, 0, buf.size)], "snapshot")
+    owner.write_record(dev, sb, owner.clean_record(sb), sync=False)
     dev.flush_sync()
     sb.snap_block = data_start
     sb.snap_seq = 1

@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from atomicfs import format as fmt
+from atomicfs import owner
 from atomicfs.alloc import Allocator
 from atomicfs.device import Device, DeviceOptions
 from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace, UserError
@@ -92,6 +93,10 @@ class Volume:
         if opts.atomic_unit and opts.atomic_unit < sb.block_size:
             raise UserError(f"atomic_unit={opts.atomic_unit} is below the filesystem block "
                             f"size {sb.block_size}")
+        if dev.readonly:
+            owner.check(dev, sb, "mount")  # refuses a live owner, claims nothing
+        else:
+            dev.owner = owner.Owner.claim(dev, sb)  # before anything is written
         counters = Counters()
         md = Metadata(sb.block_size)
         try:
@@ -122,6 +127,8 @@ class Volume:
     async def start(self, nursery: trio.Nursery) -> None:
         """Run the background tasks; finish recovery (orphans, checkpoint)."""
         await nursery.start(self.dev.run_reaper)
+        if self.dev.owner is not None:
+            await nursery.start(self.dev.owner.run, self.journal.fail)
         await nursery.start(self.journal.run)
         await nursery.start(self.wb.run_flusher)
         await nursery.start(self.wb.run_checkpointer)
