@@ -196,8 +196,8 @@ class Device:
             fd = os.open(path, flags)
         except OSError as exc:
             if exc.errno == errno.EBUSY:
-                raise _in_use(path, "mounted or opened exclusively by another program"
-                              ) from None
+                raise _in_use(path, locks.kernel_user(st.st_rdev)
+                              or "opened exclusively by another program") from None
             if exc.errno == errno.EINVAL:
                 raise UserError(f"{path}: the filesystem holding it does not support "
                                 "O_DIRECT") from None

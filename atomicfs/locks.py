@@ -111,7 +111,12 @@ def _probe_loops(backing: FileId, skip: str | None) -> None:
             os.close(os.open(loop.path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
         except OSError as exc:
             if exc.errno == errno.EBUSY:
-                raise Busy(f"through {loop.path}, a loop device over the same file") from None
+                try:
+                    user = kernel_user(os.stat(loop.path).st_rdev)
+                except OSError:
+                    user = None
+                raise Busy(f"through {loop.path}, a loop device over the same file"
+                           + (f", {user}" if user else "")) from None
             log.debug("cannot probe %s: %s", loop.path, exc)
 
 
@@ -192,6 +197,25 @@ def _open_backing(loop: LoopDevice) -> int | None:
         log.info("%s: %s is no longer its backing file", loop.path, loop.backing_path)
         return None
     return fd
+
+
+def kernel_user(rdev: int) -> str | None:
+    """What in the kernel holds a block device: a mount of it, or a device stacked on it."""
+    key = f"{os.major(rdev)}:{os.minor(rdev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[2] == key and " - " in line:
+                    fstype = line.split(" - ", 1)[1].split()[0]
+                    return f"mounted on {fields[4]} ({fstype})"
+    except OSError:
+        pass
+    try:
+        holders = sorted(os.listdir(f"/sys/dev/block/{key}/holders"))
+    except OSError:
+        holders = []
+    return f"held by {', '.join(holders)}" if holders else None
 
 
 def flock_holder(st: os.stat_result) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -18,8 +19,8 @@ import pytest
 
 from atomicfs import format as fmt
 from atomicfs import owner
-from tests.conftest import (Mount, MountFactory, attach_loop, cli, detach_loop, make_image,
-                            mounted_at, run)
+from tests.conftest import (Mount, MountFactory, attach_loop, cli, detach_loop, kernel_fs,
+                            make_image, mounted_at, need, run)
 from tests.mount.test_badinput import refused
 
 MiB = 1 << 20
@@ -153,6 +154,23 @@ def test_the_disk_under_a_partition(mounter: MountFactory, mp: str, tmp_path: Pa
         assert read(first / "kept") == b"in the partition"
         first.umount()
         assert "clean" in cli("fsck", part).stdout
+
+
+def test_an_image_the_kernel_mounted_through_a_loop_device(mount_env: None,
+                                                           tmp_path: Path) -> None:
+    """mkfs --force of an image whose loop device holds a mounted ext4 is refused, on the
+    file and on the loop device, naming the mount; the ext4 keeps its file."""
+    need(shutil.which("mkfs.ext4"), "mkfs.ext4 (package e2fsprogs)")
+    with kernel_fs(tmp_path, 128 * MiB, ["mkfs.ext4", "-q", "-F"]) as mnt:
+        with open(os.path.join(mnt, "keep"), "wb") as f:
+            f.write(b"ext4 data")
+        img = str(tmp_path / "fs.img")
+        refused(cli("mkfs", img, "--force", check=False), "in use", "loop",
+                f"mounted on {mnt} (ext4)")
+        loop = run("losetup", "-j", img).stdout.split(":")[0]
+        refused(cli("mkfs", loop, "--force", check=False), "in use",
+                f"mounted on {mnt} (ext4)")
+        assert read(os.path.join(mnt, "keep")) == b"ext4 data"
 
 
 # --------------------------------------------------------------------- the owner record
