@@ -127,11 +127,11 @@ class Volume:
     async def start(self, nursery: trio.Nursery) -> None:
         """Run the background tasks; finish recovery (orphans, checkpoint)."""
         await nursery.start(self.dev.run_reaper)
-        if self.dev.owner is not None:
-            await nursery.start(self.dev.owner.run, self.journal.fail)
         await nursery.start(self.journal.run)
         await nursery.start(self.wb.run_flusher)
         await nursery.start(self.wb.run_checkpointer)
+        if self.dev.owner is not None:
+            await nursery.start(self.dev.owner.run, self.journal.fail)
         await nursery.start(self.watchdog.run)
         orphans = [i for i in self.md.inodes.values() if i.nlink == 0
                    and i.ino != fmt.ROOT_INO]
