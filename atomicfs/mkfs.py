@@ -75,6 +75,23 @@ def too_small(target: str) -> str | None:
     return None
 
 
+def _open_unowned(target: str, created: bool) -> Device:
+    """Open target exclusively on this host, and refuse an atomicfs on it whose owner
+    record names a live owner (another host, which no lock here shows)."""
+    dev = Device.open(target)
+    try:
+        if not created:
+            try:
+                sb = read_superblock(dev)
+            except (UserError, DeviceError):
+                return dev  # no atomicfs here, or none that could be mounted
+            owner.check(dev, sb, "mkfs")
+    except BaseException:
+        dev.close()
+        raise
+    return dev
+
+
 def _format(target: str, size: int | None, atomic_unit: int, block_size: int, force: bool,
             created: bool) -> fmt.Superblock:
     st = os.stat(target)
@@ -84,10 +101,8 @@ def _format(target: str, size: int | None, atomic_unit: int, block_size: int, fo
         raise UserError(f"{target} is larger than --size; use --force to shrink it")
     # The first open is exclusive (it refuses a mounted target) and decides whether the
     # target may be touched at all, before a resize changes anything.
-    dev = Device.open(target)
+    dev = _open_unowned(target, created)
     try:
-        if not created:
-            _refuse_owned(dev)
         if not force and not created:
             _refuse_existing(dev)
         if resize and size is not None:
@@ -118,15 +133,6 @@ def _resize(target: str, size: int) -> None:
     except OSError as exc:
         raise UserError(f"cannot resize {target} to {format_size(size)}: "
                         f"{exc.strerror}") from None
-
-
-def _refuse_owned(dev: Device) -> None:
-    """An atomicfs whose owner record names a live owner (another host) is in use."""
-    try:
-        sb = read_superblock(dev)
-    except (UserError, DeviceError):
-        return  # no atomicfs here, or none that could be mounted
-    owner.check(dev, sb, "mkfs")
 
 
 def _refuse_existing(dev: Device) -> None:
