@@ -10,8 +10,8 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass, field
 
-from atomicfs import format as fmt
 from atomicfs import owner
+from atomicfs import format as fmt
 from atomicfs.device import Device
 from atomicfs.errors import CorruptFilesystem, DeviceError, NotAtomicfs, UserError
 from atomicfs.journal import read_snapshot, read_superblock, replay
@@ -57,7 +57,7 @@ def fsck(target: str) -> FsckReport:
 def _check(dev: Device) -> FsckReport:
     rep = FsckReport()
     sb = read_superblock(dev)
-    _check_owner(dev, sb, rep)
+    rep.notes += owner.fsck_notes(dev, sb)
     rep.total_blocks = sb.total_blocks - sb.data_start
     md = Metadata(sb.block_size)
     try:
@@ -78,21 +78,6 @@ def _check(dev: Device) -> FsckReport:
     _check_tree(md, rep)
     _check_space(sb, md, snap_extents, rep)
     return rep
-
-
-def _check_owner(dev: Device, sb: fmt.Superblock, rep: FsckReport) -> None:
-    """Refuse a filesystem a live owner serves (another host: the host locks of
-    Device.open did not see it); note a stale owner and the lack of a record."""
-    try:
-        stale = owner.check(dev, sb, "fsck")
-    except UserError as exc:
-        raise NotAtomicfs(str(exc)) from None
-    if stale is not None and stale.state == owner.STATE_ACTIVE:
-        rep.notes.append(f"the owner record names {stale.describe()}, which is gone; the "
-                         "next mount takes it over")
-    elif not owner.has_record(sb):
-        rep.notes.append("no owner record (made before they existed): only this host's "
-                         "locks keep a second mount out; `atomicfs mkfs` a new one to get it")
 
 
 def _check_tree(md: Metadata, rep: FsckReport) -> None:

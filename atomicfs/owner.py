@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Callable
 import trio
 
 from atomicfs import format as fmt
-from atomicfs.errors import CorruptFilesystem, DeviceError, UserError
+from atomicfs.errors import CorruptFilesystem, DeviceError, NotAtomicfs, UserError
 from atomicfs.native import Buffer, crc32c
 
 if TYPE_CHECKING:
@@ -221,6 +221,23 @@ def check(dev: "Device", sb: fmt.Superblock, what: str) -> OwnerRecord | None:
         log.info("%s: the owner record names %s, which is gone", dev.path, rec.describe())
         return rec
     return _wait_for_owner(dev, sb, rec, what)
+
+
+def fsck_notes(dev: "Device", sb: fmt.Superblock) -> list[str]:
+    """For fsck: NotAtomicfs (it cannot be checked) if a live owner serves the filesystem
+    (another host: the host locks did not see it); else notes on a stale owner record or
+    on the lack of one."""
+    try:
+        stale = check(dev, sb, "fsck")
+    except UserError as exc:
+        raise NotAtomicfs(str(exc)) from None
+    if stale is not None and stale.state == STATE_ACTIVE:
+        return [f"the owner record names {stale.describe()}, which is gone; the next mount "
+                "takes it over"]
+    if not has_record(sb):
+        return ["no owner record (made before they existed): only this host's locks keep a "
+                "second mount out; `atomicfs mkfs` a new one to get it"]
+    return []
 
 
 def _wait_for_owner(dev: "Device", sb: fmt.Superblock, rec: OwnerRecord,
