@@ -36,6 +36,7 @@ from atomicfs.journal import LogFailed
 from atomicfs.metadata import (DIRENT_SNAP, INHERITED_XATTRS, INODE_SNAP, SYMLINK_SNAP,
                                XATTR_ATOMIC_UNIT, XATTR_SNAP, Inode)
 from atomicfs.options import check_atomic_unit
+from atomicfs.sizes import parse_size
 from atomicfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -577,9 +578,15 @@ class AtomicFS(pyfuse3.Operations):
         return data
 
     def _touch_atime(self, inode: Inode) -> None:
-        """relatime: update atime when it is older than mtime/ctime or a day old."""
+        """Access time after a read, by the mount's policy: relatime (the default) updates
+        it when older than mtime/ctime or a day old, strictatime always, noatime never;
+        nodiratime leaves directories alone."""
+        opts = self.vol.opts
+        if opts.atime == "noatime" or (opts.nodiratime and inode.is_dir):
+            return
         now = self._now()
-        if inode.atime_ns <= max(inode.mtime_ns, inode.ctime_ns) or \
+        if opts.atime == "strictatime" or inode.atime_ns <= max(inode.mtime_ns,
+                                                                inode.ctime_ns) or \
                 now - inode.atime_ns > 86400 * 10**9:
             inode.atime_ns = now
             self.md.mark_dirty(inode)
@@ -772,10 +779,8 @@ class AtomicFS(pyfuse3.Operations):
         """Check an atomicfs attribute; EINVAL (nothing changed) for invalid values."""
         text = value.strip(b"\0 \n")
         if name == XATTR_ATOMIC_UNIT:
-            if not text.isdigit():
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            unit = int(text)
-            try:
+            try:  # the size grammar of every option (16k, 16K, 16384); stored in bytes
+                unit = parse_size(text.decode("ascii"))
                 check_atomic_unit(unit, self.vol.bs)
             except ValueError:
                 raise pyfuse3.FUSEError(errno.EINVAL) from None
