@@ -60,10 +60,12 @@ def foreign_signature(path: str) -> str | None:
 
 def wipe_signatures(path: str) -> None:
     """Erase every signature libblkid finds (wipefs -a), also those mkfs would not
-    overwrite, such as an md superblock or a GPT copy at the end of the target."""
+    overwrite, such as an md superblock or a GPT copy at the end of the target. Called
+    after mkfs --force and its exclusive open (so nothing has it mounted): wipefs gets
+    --force too, without which it keeps partition tables of image files."""
     tool = shutil.which("wipefs") or "/sbin/wipefs"
-    res = subprocess.run([tool, "--all", "--quiet", path], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run([tool, "--all", "--force", "--quiet", path], capture_output=True,
+                         text=True, timeout=120)
     if res.returncode != 0:
         reason = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else \
             f"exit {res.returncode}"
