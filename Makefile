@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/pip
 # mkfs must refuse to overwrite).
 RUN_PACKAGES := fuse3 libfuse3-dev pkg-config gcc libisal-dev util-linux
 TEST_PACKAGES := xfsprogs e2fsprogs fio attr util-linux-extra squashfs-tools genisoimage \
-                 f2fs-tools man-db
+                 f2fs-tools fdisk man-db
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 NATIVE := atomicfs/_native$(shell $(PYTHON) -c 'import sysconfig;print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
 DEMO_IMG ?= ./atomicfs.img

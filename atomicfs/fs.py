@@ -579,14 +579,13 @@ class AtomicFS(pyfuse3.Operations):
 
     def _touch_atime(self, inode: Inode) -> None:
         """Access time after a read, by the mount's policy: relatime (the default) updates
-        it when older than mtime/ctime or a day old, strictatime always, noatime never;
-        nodiratime leaves directories alone."""
+        it when older than mtime/ctime or a day old, noatime never; nodiratime leaves
+        directories alone."""
         opts = self.vol.opts
         if opts.atime == "noatime" or (opts.nodiratime and inode.is_dir):
             return
         now = self._now()
-        if opts.atime == "strictatime" or inode.atime_ns <= max(inode.mtime_ns,
-                                                                inode.ctime_ns) or \
+        if inode.atime_ns <= max(inode.mtime_ns, inode.ctime_ns) or \
                 now - inode.atime_ns > 86400 * 10**9:
             inode.atime_ns = now
             self.md.mark_dirty(inode)

@@ -29,7 +29,7 @@ class MountOptions:
     unsafe_atomic: bool = False
     commit_interval: float = 5.0
     folio_size: int = DEFAULT_FOLIO
-    # access times: relatime (the default), noatime or strictatime; nodiratime for
+    # access times: relatime (the default) or noatime; nodiratime for
     # directories; the daemon keeps atime itself (FUSE leaves it to the filesystem)
     atime: str = "relatime"
     nodiratime: bool = False
@@ -60,8 +60,10 @@ IGNORED_PREFIXES = ("x-", "comment=")
 # Honoured by the kernel: passed on to the mount of /dev/fuse.
 KERNEL_FLAGS = {"nosuid", "suid", "nodev", "dev", "noexec", "exec"}
 # Access-time policy, honoured by the daemon (see _touch_atime in fs.py).
-ATIME = {"relatime": "relatime", "atime": "relatime", "norelatime": "strictatime",
-         "strictatime": "strictatime", "noatime": "noatime"}
+ATIME = {"relatime": "relatime", "atime": "relatime", "noatime": "noatime"}
+# Refused: reads served from the kernel's page cache never reach the daemon, so it cannot
+# update atime on every read.
+STRICTATIME = {"strictatime", "norelatime"}
 DIRATIME = {"nodiratime": True, "diratime": False}
 # lazytime: atime changes already stay in memory until the next metadata commit.
 LAZYTIME = {"lazytime", "nolazytime"}
@@ -94,7 +96,9 @@ OPTION_DOCS: tuple[OptionDoc, ...] = (
     OptionDoc("relatime", "", "on", "update atime on read only when it is older than "
               "mtime/ctime or a day old (atime: the same)"),
     OptionDoc("noatime", "", "off", "never update atime on read"),
-    OptionDoc("strictatime", "", "off", "update atime on every read (norelatime: the same)"),
+    OptionDoc("strictatime", "", "", "refused (also norelatime): reads served from the "
+              "kernel's page cache do not reach the filesystem, so atime cannot follow "
+              "every read"),
     OptionDoc("nodiratime", "", "off", "never update the atime of directories (diratime: "
               "the default)"),
     OptionDoc("lazytime", "", "always", "accepted: atime changes are kept in memory until "
@@ -152,10 +156,13 @@ def parse_mount_options(groups: list[str] | None) -> MountOptions:
 def _vfs_option(opts: MountOptions, name: str, eq: str) -> bool:
     """Set an access-time or kernel flag option; False when name is none of those."""
     if name not in ATIME and name not in DIRATIME and name not in KERNEL_FLAGS and \
-            name not in LAZYTIME:
+            name not in LAZYTIME and name not in STRICTATIME:
         return False
     if eq:
         raise ValueError(f"mount option {name} takes no value")
+    if name in STRICTATIME:
+        raise ValueError(f"{name} is not supported: reads served from the kernel's page "
+                         "cache do not reach atomicfs (relatime or noatime)")
     if name in ATIME:
         opts.atime = ATIME[name]
     elif name in DIRATIME:
