@@ -95,9 +95,9 @@ def add_mount_arguments(s: argparse.ArgumentParser) -> None:
 
 
 SIZE_HELP = textwrap.fill(
-    "SIZE is a number of bytes with an optional suffix, as coreutils reads it: "
-             "K, M, G, T, P, E (also k, m, g, ...) and KiB, MiB, ... are powers of 1024; "
-             "KB, MB, GB, ... powers of 1000 (4096, 16k, 1M, 20GiB = 20G, 20GB).", 78)
+    "SIZE is a number of bytes with an optional suffix, as coreutils reads it: K, M, G, T, "
+    "P, E (also k, m, g, ...) and KiB, MiB, ... are powers of 1024; KB, MB, GB, ... powers "
+    "of 1000 (4096, 16k, 1M, 20GiB = 20G, 20GB).", 78)
 
 
 def build_parser() -> argparse.ArgumentParser:
