@@ -50,6 +50,7 @@ XATTR_STAT = b"user.atomicfs.stat"
 XATTR_CONTROL = b"user.atomicfs.control"
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4  # leave a whiteout (a 0/0 character device) at the old name: overlayfs
 # Snapshot bytes a new inode adds besides its name: inode, entry, inherited attributes.
 NEW_INODE_SNAP = INODE_SNAP + DIRENT_SNAP + len(INHERITED_XATTRS) * (XATTR_SNAP + 32)
 SNAPSHOT_SLACK = 16  # blocks, for extents that writeback maps before the next checkpoint
@@ -471,8 +472,8 @@ class AtomicFS(pyfuse3.Operations):
         new_dir = self._dir(parent_inode_new)
         self._check_writable()
         self._check_name(name_new)
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
-                flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or \
+                flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT):
             raise pyfuse3.FUSEError(errno.EINVAL)
         src = self._child(old_dir, name_old)
         dst = self.md.lookup(new_dir, name_new)
@@ -496,8 +497,12 @@ class AtomicFS(pyfuse3.Operations):
             if dst.is_dir and dst.entries:
                 raise pyfuse3.FUSEError(errno.ENOTEMPTY)
         self._check_move(src, new_dir)
-        if dst is None:  # a longer name takes more room; replacing an entry frees some
-            self._metadata_room(len(name_new) - len(name_old))
+        # a longer name takes more room, replacing an entry frees some; a whiteout needs a
+        # new inode: all checked before anything changes
+        if dst is None or flags & RENAME_WHITEOUT:
+            self._metadata_room((len(name_new) - len(name_old) if dst is None else 0) +
+                                (NEW_INODE_SNAP + len(name_old) if flags & RENAME_WHITEOUT
+                                 else 0))
         now = self._now()
         self.md.remove_entry(old_dir, name_old, now)
         if dst is not None:
@@ -505,6 +510,9 @@ class AtomicFS(pyfuse3.Operations):
         self.md.add_entry(new_dir, name_new, src, now)
         src.ctime_ns = now
         self.md.log_inode(src)
+        if flags & RENAME_WHITEOUT:
+            whiteout = self._new_inode(old_dir, name_old, stat.S_IFCHR, ctx, rdev=0)
+            whiteout.lookups -= 1  # the kernel gets no entry for it
         if dst is not None:
             await self._drop_link(dst, now)
 
