@@ -43,7 +43,7 @@ MAN_PAGES := atomicfs.8 mount.atomicfs.8 umount.atomicfs.8 mkfs.atomicfs.8 fsck.
 
 .PHONY: setup run-setup deps test-deb-deps venv test-deps lint-deps docs-deps native test \
         test-unit test-apps apps-deps lint demo crashtest bench bench-deps profile apps clean \
-        docs install uninstall lock
+        docs install uninstall lock apt-install
 
 # Everything a developer needs: running, tests and lint.
 setup: run-setup test-deb-deps test-deps lint-deps
@@ -130,10 +130,7 @@ test-unit: setup
 # create (and, where an init system runs, start) their default clusters on port 5432 and
 # the mysql socket; the tests use neither: their servers run on private sockets.
 apps-deps:
-	@missing=""; for p in $(APPS_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then echo "installing Debian packages:$$missing"; \
-	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; fi
+	@$(MAKE) --no-print-directory apt-install APT_LIST="$(APPS_PACKAGES)"
 
 # The short form of the application tests alone (what make test runs of them).
 test-apps: setup apps-deps

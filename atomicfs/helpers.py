@@ -225,7 +225,8 @@ def _detach(mountpoint: str, force: bool) -> None:
 def build_mkfs_parser() -> argparse.ArgumentParser:
     p = _HelperParser(prog="mkfs.atomicfs", usage_code=1, formatter_class=_formatter(),
                       description="Format a block device or image file with an empty "
-                      "atomicfs (what `mkfs -t atomicfs` runs; the same as `atomicfs mkfs`).",
+                      "atomicfs (what `mkfs -t atomicfs` runs; the same as `atomicfs mkfs`). "
+                      "The size is --size, not a trailing block count.",
                       epilog=SIZE_HELP)
     p.add_argument("--version", action="version", version=f"atomicfs {__version__}")
     add_mkfs_arguments(p)
