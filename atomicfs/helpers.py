@@ -151,7 +151,10 @@ def _register_umount_helper(target: str, mountpoint: str) -> None:
     umount.fuse.atomicfs (write back, unmount, wait for the daemon) instead of a bare
     umount(2), after which the daemon would still be writing when umount returns.
     Without the record libmount takes the mount's type from statfs ("fuse") and finds no
-    helper. A failure costs only that wait: it is logged, the mount stays."""
+    helper. A failure costs only that wait: it is logged, the mount stays. Other users
+    unmount with fusermount3, which runs no helper: nothing to record for them."""
+    if os.geteuid() != 0:
+        return
     res = subprocess.run(["mount", "--fake", "--internal-only", "-t", "fuse.atomicfs",
                           "-o", "uhelper=atomicfs", os.path.abspath(target),
                           os.path.realpath(mountpoint)], capture_output=True, text=True)
