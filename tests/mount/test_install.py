@@ -262,6 +262,12 @@ def test_fsck_exit_codes(installed: Installed, place: Path) -> None:
     assert res.returncode == 16
     res = installed.run("fsck.atomicfs", "--no-such-flag", garbage)
     assert res.returncode == 16 and "Traceback" not in res.stderr
+    # a mounted filesystem is not checked (its newest state is in the daemon): exit 8
+    mounted, mnt = make_image(place / "m.img", "64M"), str(place / "mnt")
+    assert installed.run("mount", "-t", "fuse.atomicfs", mounted, mnt).returncode == 0
+    res = installed.run("fsck", "-t", "atomicfs", mounted)
+    assert res.returncode == 8 and "mounted" in res.stderr, res.stderr
+    assert installed.run("umount", mnt).returncode == 0
     # `atomicfs fsck` keeps its own codes
     assert installed.run("atomicfs", "fsck", img).returncode == 1
     assert installed.run("atomicfs", "fsck", garbage).returncode == 2
