@@ -168,6 +168,9 @@ def serve(target: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         fuse_opts = {"default_permissions", f"fsname={target}", "subtype=atomicfs"}
         if opts.allow_other:
             fuse_opts.add("allow_other")
+        fuse_opts.update(opts.kernel_flags)
+        if opts.atime == "noatime":  # for findmnt; the daemon keeps atime (libfuse knows
+            fuse_opts.add("noatime")  # no other atime flag)
         try:
             pyfuse3.init(fs, mountpoint, fuse_opts)
         except RuntimeError as exc:

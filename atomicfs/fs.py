@@ -40,6 +40,7 @@ from atomicfs.journal import LogFailed
 from atomicfs.metadata import (DIRENT_SNAP, INHERITED_XATTRS, INODE_SNAP, SYMLINK_SNAP,
                                XATTR_ATOMIC_UNIT, XATTR_SNAP, Inode)
 from atomicfs.options import check_atomic_unit, parse_delay
+from atomicfs.sizes import parse_size
 from atomicfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ XATTR_STAT = b"user.atomicfs.stat"
 XATTR_CONTROL = b"user.atomicfs.control"
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4  # leave a whiteout (a 0/0 character device) at the old name: overlayfs
 # Snapshot bytes a new inode adds besides its name: inode, entry, inherited attributes.
 NEW_INODE_SNAP = INODE_SNAP + DIRENT_SNAP + len(INHERITED_XATTRS) * (XATTR_SNAP + 32)
 SNAPSHOT_SLACK = 16  # blocks, for extents that writeback maps before the next checkpoint
@@ -504,8 +506,8 @@ class AtomicFS(pyfuse3.Operations):
         new_dir = self._dir(parent_inode_new)
         self._check_writable()
         self._check_name(name_new)
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
-                flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or \
+                flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT):
             raise pyfuse3.FUSEError(errno.EINVAL)
         src = self._child(old_dir, name_old)
         dst = self.md.lookup(new_dir, name_new)
@@ -529,8 +531,12 @@ class AtomicFS(pyfuse3.Operations):
             if dst.is_dir and dst.entries:
                 raise pyfuse3.FUSEError(errno.ENOTEMPTY)
         self._check_move(src, new_dir)
-        if dst is None:  # a longer name takes more room; replacing an entry frees some
-            self._metadata_room(len(name_new) - len(name_old))
+        # a longer name takes more room, replacing an entry frees some; a whiteout needs a
+        # new inode: all checked before anything changes
+        if dst is None or flags & RENAME_WHITEOUT:
+            self._metadata_room((len(name_new) - len(name_old) if dst is None else 0) +
+                                (NEW_INODE_SNAP + len(name_old) if flags & RENAME_WHITEOUT
+                                 else 0))
         now = self._now()
         self.md.remove_entry(old_dir, name_old, now)
         if dst is not None:
@@ -538,6 +544,9 @@ class AtomicFS(pyfuse3.Operations):
         self.md.add_entry(new_dir, name_new, src, now)
         src.ctime_ns = now
         self.md.log_inode(src)
+        if flags & RENAME_WHITEOUT:
+            whiteout = self._new_inode(old_dir, name_old, stat.S_IFCHR, ctx, rdev=0)
+            whiteout.lookups -= 1  # the kernel gets no entry for it
         if dst is not None:
             await self._drop_link(dst, now)
 
@@ -611,7 +620,12 @@ class AtomicFS(pyfuse3.Operations):
         return data
 
     def _touch_atime(self, inode: Inode) -> None:
-        """relatime: update atime when it is older than mtime/ctime or a day old."""
+        """Access time after a read, by the mount's policy: relatime (the default) updates
+        it when older than mtime/ctime or a day old, noatime never; nodiratime leaves
+        directories alone."""
+        opts = self.vol.opts
+        if opts.atime == "noatime" or (opts.nodiratime and inode.is_dir):
+            return
         now = self._now()
         if inode.atime_ns <= max(inode.mtime_ns, inode.ctime_ns) or \
                 now - inode.atime_ns > 86400 * 10**9:
@@ -810,10 +824,8 @@ class AtomicFS(pyfuse3.Operations):
         """Check an atomicfs attribute; EINVAL (nothing changed) for invalid values."""
         text = value.strip(b"\0 \n")
         if name == XATTR_ATOMIC_UNIT:
-            if not text.isdigit():
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            unit = int(text)
-            try:
+            try:  # the size grammar of every option (16k, 16K, 16384); stored in bytes
+                unit = parse_size(text.decode("ascii"))
                 check_atomic_unit(unit, self.vol.bs)
             except ValueError:
                 raise pyfuse3.FUSEError(errno.EINVAL) from None

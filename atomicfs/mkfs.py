@@ -14,6 +14,7 @@ from atomicfs.journal import read_superblock, write_superblock_sync
 from atomicfs.metadata import XATTR_ATOMIC_UNIT, Metadata
 from atomicfs.native import Buffer
 from atomicfs.options import check_atomic_unit
+from atomicfs.probe import foreign_signature, wipe_signatures
 from atomicfs.sizes import format_size, is_power_of_two
 
 log = logging.getLogger(__name__)
@@ -103,12 +104,15 @@ def _format(target: str, size: int | None, atomic_unit: int, block_size: int, fo
     # target may be touched at all, before a resize changes anything.
     dev = _open_unowned(target, created)
     try:
-        if not force and not created:
-            _refuse_existing(dev)
+        foreign = None if created else _existing(dev)
+        if foreign and not force:
+            raise UserError(f"{target} holds {foreign}; use --force to overwrite it")
         if resize and size is not None:
             _resize(target, size)
     finally:
         dev.close()
+    if foreign and foreign != OURS:
+        wipe_signatures(target)
     dev = Device.open(target)
     try:
         dev_size = dev.caps.size
@@ -135,14 +139,14 @@ def _resize(target: str, size: int) -> None:
                         f"{exc.strerror}") from None
 
 
-def _refuse_existing(dev: Device) -> None:
-    head = dev.read_sync(0, 128 << 10).bytes()
-    if head[:8] == fmt.MAGIC:
-        raise UserError(f"{dev.path} already holds an atomicfs filesystem; use --force to "
-                        "overwrite it")
-    foreign = fmt.identify_foreign(head)
-    if foreign:
-        raise UserError(f"{dev.path} holds {foreign}; use --force to overwrite it")
+OURS = "an atomicfs filesystem"
+
+
+def _existing(dev: Device) -> str | None:
+    """What the target holds already: our own superblock, or what libblkid finds."""
+    if dev.read_sync(0, 4096).bytes()[:8] == fmt.MAGIC:
+        return OURS
+    return foreign_signature(dev.path)
 
 
 def _write_empty_fs(dev: Device, fs_size: int, atomic_unit: int,

@@ -101,7 +101,7 @@ def test_mkfs_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     ours = make_image(tmp_path / "ours.img", "64M")
     refused(unchanged(ours, lambda: cli("mkfs", ours, check=False)), "--force")
     ext4 = ext4_image(tmp_path)
-    refused(unchanged(ext4, lambda: cli("mkfs", ext4, check=False)), "ext2/ext3/ext4",
+    refused(unchanged(ext4, lambda: cli("mkfs", ext4, check=False)), "ext4 filesystem",
             "--force")
     # growing the image first would already change it
     refused(unchanged(ext4, lambda: cli("mkfs", ext4, "--size", "128M", check=False)),
