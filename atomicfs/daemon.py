@@ -175,6 +175,8 @@ def serve(target: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         fuse_opts = {"default_permissions", f"fsname={target}", "subtype=atomicfs"}
         if opts.allow_other:
             fuse_opts.add("allow_other")
+        if opts.ro:
+            fuse_opts.add("ro")  # the kernel refuses writes with EROFS; statvfs: ST_RDONLY
         try:
             pyfuse3.init(fs, mountpoint, fuse_opts)
         except RuntimeError as exc:

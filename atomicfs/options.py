@@ -21,6 +21,7 @@ class MountOptions:
     atomic_path: str = "auto"
     allow_other: bool = False
     debug: bool = False
+    ro: bool = False  # read-only: nothing is written to the device (salvage)
     # device-layer and test options
     inject: InjectSpec = field(default_factory=InjectSpec)
     inject_enabled: bool = False
@@ -35,14 +36,14 @@ class MountOptions:
             "atomic_unit": self.atomic_unit, "atomic_strict": self.atomic_strict,
             "writethrough": self.writethrough, "cache_size": self.cache_size,
             "dirty_expire": self.dirty_expire, "atomic_path": self.atomic_path,
-            "allow_other": self.allow_other, "debug": self.debug,
+            "allow_other": self.allow_other, "debug": self.debug, "ro": self.ro,
             "inject": str(self.inject) if self.inject_enabled else None,
             "delay_ms": self.delay_ms, "record": self.record,
             "unsafe_atomic": self.unsafe_atomic,
         }
 
 
-FLAGS = {"atomic_strict", "writethrough", "allow_other", "debug", "unsafe_atomic"}
+FLAGS = {"atomic_strict", "writethrough", "allow_other", "debug", "unsafe_atomic", "ro"}
 VALUED = {"atomic_unit", "cache_size", "dirty_expire", "atomic_path", "inject", "delay",
           "record", "commit_interval", "folio_size"}
 IGNORED = {"rw", "defaults", "nodev", "nosuid", "noatime", "relatime", "dev", "suid", "exec",

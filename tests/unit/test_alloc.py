@@ -123,8 +123,8 @@ def test_meta_reserve_is_for_metadata_only() -> None:
 def test_set_snapshot_estimate_grows_the_reserve() -> None:
     a = Allocator(100_000, 100)
     base = a.meta_reserve
-    a.set_snapshot_estimate(10 << 20, 4096)  # room for two 10 MiB snapshots
-    assert a.meta_reserve == 2 * 2560 + 16
+    a.set_snapshot_estimate(10 << 20, 4096)  # room for three 10 MiB snapshots
+    assert a.meta_reserve == 3 * 2560 + 16
     a.set_snapshot_estimate(100, 4096)  # never below the minimum
     assert a.meta_reserve == base
 

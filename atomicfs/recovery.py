@@ -1,0 +1,182 @@
+"""Bringing a filesystem at rest back into memory: shared by mount, fsck and repair.
+
+Order: the newest valid superblock slot; its metadata snapshot; the log replayed on top;
+then `check_metadata`, before anything is written (replayed atomic data goes home only
+into blocks the checked metadata maps).
+
+The previous checkpoint is kept as a fallback: its snapshot blocks are not reused until a
+newer checkpoint is durable, and blocks freed since it covered the log stay held (alloc.py),
+so its files still map their own data. When the newest snapshot is unreadable (checksum,
+or records that do not apply), recovery loads the previous one instead. The log batches
+after the newest checkpoint are changes to the lost snapshot, so they are not replayed:
+what was made durable after the previous checkpoint is lost, and `Recovered.lost` says so
+(with the names the skipped log batches created). Everything durable before the previous
+checkpoint is there. A snapshot that reads well but whose records contradict each other is
+not a reason to fall back: mount refuses it and fsck names it (--repair fixes it).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from atomicfs import format as fmt
+from atomicfs.alloc import Allocator
+from atomicfs.consistency import CheckResult, check_metadata
+from atomicfs.device import Device
+from atomicfs.errors import CorruptFilesystem
+from atomicfs.journal import (ReplayResult, fallback_superblock, read_previous_snapshot,
+                              read_snapshot, replay, scan_log, superblock_slot_problems)
+from atomicfs.metadata import Extent, Metadata
+from atomicfs.native import Segment
+
+log = logging.getLogger(__name__)
+
+SLOT_NAMES = "AB"
+
+
+@dataclass
+class Recovered:
+    sb: fmt.Superblock  # as the mount uses it (after a fallback: the previous checkpoint)
+    md: Metadata
+    snap_extents: list[Extent]
+    kept_extents: list[Extent]  # the previous snapshot's blocks, kept as the fallback
+    result: ReplayResult
+    check: CheckResult
+    fallback: str | None = None  # why the newest snapshot was not used
+    lost: list[str] = field(default_factory=list)
+    slot_problems: list[str] = field(default_factory=list)
+    kept_problem: str | None = None  # the previous snapshot is unreadable: no fallback
+    kept_refs: list[Extent] = field(default_factory=list)  # blocks the kept snapshots map
+
+
+def when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ns / 1e9)) if ns else "?"
+
+
+def recover(dev: Device, sb: fmt.Superblock) -> Recovered:
+    """Load sb's filesystem into memory and check it; writes nothing. CorruptFilesystem
+    when neither snapshot can be loaded or the log does not apply."""
+    slots = [f"superblock slot {SLOT_NAMES[i]}: {why}"
+             for i, why in superblock_slot_problems(dev, sb)]
+    md = Metadata(sb.block_size)
+    fallback: str | None = None
+    try:
+        stream, extents = read_snapshot(dev, sb)
+    except CorruptFilesystem as exc:
+        # Unreadable (a bad sector, a torn header): fall back. A snapshot that reads but
+        # does not make sense is damage for fsck to name, not a reason to go back in time.
+        if not sb.prev_snap_block:
+            raise
+        fallback = str(exc)
+        try:
+            stream, extents = read_previous_snapshot(dev, sb)
+        except CorruptFilesystem as exc2:
+            raise CorruptFilesystem(f"{exc}; the previous checkpoint's snapshot too: "
+                                    f"{exc2}") from exc2
+    _load(md, stream, sb)
+    refs = snapshot_refs(stream)
+    kept: list[Extent] = []
+    kept_problem = None
+    lost: list[str] = []
+    if fallback is None:
+        result = replay(dev, sb, md, write_home=False)
+        if sb.prev_snap_block:
+            try:
+                prev_stream, kept = read_previous_snapshot(dev, sb)
+                refs += snapshot_refs(prev_stream)
+            except CorruptFilesystem as exc:
+                kept_problem = f"the previous checkpoint's snapshot (the fallback): {exc}"
+    else:
+        result, lost = _skip_log(dev, sb)
+        sb = fallback_superblock(sb)
+    check = check_metadata(sb, md, extents, kept)
+    return Recovered(sb, md, list(extents), list(kept), result, check, fallback, lost, slots,
+                     kept_problem, refs)
+
+
+def _load(md: Metadata, stream: bytes, sb: fmt.Superblock) -> None:
+    md.load(stream)
+    md.next_ino = max(md.next_ino, sb.next_ino)
+    if fmt.ROOT_INO not in md.inodes:
+        raise CorruptFilesystem("the root directory is missing")
+
+
+def snapshot_refs(stream: bytes) -> list[Extent]:
+    """Device extents the files of a snapshot map."""
+    return [(r.args[2], r.args[3]) for r in fmt.decode_records(stream)
+            if r.rtype == fmt.REC_EXTENT_SET]
+
+
+def _skip_log(dev: Device, sb: fmt.Superblock) -> tuple[ReplayResult, list[str]]:
+    """After a fallback: find the log's head (new batches go after the old ones, which
+    must never read as a continuation) and name what the skipped batches held."""
+    res = ReplayResult(head_pos=sb.log_tail, head_seq=sb.log_seq)
+    names: list[bytes] = []
+    for batch in scan_log(dev, sb):
+        res.batches += 1
+        res.records += len(batch.records) + len(batch.data)
+        res.head_pos, res.head_seq = batch.end, batch.seq + 1
+        names += [r.args[1] for r in batch.records if r.rtype == fmt.REC_DIRENT_ADD]
+    if res.head_pos + sb.block_size > sb.log_bytes:
+        res.head_pos = 0
+    lost = [f"changes made after the previous checkpoint ({when(sb.prev_ckpt_time_ns)}): "
+            f"those the newest checkpoint ({when(sb.ckpt_time_ns)}) held, and "
+            f"{res.batches} log batches ({res.records} records) written after it"]
+    if names:
+        shown = ", ".join(repr(n.decode(errors="replace")) for n in sorted(set(names))[:10])
+        more = len(set(names)) - 10
+        lost.append(f"names created or renamed in those log batches: {shown}"
+                    + (f" and {more} more" if more > 0 else ""))
+    return res, lost
+
+
+def hold_kept_blocks(alloc: Allocator, rec: Recovered) -> None:
+    """Blocks the kept checkpoints map but no file uses now stay out of reach until a
+    checkpoint covering this mount's start is the fallback (see alloc.py)."""
+    sb = rec.sb
+    alloc.fallback_boundary = sb.prev_log_seq - 1 if sb.prev_snap_block else 0
+    seq = rec.result.head_seq - 1
+    for dblock, count in rec.kept_refs:
+        if dblock < sb.data_start or dblock + count > sb.total_blocks or count <= 0:
+            continue
+        used = alloc.is_used(dblock, count)
+        if used == count:
+            continue
+        if used == 0:
+            alloc.hold(seq, [(dblock, count)])
+            continue
+        for b in range(dblock, dblock + count):
+            if not alloc.is_used(b):
+                alloc.hold(seq, [(b, 1)])
+
+
+class LogOverlay:
+    """A read-only mount replays the log without writing atomic data home: reads of the
+    device blocks whose newest copy is in the log are served from the log instead.
+    Everything else is the device's."""
+
+    def __init__(self, dev: Device, block_size: int,
+                 pieces: list[tuple[int, int, int]]) -> None:
+        self._dev = dev
+        self._bs = block_size
+        self._src: dict[int, int] = {}  # device block -> byte offset of its logged copy
+        for dblock, src, n in pieces:  # in log order: later pieces are newer
+            for i in range(n):
+                self._src[dblock + i] = src + i * block_size
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._dev, name)
+
+    async def readv(self, offset: int, segments: list[Segment]) -> None:
+        await self._dev.readv(offset, segments)
+        if not self._src:
+            return
+        bs = self._bs
+        pos = offset
+        for buf, off, n in segments:
+            for k in range(0, n, bs):
+                src = self._src.get((pos + k) // bs)
+                if src is not None:
+                    await self._dev.readv(src, [(buf, off + k, bs)])
+            pos += n
