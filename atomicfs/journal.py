@@ -655,11 +655,14 @@ def read_superblock(dev: Device) -> fmt.Superblock:
         if not any(head):
             raise NotAtomicfs(f"{dev.path} is not an atomicfs filesystem (it is all zeros)")
         raise NotAtomicfs(f"{dev.path} is not an atomicfs filesystem (no superblock)")
-    sb = max(found, key=lambda s: s.seq)
-    if sb.total_blocks * sb.block_size > dev.caps.size:
+    # A slot describing more than the device holds is damaged unless both do (a target
+    # that was shrunk, which is named as such).
+    fits = [s for s in found if s.total_blocks * s.block_size <= dev.caps.size]
+    if not fits:
+        sb = max(found, key=lambda s: s.seq)
         raise NotAtomicfs(f"{dev.path} is smaller ({dev.caps.size} bytes) than the "
                           f"filesystem on it ({sb.total_blocks * sb.block_size} bytes)")
-    return sb
+    return max(fits, key=lambda s: s.seq)
 
 
 def superblock_slot_problems(dev: Device, sb: fmt.Superblock) -> list[tuple[int, str]]:
@@ -675,6 +678,9 @@ def superblock_slot_problems(dev: Device, sb: fmt.Superblock) -> list[tuple[int,
             continue
         if other.uuid != sb.uuid or other.block_size != sb.block_size:
             out.append((slot, "it belongs to another filesystem"))
+        elif (other.total_blocks, other.log_start, other.log_blocks, other.data_start) != \
+                (sb.total_blocks, sb.log_start, sb.log_blocks, sb.data_start):
+            out.append((slot, "its geometry differs from the other slot's"))
         elif other.seq % fmt.SB_SLOTS != slot:
             out.append((slot, f"its sequence number {other.seq} belongs in the other slot"))
     return out
@@ -819,11 +825,11 @@ def _read_batch(dev: Device, sb: fmt.Superblock, pos: int, seq: int) -> ScannedB
                 data.append((ino, fblock, dblock, nblocks, pos + hdr_area + poff))
             else:
                 records.append(r)
-    except CorruptFilesystem:
-        # A batch whose checksum holds but whose records do not parse was written by
-        # something else; treat it as the end of the log.
-        log.warning("log batch %d at %d has a valid checksum but bad records", seq, pos)
-        return None
+    except CorruptFilesystem as exc:
+        # Its checksum holds, so this is no torn write (those end the log): the batch was
+        # damaged before it was sealed, and what follows it cannot be trusted either.
+        raise CorruptFilesystem(f"log batch {seq} at {pos} has a valid checksum but bad "
+                                f"records ({exc})") from exc
     return ScannedBatch(seq, pos, pos + total, records, data)
 
 

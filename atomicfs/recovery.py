@@ -113,11 +113,14 @@ def _skip_log(dev: Device, sb: fmt.Superblock) -> tuple[ReplayResult, list[str]]
     must never read as a continuation) and name what the skipped batches held."""
     res = ReplayResult(head_pos=sb.log_tail, head_seq=sb.log_seq)
     names: list[bytes] = []
-    for batch in scan_log(dev, sb):
-        res.batches += 1
-        res.records += len(batch.records) + len(batch.data)
-        res.head_pos, res.head_seq = batch.end, batch.seq + 1
-        names += [r.args[1] for r in batch.records if r.rtype == fmt.REC_DIRENT_ADD]
+    try:
+        for batch in scan_log(dev, sb):
+            res.batches += 1
+            res.records += len(batch.records) + len(batch.data)
+            res.head_pos, res.head_seq = batch.end, batch.seq + 1
+            names += [r.args[1] for r in batch.records if r.rtype == fmt.REC_DIRENT_ADD]
+    except CorruptFilesystem:
+        pass  # a damaged batch ends what is named here; new batches overwrite it
     if res.head_pos + sb.block_size > sb.log_bytes:
         res.head_pos = 0
     lost = [f"changes made after the previous checkpoint ({when(sb.prev_ckpt_time_ns)}): "
