@@ -268,7 +268,8 @@ def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
         return 1
     ok = True
     try:
-        os.setxattr(path, XATTR_CONTROL.decode(), b"sync")
+        if not os.statvfs(path).f_flag & os.ST_RDONLY:  # -o ro: nothing to write back
+            os.setxattr(path, XATTR_CONTROL.decode(), b"sync")
     except OSError as exc:
         print(f"atomicfs: {mountpoint}: writing back failed: {exc.strerror}", file=sys.stderr)
         ok = False
