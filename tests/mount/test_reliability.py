@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from atomicfs import format as fmt
-from tests.conftest import MountFactory, cli, make_image, mounted_at
+from tests.conftest import MountFactory, cli, mounted_at
 from tests.fs import damage
 from tests.mount.posix_helpers import sha256_of
 from tests.mount.test_badinput import records, refused, rewrite_snapshot
