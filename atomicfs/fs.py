@@ -687,9 +687,11 @@ class AtomicFS(pyfuse3.Operations):
         s.f_bsize = self.vol.bs
         s.f_frsize = self.vol.bs
         s.f_blocks = a.data_blocks
+        # Blocks held for the fallback checkpoint count as free: a write that needs them
+        # gets them after the checkpoints make_room runs.
         s.f_bfree = max(0, a.free_blocks - a.reserved_blocks
-                        - a.meta_reserve)
-        s.f_bavail = a.available_blocks
+                        - a.meta_reserve) + a.held_blocks
+        s.f_bavail = a.available_blocks + a.held_blocks
         s.f_files = 1 << 32
         s.f_ffree = (1 << 32) - len(self.md.inodes)
         s.f_favail = s.f_ffree
