@@ -116,10 +116,14 @@ def _repair(dev: Device) -> list[str]:
     fixes: list[str] = []
     sb = read_superblock(dev)
     try:
-        rec = recover(dev, sb)
+        rec = recover(dev, sb, salvage=True)
     except CorruptFilesystem as exc:
         raise UserError(f"{dev.path}: cannot repair: {exc}") from None
     fixes += [f"rewrote {line.split(':')[0]}" for line in rec.slot_problems]
+    if rec.lost and not rec.fallback:
+        fixes += [f"dropped {line}" for line in rec.lost]
+    elif rec.lost:
+        fixes += [f"dropped {line}" for line in rec.lost if "snapshot that do not" in line]
     if rec.kept_problem:
         fixes.append("wrote a new checkpoint; the current snapshot is the new fallback")
     if rec.fallback:
@@ -154,6 +158,9 @@ async def _write_checkpoint(dev: Device, rec: Recovered) -> None:
     vol = Volume(dev, rec.sb, rec.md, alloc, journal, opts, counters, needs_checkpoint=False)
     async with trio.open_nursery() as nursery:
         await vol.start(nursery)
+        # Twice: the first checkpoint's predecessor (the damaged snapshot) would otherwise
+        # stay on as the fallback; after the second both kept snapshots are repaired ones.
+        await vol.wb.checkpoint()
         await vol.wb.checkpoint()
         if not await vol.shutdown():
             raise UserError(f"{dev.path}: cannot write the repaired metadata")

@@ -54,9 +54,11 @@ def when(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ns / 1e9)) if ns else "?"
 
 
-def recover(dev: Device, sb: fmt.Superblock) -> Recovered:
+def recover(dev: Device, sb: fmt.Superblock, salvage: bool = False) -> Recovered:
     """Load sb's filesystem into memory and check it; writes nothing. CorruptFilesystem
-    when neither snapshot can be loaded or the log does not apply."""
+    when neither snapshot can be loaded or the log does not apply (with salvage, for
+    repair: the log is replayed up to the first batch that does not apply, and the rest
+    is named in `lost`)."""
     slots = [f"superblock slot {SLOT_NAMES[i]}: {why}"
              for i, why in superblock_slot_problems(dev, sb)]
     md = Metadata(sb.block_size)
@@ -74,13 +76,18 @@ def recover(dev: Device, sb: fmt.Superblock) -> Recovered:
         except CorruptFilesystem as exc2:
             raise CorruptFilesystem(f"{exc}; the previous checkpoint's snapshot too: "
                                     f"{exc2}") from exc2
-    _load(md, stream, sb)
-    refs = snapshot_refs(stream)
+    skipped = _load_salvage(md, stream, sb) if salvage else _load(md, stream, sb)
+    refs = snapshot_refs(stream) if not skipped else []
     kept: list[Extent] = []
     kept_problem = None
     lost: list[str] = []
     if fallback is None:
-        result = replay(dev, sb, md, write_home=False)
+        try:
+            result = replay(dev, sb, md, write_home=False)
+        except CorruptFilesystem:
+            if not salvage:
+                raise
+            md, result, lost = _replay_prefix(dev, sb, stream)
         if sb.prev_snap_block:
             try:
                 prev_stream, kept = read_previous_snapshot(dev, sb)
@@ -90,22 +97,85 @@ def recover(dev: Device, sb: fmt.Superblock) -> Recovered:
     else:
         result, lost = _skip_log(dev, sb)
         sb = fallback_superblock(sb)
+    if skipped:
+        lost.insert(0, f"{skipped} records of the snapshot that do not apply (or follow one "
+                    "that does not parse)")
     check = check_metadata(sb, md, extents, kept)
     return Recovered(sb, md, list(extents), list(kept), result, check, fallback, lost, slots,
                      kept_problem, refs)
 
 
-def _load(md: Metadata, stream: bytes, sb: fmt.Superblock) -> None:
+def _load(md: Metadata, stream: bytes, sb: fmt.Superblock) -> int:
     md.load(stream)
     md.next_ino = max(md.next_ino, sb.next_ino)
     if fmt.ROOT_INO not in md.inodes:
         raise CorruptFilesystem("the root directory is missing")
+    return 0
+
+
+def _load_salvage(md: Metadata, stream: bytes, sb: fmt.Superblock) -> int:
+    """For repair: every snapshot record that applies, up to the first that does not
+    parse; returns how many were skipped or not read (what is left is for the fixes)."""
+    skipped = 0
+    try:
+        for r in fmt.decode_records(stream):
+            try:
+                md.apply(r)
+            except CorruptFilesystem:
+                skipped += 1
+    except CorruptFilesystem:
+        skipped += 1
+    md.next_ino = max(md.next_ino, sb.next_ino)
+    return skipped
 
 
 def snapshot_refs(stream: bytes) -> list[Extent]:
     """Device extents the files of a snapshot map."""
     return [(r.args[2], r.args[3]) for r in fmt.decode_records(stream)
             if r.rtype == fmt.REC_EXTENT_SET]
+
+
+def _replay_prefix(dev: Device, sb: fmt.Superblock,
+                   stream: bytes) -> tuple[Metadata, ReplayResult, list[str]]:
+    """The snapshot and the log batches before the first that does not apply (or does not
+    parse); the head stays after every batch found, so none is read as a continuation."""
+    batches = []
+    damaged = False
+    try:
+        for batch in scan_log(dev, sb):
+            batches.append(batch)
+    except CorruptFilesystem:
+        damaged = True
+    md = Metadata(sb.block_size)
+    _load_salvage(md, stream, sb)
+    good = 0
+    try:
+        for batch in batches:
+            for r in batch.records:
+                md.apply(r)
+            good += 1
+    except CorruptFilesystem:
+        md = Metadata(sb.block_size)  # batch `good` applied in part: start again
+        _load_salvage(md, stream, sb)
+        for batch in batches[:good]:
+            for r in batch.records:
+                md.apply(r)
+    res = ReplayResult(head_pos=sb.log_tail, head_seq=sb.log_seq)
+    for batch in batches[:good]:
+        res.data.extend(batch.data)
+        res.batches += 1
+        res.records += len(batch.records) + len(batch.data)
+    if batches:
+        res.head_pos, res.head_seq = batches[-1].end, batches[-1].seq + 1
+        if res.head_pos + sb.block_size > sb.log_bytes:
+            res.head_pos = 0
+    if damaged:
+        res.head_seq += 1  # the damaged batch lies at the head with this number: skip it
+    dropped = len(batches) - good
+    lost = [f"{dropped} log batches from batch {sb.log_seq + good} on, which do not apply "
+            "to the metadata (or were not found after a damaged one)"] if dropped else \
+        ["the log after a damaged batch"]
+    return md, res, lost
 
 
 def _skip_log(dev: Device, sb: fmt.Superblock) -> tuple[ReplayResult, list[str]]:
@@ -120,7 +190,7 @@ def _skip_log(dev: Device, sb: fmt.Superblock) -> tuple[ReplayResult, list[str]]
             res.head_pos, res.head_seq = batch.end, batch.seq + 1
             names += [r.args[1] for r in batch.records if r.rtype == fmt.REC_DIRENT_ADD]
     except CorruptFilesystem:
-        pass  # a damaged batch ends what is named here; new batches overwrite it
+        res.head_seq += 1  # the damaged batch lies at the head with this number: skip it
     if res.head_pos + sb.block_size > sb.log_bytes:
         res.head_pos = 0
     lost = [f"changes made after the previous checkpoint ({when(sb.prev_ckpt_time_ns)}): "
