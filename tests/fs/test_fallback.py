@@ -7,10 +7,14 @@ import errno
 import hashlib
 import os
 import random
+import struct
 
 import pyfuse3
 import pytest
 
+from atomicfs import format as fmt
+from atomicfs.fsck import fsck
+from atomicfs.native import crc32c
 from atomicfs.options import MountOptions
 from tests.fs import damage
 from tests.fs.helpers import ROOT, Driver, open_fs
@@ -84,3 +88,30 @@ async def test_held_blocks_return_after_two_checkpoints(fs_image: str, cycles: i
         for _ in range(cycles):
             await vol.wb.checkpoint()
         assert (vol.alloc.held_blocks == 0) == (cycles == 2)
+
+
+def _write_old_layout(path: str) -> None:
+    """Rewrite both superblock slots in the layout of images made before the previous
+    checkpoint was named (shorter, no prev_* fields)."""
+    for sb in damage.slots(path):
+        assert sb is not None
+        body = sb.pack()[: fmt.SB_SIZE_OLD]
+        body = body[:12] + struct.pack("<I", fmt.SB_SIZE_OLD) + body[16:]
+        raw = body + struct.pack("<I", crc32c(body))
+        damage.write_at(path, (sb.seq % fmt.SB_SLOTS) * sb.block_size,
+                        raw + bytes(fmt.MIN_BLOCK_SIZE - len(raw)))
+
+
+async def test_an_image_of_the_older_superblock_layout_mounts(fs_image: str) -> None:
+    async with open_fs(fs_image) as d:
+        await d.create("before", b"old layout")
+    _write_old_layout(fs_image)
+    assert all(s is not None and not s.prev_snap_block for s in damage.slots(fs_image))
+    assert fsck(fs_image).clean
+    async with open_fs(fs_image) as d:
+        assert await d.read("before") == b"old layout"
+        await d.create("after", b"new layout")
+    assert damage.newest(fs_image).prev_snap_block  # its checkpoints name the previous one
+    async with open_fs(fs_image) as d:
+        assert await d.read("after") == b"new layout"
+    assert fsck(fs_image).clean
