@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import trio
 
 from atomicfs import format as fmt
-from atomicfs.consistency import NAME_MAX, check_metadata, reachable
+from atomicfs.consistency import NAME_MAX, PATH_MAX, VALID_TYPES, check_metadata, reachable
 from atomicfs.device import Device
 from atomicfs.errors import CorruptFilesystem, DeviceError, NotAtomicfs, UserError
 from atomicfs.journal import Journal, read_superblock, write_data_home
@@ -197,12 +197,10 @@ def _drop_inode(md: Metadata, inode: Inode, fixes: list[str], why: str) -> None:
 
 
 def _fix_inode(md: Metadata, inode: Inode, max_size: int, fixes: list[str]) -> None:
-    if stat.S_IFMT(inode.mode) not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK,
-                                       stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR,
-                                       stat.S_IFBLK) or inode.ino > fmt.MAX_INO:
+    if stat.S_IFMT(inode.mode) not in VALID_TYPES or inode.ino > fmt.MAX_INO:
         _drop_inode(md, inode, fixes, "invalid type or number")
         return
-    if inode.is_symlink and (not inode.target or len(inode.target) >= 4096):
+    if inode.is_symlink and (not inode.target or len(inode.target) >= PATH_MAX):
         _drop_inode(md, inode, fixes, "symlink without a valid target")
         return
     if inode.size < 0 or inode.size > max_size:
