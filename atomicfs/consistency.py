@@ -11,6 +11,7 @@ use), which is what the mount needs next.
 """
 from __future__ import annotations
 
+import bisect
 import stat
 from dataclasses import dataclass, field
 
@@ -39,13 +40,45 @@ class CheckResult:
 
 
 def check_metadata(sb: fmt.Superblock, md: Metadata, snap_extents: list[Extent],
-                   kept_extents: list[Extent] | None = None) -> CheckResult:
+                   kept_extents: list[Extent] | None = None,
+                   kept_refs: list[list[tuple[int, int, int, int]]] | None = None
+                   ) -> CheckResult:
     """Check md as loaded from disk; snap_extents (and kept_extents, blocks of a previous
-    checkpoint that stay reserved) are claimed before any file."""
+    checkpoint that stay reserved) are claimed before any file. kept_refs: for each kept
+    checkpoint, the extents (ino, file block, device block, count) its files map."""
     res = CheckResult()
     _check_tree(md, res)
     _check_space(sb, md, snap_extents, kept_extents or [], res)
+    for refs in kept_refs or []:
+        _check_fallback(md, refs, res)
     return res
+
+
+def _check_fallback(md: Metadata, refs: list[tuple[int, int, int, int]],
+                    res: CheckResult) -> None:
+    """A block a kept checkpoint maps is not handed out again while that checkpoint is
+    kept (alloc.py holds it), so a file that maps it now is the same file at the same
+    offset; anything else means a fallback would show another file's data. (The extents
+    of one snapshot do not overlap, so the one starting at or before d is the only
+    candidate before those starting inside the range.)"""
+    refs = sorted(refs, key=lambda r: r[2])
+    starts = [r[2] for r in refs]
+    for inode in md.inodes.values():
+        if inode.extents is None:
+            continue
+        for f, d, c in inode.extents:
+            i = max(0, bisect.bisect_right(starts, d) - 1)
+            while i < len(refs) and refs[i][2] < d + c:
+                r_ino, r_f, r_d, r_c = refs[i]
+                i += 1
+                lo, hi = max(d, r_d), min(d + c, r_d + r_c)
+                if lo >= hi:
+                    continue
+                if r_ino != inode.ino or r_f - r_d != f - d:
+                    res.problems.append(
+                        f"blocks {lo}+{hi - lo} of inode {inode.ino} belonged to inode "
+                        f"{r_ino} at a kept checkpoint: reused while it is the fallback")
+                    return
 
 
 def _check_inode(inode: Inode, max_size: int, res: CheckResult) -> None:

@@ -47,7 +47,8 @@ class Recovered:
     lost: list[str] = field(default_factory=list)
     slot_problems: list[str] = field(default_factory=list)
     kept_problem: str | None = None  # the previous snapshot is unreadable: no fallback
-    kept_refs: list[Extent] = field(default_factory=list)  # blocks the kept snapshots map
+    # (ino, file block, device block, count) of every extent the kept snapshots map
+    kept_refs: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 def when(ns: int) -> str:
@@ -77,7 +78,7 @@ def recover(dev: Device, sb: fmt.Superblock, salvage: bool = False) -> Recovered
             raise CorruptFilesystem(f"{exc}; the previous checkpoint's snapshot too: "
                                     f"{exc2}") from exc2
     skipped = _load_salvage(md, stream, sb) if salvage else _load(md, stream, sb)
-    refs = snapshot_refs(stream) if not skipped else []
+    refs = [snapshot_refs(stream)] if not skipped else []
     kept: list[Extent] = []
     kept_problem = None
     lost: list[str] = []
@@ -91,7 +92,7 @@ def recover(dev: Device, sb: fmt.Superblock, salvage: bool = False) -> Recovered
         if sb.prev_snap_block:
             try:
                 prev_stream, kept = read_previous_snapshot(dev, sb)
-                refs += snapshot_refs(prev_stream)
+                refs.append(snapshot_refs(prev_stream))
             except CorruptFilesystem as exc:
                 kept_problem = f"the previous checkpoint's snapshot (the fallback): {exc}"
     else:
@@ -100,9 +101,9 @@ def recover(dev: Device, sb: fmt.Superblock, salvage: bool = False) -> Recovered
     if skipped:
         lost.insert(0, f"{skipped} records of the snapshot that do not apply (or follow one "
                     "that does not parse)")
-    check = check_metadata(sb, md, extents, kept)
+    check = check_metadata(sb, md, extents, kept, refs)
     return Recovered(sb, md, list(extents), list(kept), result, check, fallback, lost, slots,
-                     kept_problem, refs)
+                     kept_problem, [r for snap in refs for r in snap])
 
 
 def _load(md: Metadata, stream: bytes, sb: fmt.Superblock) -> int:
@@ -129,10 +130,9 @@ def _load_salvage(md: Metadata, stream: bytes, sb: fmt.Superblock) -> int:
     return skipped
 
 
-def snapshot_refs(stream: bytes) -> list[Extent]:
-    """Device extents the files of a snapshot map."""
-    return [(r.args[2], r.args[3]) for r in fmt.decode_records(stream)
-            if r.rtype == fmt.REC_EXTENT_SET]
+def snapshot_refs(stream: bytes) -> list[tuple[int, int, int, int]]:
+    """(ino, file block, device block, count) of every extent a snapshot maps."""
+    return [r.args for r in fmt.decode_records(stream) if r.rtype == fmt.REC_EXTENT_SET]
 
 
 def _replay_prefix(dev: Device, sb: fmt.Superblock,
@@ -210,7 +210,7 @@ def hold_kept_blocks(alloc: Allocator, rec: Recovered) -> None:
     sb = rec.sb
     alloc.fallback_boundary = sb.prev_log_seq - 1 if sb.prev_snap_block else 0
     seq = rec.result.head_seq - 1
-    for dblock, count in rec.kept_refs:
+    for _ino, _fblock, dblock, count in rec.kept_refs:
         if dblock < sb.data_start or dblock + count > sb.total_blocks or count <= 0:
             continue
         used = alloc.is_used(dblock, count)
