@@ -83,8 +83,12 @@ test-apps: setup apps-deps
 apps: setup apps-deps
 	$(PY) -m tests.apps.run $(APPS_ARGS)
 
+# The demo (as root, under a minute): ext4 and atomicfs under the same power cuts, a PNG of
+# their pages, then a short look at atomic folios and write-through.
+# DEMO_ARGS passes options, e.g. DEMO_ARGS="--states 1000 --seed 2 --png /tmp/pages.png".
+DEMO_ARGS ?=
 demo: setup
-	DEMO_IMG=$(DEMO_IMG) $(PY) -m atomicfs.demo
+	DEMO_IMG=$(DEMO_IMG) $(PY) -m atomicfs.demo $(DEMO_ARGS)
 
 # Benchmarks (as root): every target side by side on one loop device; see README "Performance".
 # BENCH_ARGS passes options, e.g. BENCH_ARGS="--rounds 5 --runtime 3" or "--targets xfs,nullfs".

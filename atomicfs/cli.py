@@ -6,13 +6,24 @@ import json
 import logging
 import os
 import sys
-from typing import Any, NoReturn, Sequence
+from typing import NoReturn, Sequence
 
 from atomicfs import __version__
 from atomicfs.errors import UserError
 from atomicfs.sizes import format_size, parse_size
 
 log = logging.getLogger(__name__)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"invalid seconds {text!r} (more than 0, less "
+                                         "than a day)")
+    return value
 
 
 def _size(text: str) -> int:
@@ -64,8 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_fsck)
 
     s = sub.add_parser("stat", help="atomic and write-through state of a file or mount")
-    s.add_argument("path")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("path", help="a file, or the mountpoint for the cache and counters")
+    form = s.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="JSON (with --watch: one a line)")
+    form.add_argument("--prometheus", action="store_true",
+                      help="the mount's metrics in the Prometheus text format "
+                      "(node_exporter's textfile collector)")
+    s.add_argument("--watch", type=_seconds, metavar="SECONDS",
+                   help="refresh every SECONDS until Ctrl-C, with counter rates")
     s.set_defaults(func=cmd_stat)
 
     s = sub.add_parser("crashtest", help="crash-consistency explorer")
@@ -110,9 +127,10 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from atomicfs.daemon import mount
-    from atomicfs.options import parse_mount_options
+    from atomicfs.options import check_privileges, parse_mount_options
     try:
         opts = parse_mount_options(args.options)
+        check_privileges(opts, os.geteuid())
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return mount(args.target, args.mountpoint, opts, args.foreground)
@@ -143,33 +161,22 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 def cmd_stat(args: argparse.Namespace) -> int:
     from atomicfs.daemon import read_stat
+    from atomicfs.statview import prometheus, text_view, watch
+    if args.prometheus and args.watch:
+        raise UserError("--prometheus prints once (the textfile collector reads a file); "
+                        "use it without --watch")
     data = read_stat(args.path)
-    if args.json:
+    if args.prometheus:
+        if "cache" not in data:
+            raise UserError(f"--prometheus needs the mountpoint; {args.path} is a file")
+        print(prometheus(os.path.realpath(args.path), data), end="")
+    elif args.watch:
+        return watch(args.path, args.watch, read_stat, as_json=args.json)
+    elif args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
-        _print_stat(args.path, data)
+        print(text_view(args.path, data))
     return 0
-
-
-def _print_stat(path: str, data: dict[str, Any]) -> None:
-    if "cache" in data:
-        c, d, k = data["cache"], data["device"], data["counters"]
-        print(f"{path}: atomicfs on {d['path']} (pid {data['pid']})")
-        print(f"  device: atomic path {d['atomic_path']}, atomic writes "
-              f"{d['atomic_unit_min']}..{d['atomic_unit_max']} bytes")
-        print(f"  cache: {format_size(c['bytes'])} of {format_size(c['limit'])}, dirty "
-              f"{format_size(c['dirty_bytes'])}, writeback {format_size(c['writeback_bytes'])}")
-        print("  counters: " + ", ".join(f"{n}={v}" for n, v in sorted(k.items()) if v))
-        return
-    f = data["folios"]
-    unit = data["atomic_unit"]
-    print(f"{path}: " + (f"atomic unit {unit} ({data['atomic_path']} path"
-                         + (", strict" if data["atomic_strict"] else "") + ")"
-                         if unit else "not atomic")
-          + (", write-through" if data["writethrough"] else ""))
-    print(f"  folios: {f['cached']} cached, {f['dirty']} dirty, {f['writeback']} writeback, "
-          f"{f['atomic']} atomic; write-throughs in flight {f['writethrough_inflight']}"
-          + (", stable" if f["stable"] else ""))
 
 
 def cmd_crashtest(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ import trio
 from atomicfs import native
 from atomicfs.errors import DeviceError, UserError
 from atomicfs.native import Buffer, Segment, ffi, lib
+from atomicfs.watchdog import waiting
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def parse_inject(spec: str) -> InjectSpec:
                              f"(one of {', '.join(INJECT_TARGETS)}, or off)")
     if not targets:
         raise ValueError("inject needs a target")
-    if count and (not count.isdigit() or int(count) < 1):
+    if count and (not count.isdigit() or not 1 <= int(count) < 1 << 31):
         raise ValueError(f"bad inject count {count!r}")
     return InjectSpec(targets, int(count) if count else None)
 
@@ -111,7 +112,8 @@ class Recorder:
     @classmethod
     def open(cls, path: str) -> int:
         """An append descriptor for the C recorder, with the magic written if new."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o644)
         if os.fstat(fd).st_size == 0:
             os.write(fd, cls.MAGIC)
         return fd
@@ -283,7 +285,8 @@ class Device:
         self._pending[ident] = (*req, done)
         lib.afs_ioq_submit(self._q, io)
         try:
-            await done.wait()
+            with waiting(f"device {what}"):
+                await done.wait()
         except BaseException:
             # the request is in a C thread and will complete; keep its memory alive
             if ident in self._pending:
@@ -381,7 +384,8 @@ class Device:
         target = self._flush_started + 1  # a flush starting after now covers this caller
         while self._flush_done < target:
             if self._flush_running:
-                await self._flush_event.wait()
+                with waiting("a device flush"):
+                    await self._flush_event.wait()
                 continue
             self._flush_running = True
             self._flush_started += 1

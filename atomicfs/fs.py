@@ -12,9 +12,13 @@ cannot go stale, because every change to a file's data passes through the kernel
 Permissions are checked by the kernel (default_permissions); this layer keeps owners,
 modes and times as ext4 does, and returns ext4's errno values.
 
-Two virtual attributes serve the command line: `user.atomicfs.stat` (read, any file; JSON)
-and `user.atomicfs.control` (write, root directory; sync, checkpoint, inject=, delay=).
-Neither is listed.
+Two virtual attributes serve the command line: `user.atomicfs.stat` (read, any file; JSON;
+the root's, which names the image and the options, only for root and the mount's owner) and
+`user.atomicfs.control` (write, root directory; sync, checkpoint, commit, flush,
+drop_caches, and the test knobs inject=, delay=, fault=). Neither is listed.
+
+A request handler that fails unexpectedly fails only its request (EIO, logged with the
+traceback); the daemon goes on serving.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from atomicfs.errors import DeviceError, NoSpace
 from atomicfs.journal import LogFailed
 from atomicfs.metadata import (DIRENT_SNAP, INHERITED_XATTRS, INODE_SNAP, SYMLINK_SNAP,
                                XATTR_ATOMIC_UNIT, XATTR_SNAP, Inode)
-from atomicfs.options import check_atomic_unit
+from atomicfs.options import check_atomic_unit, parse_delay
 from atomicfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -75,11 +79,32 @@ class DirHandle:
         self.entries: list[tuple[bytes, int]] = []
 
 
+# Test knobs of the control attribute: root only, on mounts started with a test knob or
+# `testing` (MountOptions.testing).
+KNOB_CONTROLS = ("inject", "delay", "fault")
+FAULTS = ("request", "daemon")
+SETATTR_FIELDS = ("update_size", "update_mode", "update_uid", "update_gid", "update_atime",
+                  "update_mtime", "update_ctime")
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by the `fault=` control, to test how failures are contained."""
+
+
 def fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn OSError and device/log failures into FUSE errors with the right errno."""
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+    """Turn OSError and device/log failures into FUSE errors with the right errno, and any
+    other exception into EIO for this request alone (pyfuse3 would let it end the main
+    loop, and with it the daemon)."""
+    name = fn.__name__
+
+    async def wrapper(self: "AtomicFS", *args: Any, **kwargs: Any) -> Any:
         try:
-            return await fn(*args, **kwargs)
+            # tracked by the watchdog: a request that hangs says what it waits for
+            with self.vol.watchdog.track(name, str(args[0]) if args else ""):
+                if self.fault_next_request:
+                    self.fault_next_request = False
+                    raise InjectedFault(f"fault injection in {name}")
+                return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except NoSpace:
@@ -89,6 +114,9 @@ def fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed unexpectedly; the request gets EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
@@ -110,6 +138,8 @@ class AtomicFS(pyfuse3.Operations):
         self._update_meta_reserve()  # the loaded metadata may be larger than the minimum
         self._on_ready = on_ready
         self.nursery: trio.Nursery | None = None
+        self.owner = os.getuid()  # who mounted it
+        self.fault_next_request = False
 
     # --------------------------------------------------------------------- helpers
 
@@ -308,6 +338,8 @@ class AtomicFS(pyfuse3.Operations):
                     await self._maybe_delete(inode)
                 except (DeviceError, LogFailed, OSError) as exc:
                     log.error("cannot remove inode %d: %s", ino, exc)
+                except Exception:  # forget has no reply to fail: log, keep serving
+                    log.exception("cannot remove inode %d", ino)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
@@ -346,6 +378,8 @@ class AtomicFS(pyfuse3.Operations):
             node.ctime_ns = now
         if fields.update_ctime:
             node.ctime_ns = attr.st_ctime_ns
+        if not any(getattr(fields, f) for f in SETATTR_FIELDS):
+            node.ctime_ns = now  # chown(path, -1, -1): the kernel sends nothing to set
         self.md.log_inode(node)
         return self._attr(node)
 
@@ -613,6 +647,7 @@ class AtomicFS(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         return None
 
+    @fuse_errors
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
         if h is None:
@@ -673,6 +708,7 @@ class AtomicFS(pyfuse3.Operations):
                 child.lookups += 1
         self._touch_atime(node)
 
+    @fuse_errors
     async def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)
 
@@ -720,6 +756,8 @@ class AtomicFS(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._get(inode)
         if name == XATTR_STAT:
+            if node.ino == fmt.ROOT_INO and ctx.uid not in (0, self.owner):
+                raise pyfuse3.FUSEError(errno.EACCES)
             return self._stat_json(node).encode()
         self._xattr_allowed(node, name, ctx, write=False)
         value = node.xattrs.get(name)
@@ -815,10 +853,22 @@ class AtomicFS(pyfuse3.Operations):
         """Commands of the command line and of tests, on the root directory only."""
         if node.ino != fmt.ROOT_INO:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if ctx.uid != 0 and ctx.uid != node.uid:
+        if ctx.uid not in (0, self.owner, node.uid):
             raise pyfuse3.FUSEError(errno.EPERM)
-        cmd, _, arg = value.decode(errors="replace").strip().partition("=")
-        if cmd == "sync":
+        cmd, eq, arg = value.decode(errors="replace").strip(" \n\0").partition("=")
+        if eq and cmd not in KNOB_CONTROLS:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # the other commands take no value
+        if cmd in KNOB_CONTROLS:
+            if ctx.uid != 0 or not self.vol.opts.testing:
+                log.warning("control %s refused: a test knob, for root on mounts started "
+                            "with a test knob or `testing`", cmd)
+                raise pyfuse3.FUSEError(errno.EPERM)
+            try:
+                self._knob(cmd, arg)
+            except ValueError as exc:
+                log.warning("control %s refused: %s", cmd, exc)
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+        elif cmd == "sync":
             ok = await self.wb.sync_all()
             if self.vol.journal.failed is None:
                 await self.wb.checkpoint()
@@ -830,22 +880,26 @@ class AtomicFS(pyfuse3.Operations):
             await self.vol.journal.commit()
         elif cmd == "flush":  # background writeback of all dirty data, now
             await self.wb.flush_some(everything=True)
-        elif cmd == "inject":
-            if not self.vol.opts.inject_enabled:
-                raise pyfuse3.FUSEError(errno.EPERM)
-            try:
-                self.vol.dev.set_inject(parse_inject(arg))
-            except ValueError:
-                raise pyfuse3.FUSEError(errno.EINVAL) from None
-        elif cmd == "delay":
-            try:
-                self.vol.dev.set_delay(float(arg) / 1000.0)
-            except ValueError:
-                raise pyfuse3.FUSEError(errno.EINVAL) from None
         elif cmd == "drop_caches":
             self.cache.evict(self.cache.limit)
         else:
             raise pyfuse3.FUSEError(errno.EINVAL)
+
+    def _knob(self, cmd: str, arg: str) -> None:
+        """A test knob, validated as the mount option of its name (ValueError)."""
+        if cmd == "inject":
+            self.vol.dev.set_inject(parse_inject(arg))
+        elif cmd == "delay":
+            self.vol.dev.set_delay(parse_delay(arg) / 1000.0)
+        elif arg == "request":  # the next request fails unexpectedly
+            self.fault_next_request = True
+        elif arg == "daemon" and self.nursery is not None:  # the serving task dies
+            self.nursery.start_soon(self._die)
+        else:
+            raise ValueError(f"fault must be one of {', '.join(FAULTS)}, not {arg!r}")
+
+    async def _die(self) -> None:
+        raise InjectedFault("fault injection: the daemon's serving task is killed")
 
     def _stat_json(self, node: Inode) -> str:
         if node.ino == fmt.ROOT_INO:

@@ -38,6 +38,7 @@ from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace
 from atomicfs.metadata import Extent, Metadata
 from atomicfs.native import Buffer, Segment
 from atomicfs.stats import Counters
+from atomicfs.watchdog import waiting
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ class DataRun:
     nblocks: int
     log_pos: int  # byte offset of its payload within the log region (set when written)
     seq: int  # the batch holding it
+    # Set only while a checkpoint writes home a batch it absorbed (never written to the
+    # log): the payload buffer and the run's offset in it.
+    buf: Buffer | None = None
+    buf_off: int = 0
 
 
 @dataclass
@@ -69,7 +74,7 @@ class PendingBatch:
 
     __slots__ = ("seq", "meta", "payloads", "data_runs", "barrier_gen", "payload_bytes",
                  "sealed", "checkpoint", "pos", "total", "placed_after", "segments",
-                 "done", "attempt", "error", "written", "inflight", "pieces")
+                 "done", "attempt", "error", "written", "inflight", "pieces", "absorbed")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
@@ -90,6 +95,7 @@ class PendingBatch:
         self.written = False
         self.inflight = False
         self.pieces: list[tuple[DataRun, DataRun, int]] = []  # piece, its run, block offset
+        self.absorbed = False  # taken by a checkpoint instead of being written to the log
 
     @property
     def empty(self) -> bool:
@@ -146,7 +152,10 @@ class Journal:
         self.previous_snapshot_extents: list[Extent] = []  # the fallback (see recovery.py)
         self._wakeup = trio.Event()
         self._room = trio.Event()
+        # Set when a checkpoint is wanted; replaced only once set, so the checkpointer,
+        # which may be waiting on it, is never left waiting on an event nobody sets.
         self.want_checkpoint = trio.Event()
+        self._absorbed: list[PendingBatch] = []  # a running checkpoint writes these home
 
     # ------------------------------------------------------------ MetadataSink
 
@@ -175,7 +184,8 @@ class Journal:
             self._check_failed()
             pending = self._pending
             self._wakeup.set()
-            await pending.sealed.wait()
+            with waiting(f"log batch {pending.seq} to be sealed"):
+                await pending.sealed.wait()
 
     def append_data(self, ino: int, index: int, fblock: int, dblock: int,
                     payload: Buffer, nblocks: int) -> int:
@@ -218,7 +228,9 @@ class Journal:
 
     def _piece(self, run: DataRun, off: int, n: int) -> DataRun:
         piece = DataRun(run.fblock + off, run.dblock + off, n, -1, run.seq)
-        if run.log_pos >= 0:
+        if run.buf is not None:  # absorbed by the running checkpoint
+            piece.buf, piece.buf_off = run.buf, run.buf_off + off * self.bs
+        elif run.log_pos >= 0:
             piece.log_pos = run.log_pos + off * self.bs
         else:  # its batch is not placed yet: _assemble sets the piece's position too
             for batch in [self._pending] + self._boundaries + self._sealed:
@@ -239,8 +251,8 @@ class Journal:
         return bool(self._boundaries) or not self._pending.empty or self.md.any_dirty
 
     def _batch(self, seq: int) -> PendingBatch:
-        """The batch holding seq (sealed or the pending one)."""
-        for batch in self._sealed + self._boundaries:
+        """The batch holding seq (sealed, absorbed or the pending one)."""
+        for batch in self._sealed + self._boundaries + self._absorbed:
             if batch.seq == seq:
                 return batch
         return self._pending
@@ -264,9 +276,11 @@ class Journal:
                 # that attempt failed before this caller came: ask for a rewrite, wait
                 self._rewrite_wanted = True
                 started = self._rewrite_started
-                await started.wait()
+                with waiting(f"a rewrite of log batch {batch.seq}"):
+                    await started.wait()
                 continue
-            await attempt.wait()
+            with waiting(f"log batch {batch.seq} to be durable"):
+                await attempt.wait()
             if batch.error is not None and not batch.done.is_set():
                 raise LogFailed(5, f"log write failed: {batch.error}")
 
@@ -302,7 +316,10 @@ class Journal:
                         self._rewrite_wanted = False
                         await self._rewrite_sealed()
                     continue
-                while self.has_pending() and len(self._sealed) < self.MAX_INFLIGHT:
+                # Nothing new is placed while a checkpoint holds absorbed batches: they
+                # come first in the order in which batches become durable.
+                while self.has_pending() and len(self._sealed) < self.MAX_INFLIGHT \
+                        and not self._absorbed:
                     batch = await self._seal_and_place()
                     if batch is None or self._retrying or self.failed is not None:
                         break
@@ -336,10 +353,13 @@ class Journal:
         self._sealed.append(batch)
         hdr = fmt.header_area_size(len(batch.meta), self.bs)
         try:
-            batch.pos = await self._place(hdr + batch.payload_bytes, batch)
+            pos = await self._place(hdr + batch.payload_bytes, batch)
         except CorruptFilesystem as exc:
             self.fail(exc)
             return None
+        if pos < 0:
+            return None  # a checkpoint absorbed it while it waited for room
+        batch.pos = pos
         batch.placed_after = self._placed
         batch.segments, batch.total = self._assemble(batch, batch.pos)
         return batch
@@ -439,6 +459,9 @@ class Journal:
         for b in self._sealed + self._boundaries + [self._pending]:
             b.error = exc
             b.attempt.set()
+        for b in self._absorbed:
+            b.error = exc
+            b.attempt.set()
         self._rewrite_started.set()  # waiters look again and find the log failed
 
     def _assemble(self, batch: PendingBatch, pos: int) -> tuple[list[Segment], int]:
@@ -472,10 +495,13 @@ class Journal:
     async def _place(self, size: int, batch: PendingBatch) -> int:
         """Find the log position for a batch of this size, waiting for a checkpoint to
         free space when the log is too full. Batches up to a checkpoint's boundary may use
-        the reserve at the end, which other batches leave free for them."""
+        the reserve at the end, which other batches leave free for them (and what does not
+        fit even there, the checkpoint absorbs: then -1, see seal_for_checkpoint)."""
         if size > self.log_size - self.reserve:
             raise CorruptFilesystem(f"log batch of {size} bytes exceeds the log")
         while True:
+            if batch.absorbed:
+                return -1
             pos = self.head_pos
             waste = 0
             if pos + size > self.log_size:
@@ -488,23 +514,48 @@ class Journal:
                 if self.head_pos + self.bs > self.log_size:
                     self.head_pos = 0
                 if self.used > self.log_size // 2:
-                    self.want_checkpoint.set()
+                    self.request_checkpoint()
                 return pos
-            self.want_checkpoint.set()
+            self.request_checkpoint()
             room = self._room
-            await room.wait()
+            with waiting(f"log space for batch {batch.seq} ({size} bytes, "
+                         f"{self.used} of {self.log_size} used)"):
+                await room.wait()
 
     # --------------------------------------------------------------- checkpoints
+    #
+    # Progress, by construction: a checkpoint never needs log space. When it seals its
+    # boundary, the batches up to it that are not placed yet (the one the writer may be
+    # waiting with, and the boundary) either fit into what is left of the log, the
+    # reserve included, or are *absorbed*: they are never written to the log. Their data
+    # goes to new blocks (out of place, so that a crash before the checkpoint's
+    # superblock leaves every home as it was: nothing is torn, and the blocks were free
+    # in the durable state), the remap is metadata of the snapshot, and they become
+    # durable with the superblock. So a checkpoint waits only for device I/O and for
+    # batches already placed, never for a request or for log space; and whatever waits
+    # for log space waits for a checkpoint.
+
+    def request_checkpoint(self) -> None:
+        self.want_checkpoint.set()
 
     def seal_for_checkpoint(self) -> int:
         """Seal the current pending batch (if any) as the checkpoint boundary; returns the
         sequence number of the last batch the checkpoint covers. Batches before it that
-        wait for log space may now use the reserve (they are what frees it)."""
+        wait for log space may now use the reserve (they are what frees it); if they and
+        the boundary do not fit even so, they are absorbed. Nothing here awaits: the
+        caller takes its snapshot of the metadata in the same step."""
+        self._check_failed()
         self.md.flush_dirty()
         for batch in self._sealed:
             batch.checkpoint = True
         room, self._room = self._room, trio.Event()
         room.set()  # a batch waiting in _place looks again, with the reserve
+        unplaced = [b for b in self._sealed if b.pos < 0]
+        if not self._pending.empty:
+            unplaced.append(self._pending)
+        absorb = bool(unplaced) and not self._fits(unplaced)
+        if absorb:
+            self._absorb(unplaced)  # remaps: records into the pending batch, absorbed too
         if self._pending.empty:
             return self._pending.seq - 1
         # Seal it now, not when the writer gets to it: whatever is appended from here on
@@ -513,9 +564,97 @@ class Journal:
         batch.checkpoint = True
         batch.sealed.set()
         self._pending = PendingBatch(batch.seq + 1)
-        self._boundaries.append(batch)
+        if absorb:
+            batch.absorbed = True
+            self._absorbed.append(batch)
+        else:
+            self._boundaries.append(batch)
         self._wakeup.set()
         return batch.seq
+
+    def _fits(self, batches: list[PendingBatch]) -> bool:
+        """Would these batches, placed in order after the head, fit into the log with the
+        reserve (as _place places a checkpoint's batches)?"""
+        used, head = self.used, self.head_pos
+        for b in batches:
+            size = fmt.header_area_size(len(b.meta), self.bs) + b.payload_bytes
+            waste = self.log_size - head if head + size > self.log_size else 0
+            head = (0 if waste else head) + size
+            used += waste + size
+            if used > self.log_size - self.bs:
+                return False
+            if head + self.bs > self.log_size:
+                head = 0
+        return True
+
+    def _absorb(self, batches: list[PendingBatch]) -> None:
+        """Take these batches (not placed, in order, the last maybe the pending one) away
+        from the writer: give each resident run they hold a new home out of place, with
+        its payload to write from; they become durable with the checkpoint."""
+        seqs = {b.seq for b in batches}
+        for b in batches:
+            for run, (buf, _) in zip(b.data_runs, b.payloads):
+                run.buf, run.buf_off = buf, 0
+            for piece, run, off in b.pieces:
+                piece.buf, piece.buf_off = run.buf, run.buf_off + off * self.bs
+        for res in self.resident.values():
+            for run in res.runs:
+                if run.seq in seqs:
+                    self._move_run(res.ino, run)
+        for b in batches:
+            if b is not self._pending:
+                b.absorbed = True
+                self._sealed.remove(b)
+                self._absorbed.append(b)
+        self.counters.checkpoint_absorbed += len(batches)
+        log.info("log full: checkpoint takes batches %d-%d out of place instead of logging "
+                 "them", batches[0].seq, batches[-1].seq)
+
+    def _move_run(self, ino: int, run: DataRun) -> None:
+        """A new home for an absorbed run whose blocks the file still maps there."""
+        inode = self.md.inodes.get(ino)
+        if inode is None or inode.extents is None:
+            return
+        if list(inode.extents.runs(run.fblock, run.nblocks)) != \
+                [(run.fblock, run.dblock, run.nblocks)]:
+            return  # remapped or freed since: the run is revoked, nothing to write
+        try:
+            new, _ = self.alloc.allocate(run.nblocks, goal=run.dblock, metadata=True)
+        except NoSpace as exc:
+            # Neither log space nor free space: refuse changes (EIO), never tear a unit.
+            self.fail(exc)
+            raise LogFailed(5, f"no room to checkpoint a full log: {exc}") from exc
+        self.md.map_extent(inode, run.fblock, new, run.nblocks)  # old home: freed when durable
+        run.dblock = new
+
+    async def settle_for_checkpoint(self, boundary: int) -> list[PendingBatch]:
+        """Wait until every batch up to boundary is durable, except the absorbed ones
+        (returned, in order: they become durable with the checkpoint's superblock).
+        LogFailed if a write failed."""
+        if not self._absorbed:
+            await self.commit(boundary)
+            return []
+        if self._sealed:  # placed before the absorbed ones: only their write remains
+            await self.commit(self._sealed[-1].seq)
+        # No batch is placed until the absorbed ones are acknowledged: the log goes on here.
+        for b in self._absorbed:
+            self._batch_end[b.seq] = (self.head_pos, self._placed)
+        return list(self._absorbed)
+
+    def _acknowledge_absorbed(self) -> None:
+        """The checkpoint's superblock is durable: so are the batches it absorbed."""
+        for b in self._absorbed:
+            self.durable_seq = b.seq
+            self.alloc.release_durable(b.seq)
+            b.error = None
+            b.done.set()
+            b.attempt.set()
+            for run in b.data_runs:
+                run.buf = None
+            for piece, _, _ in b.pieces:
+                piece.buf = None
+        self._absorbed = []
+        self._wakeup.set()
 
     def batch_end(self, seq: int) -> int:
         """Log position just after batch seq (where replay continues)."""
@@ -537,9 +676,10 @@ class Journal:
                 del self.resident[key]
         room, self._room = self._room, trio.Event()
         room.set()
-        self.want_checkpoint = trio.Event()
+        if self.want_checkpoint.is_set():
+            self.want_checkpoint = trio.Event()
         if self.used > self.log_size // 2:
-            self.want_checkpoint.set()
+            self.request_checkpoint()
 
 
     async def write_checkpoint(self, snapshot: bytes, boundary_seq: int,
@@ -565,6 +705,7 @@ class Journal:
                                                 self.batch_end(boundary_seq),
                                                 boundary_seq + 1, next_ino)
             await write_superblock(self.dev, new_sb)
+            self._acknowledge_absorbed()
         except BaseException:
             for dblock, count in extents:
                 self.alloc.free_now(dblock, count)

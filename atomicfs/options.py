@@ -1,6 +1,8 @@
 """Mount options: parsing and validation, with one-line messages for mistakes."""
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 
 from atomicfs import format as fmt
@@ -9,6 +11,11 @@ from atomicfs.sizes import is_power_of_two, parse_size
 
 MIN_CACHE = 4 << 20
 DEFAULT_FOLIO = 64 << 10
+MAX_DELAY_MS = 60_000.0  # a slow device, not a hung one
+# Test knobs: they can fail or slow the device and write files where they are told, so only
+# root may use them, and their controls work only on mounts started with one of them or
+# with `testing`.
+TEST_KNOBS = ("delay", "inject", "record", "unsafe_atomic", "testing")
 
 
 @dataclass
@@ -30,6 +37,8 @@ class MountOptions:
     unsafe_atomic: bool = False
     commit_interval: float = 5.0
     folio_size: int = DEFAULT_FOLIO
+    testing: bool = False  # the test knobs' controls are allowed (to root)
+    knobs: list[str] = field(default_factory=list)  # the test knobs given, in order
 
     def describe(self) -> dict[str, object]:
         return {
@@ -39,11 +48,12 @@ class MountOptions:
             "allow_other": self.allow_other, "debug": self.debug, "ro": self.ro,
             "inject": str(self.inject) if self.inject_enabled else None,
             "delay_ms": self.delay_ms, "record": self.record,
-            "unsafe_atomic": self.unsafe_atomic,
+            "unsafe_atomic": self.unsafe_atomic, "testing": self.testing,
         }
 
 
-FLAGS = {"atomic_strict", "writethrough", "allow_other", "debug", "unsafe_atomic", "ro"}
+FLAGS = {"atomic_strict", "writethrough", "allow_other", "debug", "unsafe_atomic", "testing",
+         "ro"}
 VALUED = {"atomic_unit", "cache_size", "dirty_expire", "atomic_path", "inject", "delay",
           "record", "commit_interval", "folio_size"}
 IGNORED = {"rw", "defaults", "nodev", "nosuid", "noatime", "relatime", "dev", "suid", "exec",
@@ -70,6 +80,9 @@ def parse_mount_options(groups: list[str] | None) -> MountOptions:
             name, eq, value = item.partition("=")
             if name in IGNORED:
                 continue
+            if name in TEST_KNOBS:
+                opts.testing = True
+                opts.knobs.append(name)
             if name in FLAGS:
                 if eq:
                     raise ValueError(f"mount option {name} takes no value")
@@ -83,6 +96,40 @@ def parse_mount_options(groups: list[str] | None) -> MountOptions:
     return opts
 
 
+def check_privileges(opts: MountOptions, euid: int) -> None:
+    """Test knobs are for root only (ValueError otherwise)."""
+    if opts.knobs and euid != 0:
+        raise ValueError(f"mount option {opts.knobs[0]} is a test knob: root only")
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def parse_delay(value: str) -> float:
+    """A device delay in milliseconds: finite, from 0 to MAX_DELAY_MS."""
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = math.nan
+    if not math.isfinite(ms) or not 0 <= ms <= MAX_DELAY_MS:
+        raise ValueError(f"delay must be milliseconds from 0 to {MAX_DELAY_MS:.0f}, "
+                         f"not {value!r}")
+    return ms
+
+
+def parse_record(value: str) -> str:
+    """The absolute path of a recording to write: its directory must exist (the daemon
+    runs in /, so a relative path is resolved now)."""
+    path = os.path.abspath(value)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise ValueError(f"record: {parent} is not an existing directory")
+    if os.path.isdir(path):
+        raise ValueError(f"record: {path} is a directory")
+    return path
+
+
 def _set_valued(opts: MountOptions, name: str, value: str) -> None:
     if name == "atomic_unit":
         opts.atomic_unit = parse_size(value)
@@ -91,6 +138,9 @@ def _set_valued(opts: MountOptions, name: str, value: str) -> None:
         opts.cache_size = parse_size(value)
         if opts.cache_size < MIN_CACHE:
             raise ValueError(f"cache_size must be at least {MIN_CACHE >> 20}M")
+        if opts.cache_size > physical_memory():
+            raise ValueError(f"cache_size {value} is more than this machine's memory "
+                             f"({physical_memory() / (1 << 30):.1f}G)")
     elif name in ("dirty_expire", "commit_interval"):
         try:
             seconds = float(value)
@@ -107,14 +157,9 @@ def _set_valued(opts: MountOptions, name: str, value: str) -> None:
         opts.inject = parse_inject(value)
         opts.inject_enabled = True
     elif name == "delay":
-        try:
-            opts.delay_ms = float(value)
-        except ValueError:
-            raise ValueError(f"delay must be milliseconds, not {value!r}") from None
-        if opts.delay_ms < 0:
-            raise ValueError("delay must not be negative")
+        opts.delay_ms = parse_delay(value)
     elif name == "record":
-        opts.record = value
+        opts.record = parse_record(value)
     elif name == "folio_size":
         opts.folio_size = parse_size(value)
         if not is_power_of_two(opts.folio_size) or not \

@@ -35,6 +35,7 @@ import trio
 from atomicfs.metadata import Inode
 from atomicfs.native import Buffer, copy_into
 from atomicfs.stats import Counters
+from atomicfs.watchdog import waiting
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,9 @@ class Folio:
         """Wait for the current lock holder or writeback to finish."""
         if self._event is None:
             self._event = trio.Event()
-        await self._event.wait()
+        with waiting(f"folio {self.mapping.ino}:{self.index} (locked={self.locked}, "
+                     f"writeback={self.writeback})"):
+            await self._event.wait()
 
     def _wake(self) -> None:
         if self._event is not None:

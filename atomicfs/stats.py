@@ -19,6 +19,7 @@ class Counters:
     log_batches: int = 0
     log_bytes: int = 0
     checkpoints: int = 0
+    checkpoint_absorbed: int = 0  # log batches a checkpoint wrote home for want of log space
     throttle_waits: int = 0
     cache_evictions: int = 0
     cache_hits: int = 0

@@ -26,6 +26,7 @@ from atomicfs.options import MountOptions
 from atomicfs.pagecache import Mapping, PageCache
 from atomicfs.recovery import LogOverlay, Recovered, hold_kept_blocks, recover
 from atomicfs.stats import Counters
+from atomicfs.watchdog import Watchdog
 from atomicfs.writeback import Writeback, WritebackPolicy
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,10 @@ class Volume:
         self.bs = sb.block_size
         self.cache = PageCache(self.bs, opts.cache_size, max(opts.folio_size, self.bs),
                                counters)
+        self.watchdog = Watchdog()
         self.wb = Writeback(dev, md, alloc, journal, self.cache, counters,
                             WritebackPolicy(opts.atomic_path, opts.dirty_expire, opts.debug,
-                                            opts.unsafe_atomic))
+                                            opts.unsafe_atomic), self.watchdog)
         self.needs_checkpoint = needs_checkpoint
         self.replayed: ReplayResult | None = None
         self.recovered: Recovered | None = None
@@ -147,6 +149,7 @@ class Volume:
         await nursery.start(self.journal.run)
         await nursery.start(self.wb.run_flusher)
         await nursery.start(self.wb.run_checkpointer)
+        await nursery.start(self.watchdog.run)
         orphans = [i for i in self.md.inodes.values() if i.nlink == 0
                    and i.ino != fmt.ROOT_INO]
         for inode in orphans:
@@ -232,7 +235,9 @@ class Volume:
                        "atomic_path": self.atomic_path(),
                        "flushes": self.dev.flushes, "write_ios": self.dev.write_ios,
                        "write_bytes": self.dev.write_bytes},
+            "folio_states": self._folio_states(),
             "counters": self.counters.as_dict(),
+            "requests": self.watchdog.stats(),
             "log": {"size": self.journal.log_size, "used": self.journal.used,
                     "durable_seq": self.journal.durable_seq,
                     "tail_seq": self.journal.tail_seq,
@@ -246,6 +251,15 @@ class Volume:
                       "inodes": len(self.md.inodes)},
             "options": self.opts.describe(),
         }
+
+    def _folio_states(self) -> dict[str, int]:
+        """The folio counts of every file summed (`stable`: files with stable pages)."""
+        total = dict.fromkeys(("cached", "dirty", "writeback", "atomic", "logged",
+                               "writethrough_inflight", "stable"), 0)
+        for m in self.cache.mappings.values():
+            for k, v in m.counts().items():
+                total[k] = total.get(k, 0) + v
+        return total
 
     def file_stats(self, inode: Inode, handle_writethrough: bool = False) -> dict[str, Any]:
         unit = self.effective_unit(inode)

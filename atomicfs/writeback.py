@@ -40,6 +40,7 @@ from atomicfs.metadata import ExtentMap, Inode, Metadata
 from atomicfs.native import MAX_IOV, Buffer, Segment
 from atomicfs.pagecache import Folio, Mapping, PageCache, mask_range, mask_runs, popcount
 from atomicfs.stats import Counters
+from atomicfs.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ class Writeback:
     """The FolioIO of the page cache, and the flusher and checkpoint tasks."""
 
     def __init__(self, dev: Device, md: Metadata, alloc: Allocator, journal: Journal,
-                 cache: PageCache, counters: Counters, policy: WritebackPolicy) -> None:
+                 cache: PageCache, counters: Counters, policy: WritebackPolicy,
+                 watchdog: Watchdog | None = None) -> None:
         self.dev = dev
         self.md = md
         self.alloc = alloc
@@ -106,6 +108,7 @@ class Writeback:
         self._flusher_wake = trio.Event()
         self._ckpt_lock = trio.Lock()
         self._wb_failures: dict[tuple[int, int], int] = {}
+        self.watchdog = watchdog or Watchdog()
 
     # ------------------------------------------------------------------ routing
 
@@ -435,7 +438,7 @@ class Writeback:
         if was_atomic:
             self.counters.atomic_writebacks_software += 1
         if self.cache.logged_bytes > self.cache.limit // 4:
-            self.journal.want_checkpoint.set()
+            self.journal.request_checkpoint()
 
     def _allocate_homes(self, folio: Folio, holes: list[tuple[int, int]],
                         aligned: bool) -> list[tuple[int, int, int]]:
@@ -785,7 +788,7 @@ class Writeback:
             if self.journal.failed is not None:
                 await trio.sleep_forever()  # nothing can be checkpointed any more
             with trio.move_on_after(interval):
-                await self.journal.want_checkpoint.wait()
+                await self.journal.want_checkpoint.wait()  # never replaced while unset
             if self.journal.failed is None and self.journal.used > 0:
                 try:
                     await self.checkpoint()
@@ -795,23 +798,32 @@ class Writeback:
 
     async def checkpoint(self) -> None:
         """Make the log reclaimable: write resident units home, then a metadata snapshot,
-        then the superblock that points at both."""
-        async with self._ckpt_lock:
-            boundary = self.journal.seal_for_checkpoint()
-            snapshot = self.md.serialize()
-            next_ino = self.md.next_ino
-            # The runs themselves, not copies: those in the boundary batch learn their log
-            # position only when it is placed, during the commit below.
-            runs = [(res.ino, res.index, r) for res in self.journal.resident.values()
-                    for r in res.runs if r.seq <= boundary]
-            await self.journal.commit(boundary)
+        then the superblock that points at both. Needs no log space (see journal.py)."""
+        with self.watchdog.track("checkpoint"):
+            async with self._ckpt_lock:
+                await self._checkpoint_locked()
+
+    async def _checkpoint_locked(self) -> None:
+        boundary = self.journal.seal_for_checkpoint()
+        snapshot = self.md.serialize()
+        next_ino = self.md.next_ino
+        # The runs themselves, not copies: those in the boundary batch learn their log
+        # position (or, if absorbed, their buffer) only in settle_for_checkpoint.
+        runs = [(res.ino, res.index, r) for res in self.journal.resident.values()
+                for r in res.runs if r.seq <= boundary]
+        absorbed = await self.journal.settle_for_checkpoint(boundary)
+        try:
             await self._write_home(runs)
             await self.dev.flush()
             await self.journal.write_checkpoint(snapshot, boundary, next_ino)
-            for m in self.cache.mappings.values():
-                for folio in m.folios.values():
-                    self.cache.clear_logged(folio, boundary)
-            self.counters.checkpoints += 1
+        except BaseException as exc:
+            if absorbed:  # their data is nowhere else durable: stop, as a log failure does
+                self.journal.fail(exc)
+            raise
+        for m in self.cache.mappings.values():
+            for folio in m.folios.values():
+                self.cache.clear_logged(folio, boundary)
+        self.counters.checkpoints += 1
 
     async def _write_home(self, runs: list[tuple[int, int, DataRun]]) -> None:
         """Copy logged runs to their home blocks: from the folio when it still holds that
@@ -844,6 +856,9 @@ class Writeback:
                             self.cache.start_home_write(folio)
                             held[id(folio)] = folio
                         jobs.append((d, folio.buf, (f - folio.fblock) * bs, n, folio))
+                    elif run.buf is not None:  # absorbed: never written to the log
+                        jobs.append((d, run.buf, run.buf_off + (f - run.fblock) * bs, n,
+                                     None))
                     else:
                         buf = await self.dev.read(self.journal.sb.log_offset + run.log_pos
                                                   + (f - run.fblock) * bs, n * bs)

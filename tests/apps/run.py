@@ -22,8 +22,9 @@ from typing import Any, Callable
 from tests.apps import scenarios as sc
 from tests.apps.harness import CheckFailed, Lab, environment_problems, missing_tools
 
-AREAS = ["fio", "mmap", "sqlite", "postgres", "mariadb", "pgbench"]
+AREAS = ["fio", "mmap", "sqlite", "postgres", "pg-logfull", "mariadb", "pgbench"]
 TOOLS = {"fio": ["fio"], "mmap": [], "sqlite": ["sqlite3"], "postgres": ["postgres"],
+         "pg-logfull": ["postgres"],
          "mariadb": ["mariadbd", "mariadb-slap"], "pgbench": ["postgres"]}
 
 
@@ -36,6 +37,9 @@ def plan(quick: bool) -> dict[str, list[tuple[str, Callable[[Lab, sc.Report], An
             "sqlite": [(f"sqlite-{m}", partial(sc.sqlite_scenario, mode=m))
                        for m in ("delete", "wal")],
             "postgres": [("postgres", lambda lab, r: sc.postgres_scenario(lab, r))],
+            "pg-logfull": [("pg-logfull", lambda lab, r: sc.postgres_scenario(
+                lab, r, scale=2, seconds=10, kills=1, device_size=2 * sc.GiB,
+                settings=sc.PG_LOGFULL_SETTINGS, stop_after_recovery=True))],
             "mariadb": [("mariadb", lambda lab, r: sc.mariadb_scenario(lab, r))],
             "pgbench": [("pgbench", lambda lab, r: sc.pgbench_compare(
                 lab, r, scale=2, seconds=15, device_size=4 * sc.GiB))],
@@ -49,6 +53,11 @@ def plan(quick: bool) -> dict[str, list[tuple[str, Callable[[Lab, sc.Report], An
                    for m in ("delete", "wal")],
         "postgres": [("postgres", lambda lab, r: sc.postgres_scenario(
             lab, r, scale=10, clients=4, seconds=60, kills=5, kill_after=(5.0, 45.0)))],
+        # issue 17's scenario, five crash -> recover -> clean stop cycles in a row
+        "pg-logfull": [("pg-logfull", lambda lab, r: sc.postgres_scenario(
+            lab, r, scale=5, clients=4, seconds=60, kills=5, kill_after=(15.0, 25.0),
+            device_size=2 * sc.GiB, settings=sc.PG_LOGFULL_SETTINGS,
+            stop_after_recovery=True))],
         "mariadb": [("mariadb", lambda lab, r: sc.mariadb_scenario(
             lab, r, transactions=20000, clients=4, kills=3, kill_after=(5.0, 30.0)))],
         "pgbench": [("pgbench", lambda lab, r: sc.pgbench_compare(

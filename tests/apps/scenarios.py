@@ -243,15 +243,26 @@ def pg_datadir(mnt_path: Path, unit: int | None) -> Path:
     return d
 
 
+# Issue 17's reproduction: a 2 GiB device (a 128 MiB log), checkpoints every 30 s, a WAL
+# that may grow to 256 MB: the log fills and is checkpointed again and again.
+PG_LOGFULL_SETTINGS = {**PG_SETTINGS, "shared_buffers": "64MB", "max_wal_size": "256MB",
+                       "checkpoint_timeout": "30s"}
+
+
 def postgres_scenario(lab: Lab, report: Report, scale: int = 2, clients: int = 4,
                       seconds: int = 15, kills: int = 1,
-                      kill_after: tuple[float, float] = (4.0, 10.0), seed: int = 1) -> None:
+                      kill_after: tuple[float, float] = (4.0, 10.0), seed: int = 1,
+                      device_size: int = 8 * GiB, settings: dict[str, str] | None = None,
+                      stop_after_recovery: bool = False) -> None:
+    """pgbench, then `kills` times: SIGKILL under load, remount, recovery, pg_amcheck;
+    with stop_after_recovery also a clean stop and start after each recovery (the
+    shutdown checkpoint's fsyncs are where issue 17 hung)."""
     area = "postgres"
     rnd = random.Random(seed)
-    dev = loop_device(lab, 8 * GiB, name="pg.img", fallocate=False)
+    dev = loop_device(lab, device_size, name="pg.img", fallocate=False)
     mnt = AtomicMount(lab, dev, lab.path("pg-mnt"), ["allow_other"]).mkfs().mount()
     datadir = pg_datadir(mnt.path, 8192)
-    pg = PgServer(lab, datadir, PG_SETTINGS)
+    pg = PgServer(lab, datadir, settings or PG_SETTINGS)
     t = time.monotonic()
     pg.initdb()
     for rel in ("global/pg_control", "pg_wal"):
@@ -291,6 +302,12 @@ def postgres_scenario(lab: Lab, report: Report, scale: int = 2, clients: int = 4
                   "pg_amcheck clean",
                   f"{got['relations_checked']} relations, balances agree, "
                   f"{got['history_rows']} transactions", t)
+        if stop_after_recovery:
+            t = time.monotonic()
+            pg.stop()
+            pg.start()
+            report.ok(area, f"clean stop and start after crash {i + 1}",
+                      f"log checkpoints so far: {mnt.counters().get('checkpoints')}", t)
     pg.stop()
     mnt.umount_and_fsck()
 

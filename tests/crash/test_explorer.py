@@ -136,3 +136,10 @@ def test_cli_reports_and_exits_non_zero_on_torn_units(mount_env: None,
                  "fsck failures: 0"):
         assert line in res.stdout
     _no_leftovers(tmp_path)
+
+
+def test_log_filled_again_and_again(mount_env: None, tmp_path: Path) -> None:
+    """Issue 17: crash states while a 16 MiB log fills and is checkpointed repeatedly."""
+    t = _explore(tmp_path, workloads=["logfill"], states=40, kills=2, device="file",
+                 seed=17, mount_every=20)
+    _assert_clean(t, 40, 2)

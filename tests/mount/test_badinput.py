@@ -226,6 +226,14 @@ INVALID_OPTIONS = [
     ("writethrough=1", ["takes no value"]),
     ("atomic_path=magic", ["atomic_path"]),
     ("allow_other,nonsense=1", ["nonsense"]),
+    ("cache_size=100T", ["cache_size", "memory"]),
+    ("delay=inf", ["delay", "'inf'"]),
+    ("delay=nan", ["delay", "'nan'"]),
+    ("delay=1e300", ["delay", "'1e300'"]),
+    ("delay=-5", ["delay", "'-5'"]),
+    ("delay=", ["delay", "needs a value"]),
+    ("record=/nonexistent/dir/rec", ["record", "/nonexistent/dir", "not an existing"]),
+    ("inject=data:99999999999999999999", ["inject count"]),
 ]
 
 

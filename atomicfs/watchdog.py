@@ -1,0 +1,116 @@
+"""Work in flight and what it waits for, so that a hang explains itself.
+
+Every FUSE request and every checkpoint is *tracked* while it runs (a `Tracked` entry in the
+volume's `Watchdog`); the places that can wait long (log space, a log batch, a folio under
+writeback, a device request) say what they wait for with `waiting(...)`, which annotates
+whatever tracked work the current trio task is running (a context variable: pyfuse3 runs one
+request at a time per worker task). The watchdog task logs, once each, tracked work older
+than its threshold with the wait it is in; `atomicfs stat MOUNTPOINT` shows the oldest.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import trio
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 30.0
+
+
+class Tracked:
+    """One request or internal job in flight."""
+
+    __slots__ = ("kind", "detail", "started", "waits", "reported")
+
+    def __init__(self, kind: str, detail: str) -> None:
+        self.kind = kind
+        self.detail = detail
+        self.started = time.monotonic()
+        self.waits: list[str] = []  # innermost last
+        self.reported = False
+
+    def describe(self, now: float) -> dict[str, Any]:
+        return {"kind": self.kind, "detail": self.detail,
+                "age_s": round(now - self.started, 3),
+                "waiting_for": self.waits[-1] if self.waits else None}
+
+
+_current: contextvars.ContextVar[Tracked | None] = contextvars.ContextVar(
+    "atomicfs_tracked", default=None)
+
+
+@contextmanager
+def waiting(what: str) -> Iterator[None]:
+    """Say what the current tracked work waits for while the block runs."""
+    work = _current.get()
+    if work is None:
+        yield
+        return
+    work.waits.append(what)
+    try:
+        yield
+    finally:
+        work.waits.pop()
+
+
+class Watchdog:
+    """The registry of tracked work of one volume, and the task that reports the old."""
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD) -> None:
+        self.threshold = threshold
+        self._active: dict[int, Tracked] = {}
+        self.reported = 0  # how many entries were logged as slow
+
+    @contextmanager
+    def track(self, kind: str, detail: str = "") -> Iterator[Tracked]:
+        work = Tracked(kind, detail)
+        self._active[id(work)] = work
+        token = _current.set(work)
+        try:
+            yield work
+        finally:
+            _current.reset(token)
+            del self._active[id(work)]
+            if work.reported:
+                log.warning("%s %s finished after %.1f s", kind, detail,
+                            time.monotonic() - work.started)
+
+    def oldest(self) -> dict[str, Any] | None:
+        """The oldest tracked work other than the caller's own (the stat request)."""
+        me = _current.get()
+        others = [w for w in self._active.values() if w is not me]
+        if not others:
+            return None
+        return min(others, key=lambda w: w.started).describe(time.monotonic())
+
+    def stats(self) -> dict[str, Any]:
+        me = _current.get()
+        return {"in_flight": sum(w is not me for w in self._active.values()),
+                "oldest": self.oldest(),
+                "threshold_s": self.threshold, "reported_slow": self.reported}
+
+    def check(self) -> int:
+        """Log each tracked entry older than the threshold once; how many were new."""
+        now = time.monotonic()
+        new = 0
+        for work in list(self._active.values()):
+            if not work.reported and now - work.started > self.threshold:
+                work.reported = True
+                new += 1
+                self.reported += 1
+                log.warning("%s %s has run for %.0f s, waiting for %s", work.kind,
+                            work.detail, now - work.started,
+                            " <- ".join(reversed(work.waits)) or "nothing tracked")
+        return new
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(max(0.1, self.threshold / 4))
+            self.check()
