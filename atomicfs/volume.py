@@ -144,12 +144,12 @@ class Volume:
     async def start(self, nursery: trio.Nursery) -> None:
         """Run the background tasks; finish recovery (orphans, checkpoint)."""
         await nursery.start(self.dev.run_reaper)
+        await nursery.start(self.watchdog.run)
         if self.ro:
             return  # no writer, no flusher, no checkpoint, no orphan removal
         await nursery.start(self.journal.run)
         await nursery.start(self.wb.run_flusher)
         await nursery.start(self.wb.run_checkpointer)
-        await nursery.start(self.watchdog.run)
         orphans = [i for i in self.md.inodes.values() if i.nlink == 0
                    and i.ino != fmt.ROOT_INO]
         for inode in orphans:
