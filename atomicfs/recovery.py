@@ -6,8 +6,9 @@ into blocks the checked metadata maps).
 
 The previous checkpoint is kept as a fallback: its snapshot blocks are not reused until a
 newer checkpoint is durable, and blocks freed since it covered the log stay held (alloc.py),
-so its files still map their own data. When the newest snapshot is unreadable (checksum,
-or records that do not apply), recovery loads the previous one instead. The log batches
+so its files still map their own data (`check_metadata` verifies that no file maps a block
+a kept snapshot gave to another). When the newest snapshot is unreadable (its header or
+its checksum), recovery loads the previous one instead. The log batches
 after the newest checkpoint are changes to the lost snapshot, so they are not replayed:
 what was made durable after the previous checkpoint is lost, and `Recovered.lost` says so
 (with the names the skipped log batches created). Everything durable before the previous
