@@ -24,13 +24,12 @@ from atomicfs import format as fmt
 from atomicfs.consistency import NAME_MAX, PATH_MAX, VALID_TYPES, check_metadata, reachable
 from atomicfs.device import Device
 from atomicfs.errors import CorruptFilesystem, DeviceError, NotAtomicfs, UserError
-from atomicfs.journal import Journal, read_superblock, write_data_home
+from atomicfs.journal import read_superblock, write_data_home
 from atomicfs.metadata import (XATTR_ATOMIC_STRICT, XATTR_ATOMIC_UNIT, XATTR_WRITETHROUGH,
                                Inode, Metadata)
 from atomicfs.mkfs import too_small
 from atomicfs.options import MountOptions, check_atomic_unit
-from atomicfs.recovery import Recovered, hold_kept_blocks, recover
-from atomicfs.stats import Counters
+from atomicfs.recovery import Recovered, recover
 
 log = logging.getLogger(__name__)
 
@@ -145,17 +144,8 @@ def _repair(dev: Device) -> list[str]:
 async def _write_checkpoint(dev: Device, rec: Recovered) -> None:
     """Write rec's metadata as a checkpoint, as a mount that changes nothing would."""
     from atomicfs.volume import Volume
-    alloc = rec.check.alloc
-    assert alloc is not None
-    hold_kept_blocks(alloc, rec)
-    opts = MountOptions()
-    counters = Counters()
-    journal = Journal(dev, rec.sb, rec.md, alloc, counters, rec.result.head_pos,
-                      rec.result.head_seq, commit_interval=opts.commit_interval)
-    journal.snapshot_extents = list(rec.snap_extents)
-    journal.previous_snapshot_extents = list(rec.kept_extents)
-    rec.md.sink = journal
-    vol = Volume(dev, rec.sb, rec.md, alloc, journal, opts, counters, needs_checkpoint=False)
+    vol = Volume.from_recovered(dev, rec, MountOptions())
+    vol.needs_checkpoint = False  # the two below
     async with trio.open_nursery() as nursery:
         await vol.start(nursery)
         # Twice: the first checkpoint's predecessor (the damaged snapshot) would otherwise

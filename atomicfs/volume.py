@@ -97,7 +97,6 @@ class Volume:
         if opts.atomic_unit and opts.atomic_unit < sb.block_size:
             raise UserError(f"atomic_unit={opts.atomic_unit} is below the filesystem block "
                             f"size {sb.block_size}")
-        counters = Counters()
         try:
             rec = recover(dev, sb)
             problems = rec.check.problems
@@ -117,14 +116,22 @@ class Volume:
             log.warning("%s: the newest metadata snapshot is damaged (%s); mounted the "
                         "previous checkpoint's. Lost: %s", dev.path, rec.fallback,
                         "; ".join(rec.lost))
-        sb, md, result = rec.sb, rec.md, rec.result
+        result = rec.result
         if result.batches:
             log.info("replayed %d log batches (%d records, %d data blocks written home)",
                      result.batches, result.records, result.data_blocks_written)
+        return cls.from_recovered(dev, rec, opts)
+
+    @classmethod
+    def from_recovered(cls, dev: Device, rec: Recovered, opts: MountOptions) -> "Volume":
+        """The Volume over metadata recovery loaded and checked (fsck --repair uses it to
+        write its result as a mount would)."""
+        sb, md, result = rec.sb, rec.md, rec.result
         alloc = rec.check.alloc
         assert alloc is not None
         if not opts.ro:
             hold_kept_blocks(alloc, rec)
+        counters = Counters()
         journal = Journal(dev, sb, md, alloc, counters, result.head_pos, result.head_seq,
                           commit_interval=opts.commit_interval)
         journal.snapshot_extents = list(rec.snap_extents)
