@@ -29,7 +29,7 @@ from atomicfs.metadata import (XATTR_ATOMIC_STRICT, XATTR_ATOMIC_UNIT, XATTR_WRI
                                Inode, Metadata)
 from atomicfs.mkfs import too_small
 from atomicfs.options import MountOptions, check_atomic_unit
-from atomicfs.recovery import Recovered, recover
+from atomicfs.recovery import Recovered, recover, when
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,9 @@ def _check(dev: Device) -> FsckReport:
         rep.problems.append(f"metadata snapshot: {rec.fallback}; the previous checkpoint's "
                             "snapshot is used instead")
         rep.problems += [f"lost: {line}" for line in rec.lost]
+    if rec.sb.prev_snap_block and not rec.kept_problem:
+        rep.notes.append(f"the previous checkpoint ({when(rec.sb.prev_ckpt_time_ns)}) is "
+                         "kept as the fallback")
     result = rec.result
     rep.log_batches = result.batches
     if result.batches and not rec.fallback:
