@@ -141,11 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint", help="where the atomicfs is mounted")
     s.set_defaults(func=cmd_umount)
 
-    s = sub.add_parser("fsck", help="read-only check", formatter_class=_Help,
+    s = sub.add_parser("fsck", help="check (read-only), or repair with --repair",
+                       formatter_class=_Help,
                        description="Check a filesystem at rest (not mounted) without "
-                       "writing to it.",
+                       "writing to it; with --repair, fix what can be fixed.",
                        epilog=help_table("exit status", exit_code_rows(FSCK_EXIT_CODES)))
     s.add_argument("target", help="block device or image file holding an atomicfs")
+    s.add_argument("--repair", action="store_true",
+                   help="fix what can be fixed and report each fix (`fixed:` lines); exit 0 "
+                   "if the filesystem is clean afterwards (default: change nothing)")
     s.set_defaults(func=cmd_fsck)
 
     s = sub.add_parser("stat", help="atomic and write-through state of a file or mount",
@@ -240,12 +244,17 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     from atomicfs.fsck import fsck
-    rep = fsck(args.target)
+    rep = fsck(args.target, repair=args.repair)
     for note in rep.notes:
         print(f"note: {note}")
+    for fix in rep.fixes:
+        print(f"fixed: {fix}")
     for problem in rep.problems:
         print(f"damage: {problem}")
     state = "clean" if rep.clean else f"{len(rep.problems)} problems"
+    if rep.fixes:
+        state = f"repaired ({len(rep.fixes)} fixes), " + (
+            "clean" if rep.clean else f"{len(rep.problems)} problems remain")
     print(f"{args.target}: {state}; {rep.inodes} inodes ({rep.files} files, "
           f"{rep.directories} directories), {rep.used_blocks}/{rep.total_blocks} blocks used")
     return 0 if rep.clean else 1

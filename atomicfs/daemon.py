@@ -171,6 +171,8 @@ def serve(target: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         fuse_opts.update(opts.kernel_flags)
         if opts.atime == "noatime":  # for findmnt; the daemon keeps atime (libfuse knows
             fuse_opts.add("noatime")  # no other atime flag)
+        if opts.ro:
+            fuse_opts.add("ro")  # the kernel refuses writes with EROFS; statvfs: ST_RDONLY
         try:
             pyfuse3.init(fs, mountpoint, fuse_opts)
         except RuntimeError as exc:
@@ -276,7 +278,8 @@ def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
         return 1
     ok = True
     try:
-        os.setxattr(path, XATTR_CONTROL.decode(), b"sync")
+        if not os.statvfs(path).f_flag & os.ST_RDONLY:  # -o ro: nothing to write back
+            os.setxattr(path, XATTR_CONTROL.decode(), b"sync")
     except OSError as exc:
         print(f"atomicfs: {mountpoint}: writing back failed: {exc.strerror}", file=sys.stderr)
         ok = False

@@ -49,7 +49,7 @@ NAME_MAX = 255
 PATH_MAX = 4096
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
-MAX_FILE_BLOCKS = (1 << 32) - 1  # as ext4 extents: 16 TiB - 4 KiB with 4 KiB blocks
+MAX_FILE_BLOCKS = fmt.MAX_FILE_BLOCKS
 XATTR_STAT = b"user.atomicfs.stat"
 XATTR_CONTROL = b"user.atomicfs.control"
 RENAME_NOREPLACE = 1
@@ -188,16 +188,19 @@ class AtomicFS(pyfuse3.Operations):
 
     def _metadata_fits(self, growth: int) -> bool:
         """Whether the metadata, grown by `growth` bytes, can still be checkpointed, now and
-        ever after: a checkpoint writes the new snapshot before it frees the old one, so
-        free space must hold the next snapshot, and after that checkpoint again one more
-        (2 * next - current). Without this the log fills and the filesystem stops."""
+        ever after: a checkpoint writes the new snapshot while the current and the
+        previous one (the fallback) live, and then frees only the previous one, so free
+        space must hold the next snapshot three times less the two that will be freed
+        (3 * next - current - previous). Without this the log fills and the filesystem
+        stops."""
         if growth <= 0:
             return True
         a = self.vol.alloc
         bs = self.vol.bs
         nxt = 1 + (self.md.snapshot_bytes + growth + bs - 1) // bs + SNAPSHOT_SLACK
-        current = sum(c for _, c in self.vol.journal.snapshot_extents)
-        return 2 * nxt - current <= a.free_blocks - a.reserved_blocks
+        journal = self.vol.journal
+        kept = sum(c for _, c in journal.snapshot_extents + journal.previous_snapshot_extents)
+        return 3 * nxt - kept <= a.free_blocks - a.reserved_blocks
 
     async def _make_metadata_room(self, growth: int) -> None:
         """Before a change that grows the metadata: when it does not fit, commit the log so
@@ -734,9 +737,11 @@ class AtomicFS(pyfuse3.Operations):
         s.f_bsize = self.vol.bs
         s.f_frsize = self.vol.bs
         s.f_blocks = a.data_blocks
+        # Blocks held for the fallback checkpoint count as free: a write that needs them
+        # gets them after the checkpoints make_room runs.
         s.f_bfree = max(0, a.free_blocks - a.reserved_blocks
-                        - a.meta_reserve)
-        s.f_bavail = a.available_blocks
+                        - a.meta_reserve) + a.held_blocks
+        s.f_bavail = a.available_blocks + a.held_blocks
         s.f_files = 1 << 32
         s.f_ffree = (1 << 32) - len(self.md.inodes)
         s.f_favail = s.f_ffree

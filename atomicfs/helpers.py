@@ -332,7 +332,7 @@ def _fsck(target: str, fix: bool, quiet: bool, verbose: bool) -> int:
         print(f"damage: {problem}")
     repair = repair_function() if fix else None
     if repair is None:
-        why = "no changes made (-n)" if not fix else "repair is not available in this version"
+        why = "no changes made (-n)" if not fix else "repair is not available"
         print(f"{target}: {len(rep.problems)} problems left uncorrected; {why}",
               file=sys.stderr)
         return FSCK_UNCORRECTED

@@ -28,6 +28,7 @@ class MountOptions:
     atomic_path: str = "auto"
     allow_other: bool = False
     debug: bool = False
+    ro: bool = False  # read-only: nothing is written to the device (salvage)
     # device-layer and test options
     inject: InjectSpec = field(default_factory=InjectSpec)
     inject_enabled: bool = False
@@ -50,7 +51,7 @@ class MountOptions:
             "atomic_unit": self.atomic_unit, "atomic_strict": self.atomic_strict,
             "writethrough": self.writethrough, "cache_size": self.cache_size,
             "dirty_expire": self.dirty_expire, "atomic_path": self.atomic_path,
-            "allow_other": self.allow_other, "debug": self.debug,
+            "allow_other": self.allow_other, "debug": self.debug, "ro": self.ro,
             "inject": str(self.inject) if self.inject_enabled else None,
             "delay_ms": self.delay_ms, "record": self.record,
             "unsafe_atomic": self.unsafe_atomic, "testing": self.testing,
@@ -59,7 +60,8 @@ class MountOptions:
         }
 
 
-FLAGS = {"atomic_strict", "writethrough", "allow_other", "debug", "unsafe_atomic", "testing"}
+FLAGS = {"atomic_strict", "writethrough", "allow_other", "debug", "unsafe_atomic", "testing",
+         "ro"}
 VALUED = {"atomic_unit", "cache_size", "dirty_expire", "atomic_path", "inject", "delay",
           "record", "commit_interval", "folio_size"}
 # Options for mount(8), fstab and systemd, not for the filesystem: dropped. (mount(8) itself

@@ -354,11 +354,14 @@ def test_fsck_not_atomicfs_is_2(tmp_path: Path, kind: str) -> None:
 
 
 def test_fsck_corrupted_snapshot_is_1(used_image: tuple[str, int], mp: str) -> None:
+    """Both kept snapshots unreadable: nothing to fall back to (one: test_reliability)."""
     img, _ = used_image
     sb = newest_superblock(img)
-    with open(img, "r+b") as f:  # flip bytes inside the record stream
-        f.seek((sb.snap_block + 1) * sb.block_size + 40)
-        f.write(b"\xff\xfe\xfd\xfc")
+    assert sb.prev_snap_block
+    with open(img, "r+b") as f:  # flip bytes inside both record streams
+        for block in (sb.snap_block, sb.prev_snap_block):
+            f.seek((block + 1) * sb.block_size + 40)
+            f.write(b"\xff\xfe\xfd\xfc")
     res = fsck(img)
     assert res.returncode == 1, res.stdout + res.stderr
     assert "damage: metadata snapshot" in res.stdout and "checksum" in res.stdout

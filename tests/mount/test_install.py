@@ -234,9 +234,9 @@ def test_mount_fuse3_runs_the_atomicfs_command(installed: Installed, place: Path
     assert installed.run("umount", mnt).returncode == 0
 
 
-def _damaged(installed: Installed, place: Path) -> str:
+def _damaged(installed: Installed, place: Path, name: str = "d.img") -> str:
     """An image whose file has a wrong link count (fsck finds one problem)."""
-    img = make_image(place / "d.img", "64M")
+    img = make_image(place / name, "64M")
     m = str(place / "mnt")
     assert installed.run("mount", "-t", "fuse.atomicfs", img, m).returncode == 0
     with open(f"{m}/f", "wb") as f:
@@ -248,13 +248,17 @@ def _damaged(installed: Installed, place: Path) -> str:
 
 
 def test_fsck_exit_codes(installed: Installed, place: Path) -> None:
-    img = _damaged(installed, place)
-    from atomicfs.helpers import repair_function
-    for flags, code in [(["-n"], 4), (["-y"], 4 if repair_function() is None else 1),
-                        (["-p"], 4 if repair_function() is None else 1), ([], 4)]:
+    damaged = img = _damaged(installed, place)
+    for flags in (["-n"], []):  # reported, left uncorrected
         res = installed.run("fsck", "-t", "atomicfs", *flags, img)
-        assert res.returncode == code, (flags, res.stdout, res.stderr)
+        assert res.returncode == 4, (flags, res.stdout, res.stderr)
         assert "link count 3" in res.stdout
+    for flags in (["-y"], ["-p"], ["-a"]):  # corrected by atomicfs fsck --repair
+        img = _damaged(installed, place, f"d{flags[0]}.img")
+        res = installed.run("fsck", "-t", "atomicfs", *flags, img)
+        assert res.returncode == 1, (flags, res.stdout, res.stderr)
+        res = installed.run("fsck", "-t", "atomicfs", "-n", img)
+        assert res.returncode == 0, (flags, res.stdout, res.stderr)
     garbage = sparse_file(place / "g.img", 64 * MiB, os.urandom(MiB))
     res = installed.run("fsck", "-t", "atomicfs", garbage)
     assert res.returncode == 8, res.stdout + res.stderr
@@ -269,7 +273,7 @@ def test_fsck_exit_codes(installed: Installed, place: Path) -> None:
     assert res.returncode == 8 and "mounted" in res.stderr, res.stderr
     assert installed.run("umount", mnt).returncode == 0
     # `atomicfs fsck` keeps its own codes
-    assert installed.run("atomicfs", "fsck", img).returncode == 1
+    assert installed.run("atomicfs", "fsck", damaged).returncode == 1
     assert installed.run("atomicfs", "fsck", garbage).returncode == 2
 
 
