@@ -306,12 +306,14 @@ def fsck_main(argv: Sequence[str] | None = None) -> int:
     if args.no and fix:
         print("fsck.atomicfs: -n cannot be combined with -y, -p or -a", file=sys.stderr)
         return FSCK_USAGE
-    signal.signal(signal.SIGTERM, _cancel)
+    previous = signal.signal(signal.SIGTERM, _cancel)
     try:
         return _fsck(args.target, fix, quiet=args.preen or args.auto, verbose=args.verbose)
     except KeyboardInterrupt:
         print(f"fsck.atomicfs: {args.target}: cancelled", file=sys.stderr)
         return FSCK_CANCELLED
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # called in-process too (tests)
 
 
 def _fsck(target: str, fix: bool, quiet: bool, verbose: bool) -> int:

@@ -220,6 +220,12 @@ def check(dev: "Device", sb: fmt.Superblock, what: str) -> OwnerRecord | None:
     if rec.local and not rec.owner_alive():
         log.info("%s: the owner record names %s, which is gone", dev.path, rec.describe())
         return rec
+    if rec.local and rec.pid == os.getpid():
+        # This very process, which holds the host lock on the object now: so no other
+        # open of it here serves it (a copy of an image taken while it was open, or a
+        # volume closed without releasing the record). Stale, as if its owner were gone.
+        log.info("%s: the owner record names this process; taking it over", dev.path)
+        return rec
     return _wait_for_owner(dev, sb, rec, what)
 
 
