@@ -13,6 +13,9 @@ Three rules keep it crash-safe and keep writes from failing late:
   allocation); a write that cannot reserve fails with ENOSPC at write time, not later.
 * A reserve of blocks is kept out of reach of file data so that a metadata snapshot can
   always be written, whatever the fill level.
+* The previous checkpoint is kept as a fallback (recovery.py): a block freed by batch s
+  is *held* until the fallback checkpoint covers s, i.e. after two more checkpoints, so
+  that the fallback's files never map blocks that were handed out again.
 """
 from __future__ import annotations
 
@@ -38,6 +41,11 @@ class Allocator:
         self._reserved = 0  # blocks promised to dirty data not yet allocated
         self._pending: list[tuple[int, list[tuple[int, int]]]] = []  # (batch seq, extents)
         self._pending_blocks = 0
+        self._held: list[tuple[int, list[tuple[int, int]]]] = []  # durable, kept for fallback
+        self._held_blocks = 0
+        # Last log batch the kept previous checkpoint covers; recovery sets it at mount
+        # (by default nothing is held: no checkpoint is kept).
+        self.fallback_boundary = 1 << 62
         self._goal = data_start
         self.meta_reserve = self._minimum_meta_reserve()
 
@@ -66,12 +74,18 @@ class Allocator:
 
     @property
     def pending_blocks(self) -> int:
-        return self._pending_blocks
+        """Freed blocks not yet reusable: waiting for their batch or for checkpoints."""
+        return self._pending_blocks + self._held_blocks
+
+    @property
+    def held_blocks(self) -> int:
+        """Freed blocks that wait for checkpoints (the fallback may still map them)."""
+        return self._held_blocks
 
     def set_snapshot_estimate(self, snapshot_bytes: int, block_size: int) -> None:
-        """Keep room for two snapshots of this size (the old one lives until the new one
-        is committed)."""
-        need = 2 * math.ceil(snapshot_bytes / block_size) + 16
+        """Keep room for three snapshots of this size (the current and the previous one
+        live until a new one is committed)."""
+        need = 3 * math.ceil(snapshot_bytes / block_size) + 16
         self.meta_reserve = max(self._minimum_meta_reserve(), need)
 
     # ------------------------------------------------------------------- reservations
@@ -158,14 +172,45 @@ class Allocator:
         freed = 0
         keep: list[tuple[int, list[tuple[int, int]]]] = []
         for seq, extents in self._pending:
-            if seq <= durable_seq:
-                for start, count in extents:
-                    self.free_now(start, count)
-                    freed += count
-            else:
+            if seq > durable_seq:
                 keep.append((seq, extents))
+                continue
+            n = sum(c for _, c in extents)
+            self._pending_blocks -= n
+            if seq > self.fallback_boundary:
+                self._held.append((seq, extents))
+                self._held_blocks += n
+                continue
+            for start, count in extents:
+                self.free_now(start, count)
+            freed += n
         self._pending = keep
-        self._pending_blocks -= freed
+        return freed
+
+    def hold(self, seq: int, extents: list[tuple[int, int]]) -> None:
+        """Keep blocks no file uses now but a kept checkpoint maps (found at mount) until
+        the fallback checkpoint covers batch seq."""
+        for start, count in extents:
+            self.mark_used(start, count)
+            self._held_blocks += count
+        if extents:
+            self._held.append((seq, list(extents)))
+
+    def checkpointed(self, fallback_boundary: int) -> int:
+        """A checkpoint is durable; the one before it, covering the log up to batch
+        fallback_boundary, is now the fallback. Frees held blocks it does not map."""
+        self.fallback_boundary = fallback_boundary
+        freed = 0
+        keep: list[tuple[int, list[tuple[int, int]]]] = []
+        for seq, extents in self._held:
+            if seq > self.fallback_boundary:
+                keep.append((seq, extents))
+                continue
+            for start, count in extents:
+                self.free_now(start, count)
+                freed += count
+        self._held = keep
+        self._held_blocks -= freed
         return freed
 
     def _check_range(self, start: int, count: int) -> None:

@@ -46,6 +46,7 @@ WORKLOAD_OPTIONS = {
     "writethrough": ["dirty_expire=1"],
     "mixed": ["dirty_expire=1"],
     "namespace": ["dirty_expire=1", "commit_interval=0.2"],
+    "logfill": ["dirty_expire=1"],
     "rwf": ["dirty_expire=1"],
 }
 

@@ -110,6 +110,9 @@ class Verdict:
     lost_writes: int = 0
     namespace_errors: int = 0
     problems: list[str] = field(default_factory=list)
+    # Where (file name, unit) data units were torn or lost a durable write: for pictures.
+    torn_at: list[tuple[str, int]] = field(default_factory=list)
+    lost_at: set[tuple[str, int]] = field(default_factory=set)
 
     def note(self, text: str) -> None:
         if len(self.problems) < 8:
@@ -251,6 +254,7 @@ class DataHistory:
         where = f"{name} unit {u}"
         if bad is not None:
             v.torn_units += 1
+            v.torn_at.append((name, u))
             v.note(f"{where}: torn: {bad}")
             return
         kmax = max(ks)
@@ -258,6 +262,7 @@ class DataHistory:
                 not any(not w.whole and w.t_start < t for w in history[kmax + 1:]) and \
                 any(k != kmax for k in ks):
             v.torn_units += 1
+            v.torn_at.append((name, u))
             versions = sorted({history[k].version if k >= 0 else 0 for k in ks})
             v.note(f"{where}: torn: mixes versions {versions} of an atomic unit")
             return
@@ -269,6 +274,7 @@ class DataHistory:
             if ks[j] < need:
                 w = history[need]
                 lost.add(w.version)
+                v.lost_at.add((name, u))
                 have = history[ks[j]].version if ks[j] >= 0 else 0
                 v.note(f"{where}: lost: version {w.version} was durable, sector {j} "
                        f"holds {have}")
@@ -971,12 +977,18 @@ def make_workload(name: str, unit: int, scale: float = 1.0) -> Workload:
                             writers=3)
     if name == "namespace":
         return NamespaceWorkload(ops=n(300))
+    if name == "logfill":
+        # Writes of up to 8 units, many fsyncs: about twice the 16 MiB log of the 256 MiB
+        # image goes through the log, so it fills and is checkpointed again and again
+        # while the crash points fall (issue 17).
+        return DataWorkload("logfill", ops=n(200), unit=unit, max_units=8,
+                            units_per_writer=24, files=2, sync_share=0.2)
     if name == "rwf":
         return RwfWorkload("rwf", ops=n(80), unit=unit)
-    raise ValueError(f"unknown workload {name!r} (units, writethrough, namespace, mixed, rwf)")
+    raise ValueError(f"unknown workload {name!r} ({', '.join(WORKLOADS)})")
 
 
-WORKLOADS = ("units", "writethrough", "namespace", "mixed", "rwf")
+WORKLOADS = ("units", "writethrough", "namespace", "mixed", "logfill", "rwf")
 
 
 def file_kind(mode: int) -> str:

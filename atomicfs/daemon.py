@@ -3,8 +3,14 @@
 `atomicfs mount` forks; the child opens and recovers the filesystem, mounts it and, once the
 kernel's INIT request has been answered, tells the parent "ready" over a pipe (or the
 one-line reason it could not). The parent returns only then, so the mount is serving when
-`mount` exits. At exit the daemon writes its exit status to a small file in the runtime
-directory, which `atomicfs umount` reads after waiting for the daemon to go away.
+`mount` exits. At exit the daemon writes its exit status to a small file in the private
+runtime directory (atomicfs.runtime), which `atomicfs umount` reads after waiting for the
+daemon to go away.
+
+Once it has served, the daemon never unmounts by itself: not when it fails (the mount then
+answers ENOTCONN, as after SIGKILL, until `atomicfs umount` or `umount` detaches it), and
+on SIGTERM only when the mount is not busy, as `umount` would. A mount that vanished under
+running applications would let them write into the directory underneath.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from typing import Callable
 import pyfuse3
 import trio
 
+from atomicfs import daemonlog, runtime
 from atomicfs.errors import UserError
 from atomicfs.fs import XATTR_CONTROL, XATTR_STAT, AtomicFS
 from atomicfs.mkfs import too_small
@@ -33,24 +40,6 @@ log = logging.getLogger(__name__)
 
 FSTYPE = "fuse.atomicfs"
 UMOUNT_TIMEOUT = 600.0
-
-
-def runtime_dir() -> str:
-    if os.geteuid() == 0:
-        base = "/run/atomicfs"
-    else:
-        base = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or "/tmp",
-                            f"atomicfs-{os.geteuid()}")
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    return base
-
-
-def status_path(pid: int) -> str:
-    return os.path.join(runtime_dir(), f"{pid}.status")
-
-
-def log_path(pid: int) -> str:
-    return os.path.join(runtime_dir(), f"{pid}.log")
 
 
 # ----------------------------------------------------------------------------- mount
@@ -93,8 +82,11 @@ def mount(target: str, mountpoint: str, opts: MountOptions, foreground: bool) ->
     small = too_small(target)
     if small:
         raise UserError(small)
+    runtime.runtime_dir()  # refuse now, in one line, if it is not private
     if foreground:
-        return serve(target, path, opts, None)
+        os.chdir("/")
+        _close_inherited(keep=())
+        return serve(target, path, opts, None, daemonlog.log_to_stderr(opts.debug))
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -102,8 +94,10 @@ def mount(target: str, mountpoint: str, opts: MountOptions, foreground: bool) ->
         try:
             os.close(rfd)
             os.setsid()
-            _detach_stdio(log_path(os.getpid()))
-            code = serve(target, path, opts, wfd)
+            os.chdir("/")  # hold no directory busy
+            _close_inherited(keep=(wfd,))
+            repeats = daemonlog.log_detached(opts.debug)
+            code = serve(target, path, opts, wfd, repeats)
         except BaseException:  # pragma: no cover - last resort: never return to the CLI
             logging.getLogger(__name__).exception("daemon failed")
         finally:
@@ -118,7 +112,7 @@ def mount(target: str, mountpoint: str, opts: MountOptions, foreground: bool) ->
     except ChildProcessError:
         pass
     if not message:
-        message = f"the daemon exited during start-up (see {log_path(pid)})"
+        message = f"the daemon exited during start-up (see {daemonlog.where(pid)})"
     raise UserError(message)
 
 
@@ -132,30 +126,23 @@ def _read_all(fd: int) -> str:
     return b"".join(chunks).decode(errors="replace").strip()
 
 
-def _detach_stdio(logfile: str) -> None:
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    out = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(devnull)
-    os.close(out)
+def _close_inherited(keep: tuple[int, ...]) -> None:
+    """Close every descriptor above stderr that the caller left open, except keep."""
+    lowest = 3
+    for fd in sorted(keep) + [os.sysconf("SC_OPEN_MAX")]:
+        os.closerange(lowest, fd)
+        lowest = fd + 1
 
 
-def setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-                        stream=sys.stderr, force=True)
-    if not debug:
-        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
-
-
-def serve(target: str, mountpoint: str, opts: MountOptions, ready_fd: int | None) -> int:
+def serve(target: str, mountpoint: str, opts: MountOptions, ready_fd: int | None,
+          repeats: daemonlog.RepeatFilter) -> int:
     """Open, mount and serve until unmounted; the daemon's exit code."""
-    setup_logging(opts.debug)
+
+    served = False  # the kernel's INIT was answered: applications may be using the mount
 
     def report(message: str) -> None:
-        nonlocal ready_fd
+        nonlocal ready_fd, served
+        served = served or message == "ready"
         if ready_fd is not None:
             os.write(ready_fd, message.encode())
             os.close(ready_fd)
@@ -164,10 +151,16 @@ def serve(target: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
             print(f"atomicfs: {message}", file=sys.stderr)
 
     try:
+        runtime.sweep()
         vol = Volume.open(target, opts)
     except UserError as exc:
         report(str(exc))
         return exc.exit_code
+    except OSError as exc:
+        report(f"{exc.filename or target}: {exc.strerror}")
+        return 1
+    if vol.dev.owner is not None:
+        vol.dev.owner.where = mountpoint  # named by the first heartbeat
     tune_gc()
     code = 1
     try:
@@ -175,26 +168,36 @@ def serve(target: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
         fuse_opts = {"default_permissions", f"fsname={target}", "subtype=atomicfs"}
         if opts.allow_other:
             fuse_opts.add("allow_other")
+        fuse_opts.update(opts.kernel_flags)
+        if opts.atime == "noatime":  # for findmnt; the daemon keeps atime (libfuse knows
+            fuse_opts.add("noatime")  # no other atime flag)
+        if opts.ro:
+            fuse_opts.add("ro")  # the kernel refuses writes with EROFS; statvfs: ST_RDONLY
         try:
             pyfuse3.init(fs, mountpoint, fuse_opts)
         except RuntimeError as exc:
             report(f"cannot mount on {mountpoint}: {exc} (is /dev/fuse usable? is "
                    "allow_other permitted in /etc/fuse.conf?)")
             return 1
-        mounted = True
         try:
-            ok = trio.run(_main, vol, fs)
+            ok = trio.run(_main, vol, fs, mountpoint)
             code = 0 if ok else 1
         finally:
-            pyfuse3.close(unmount=mounted)
+            # Never unmount a mount that served (see the module's docstring); one that failed
+            # during start-up was never used, and `mount` reports the failure.
+            pyfuse3.close(unmount=not served)
     except BaseException as exc:
-        log.exception("daemon stopped on an error")
+        log.exception("daemon stopped on an error; %s stays mounted, answering ENOTCONN "
+                      "until `atomicfs umount` or `umount`", mountpoint)
         report(f"daemon failed: {exc}")
         code = 1
     finally:
         vol.close()
         _write_status(code)
     log.info("daemon exits with %d", code)
+    repeats.flush_repeats()
+    if code == 0:
+        daemonlog.drop_own_log()
     return code
 
 
@@ -207,11 +210,11 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-async def _main(vol: Volume, fs: AtomicFS) -> bool:
+async def _main(vol: Volume, fs: AtomicFS, mountpoint: str) -> bool:
     async with trio.open_nursery() as nursery:
         await vol.start(nursery)
         fs.nursery = nursery
-        nursery.start_soon(_handle_signals)
+        nursery.start_soon(_handle_signals, mountpoint)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         log.info("unmounted; writing back")
         ok = await vol.shutdown()
@@ -219,20 +222,26 @@ async def _main(vol: Volume, fs: AtomicFS) -> bool:
     return ok
 
 
-async def _handle_signals() -> None:
+async def _handle_signals(mountpoint: str) -> None:
+    """SIGTERM, SIGINT, SIGHUP: unmount as `umount` would (not lazily: a busy mount stays
+    and is still served); the kernel then ends the session and _main writes back."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for sig in signals:
-            log.info("signal %d: unmounting", sig)
-            pyfuse3.terminate()
-            return
+            log.info("signal %d: unmounting %s", sig, mountpoint)
+            res = await trio.run_process(_fusermount_args(mountpoint, lazy=False),
+                                         check=False, capture_stdout=True,
+                                         capture_stderr=True)
+            if res.returncode == 0:
+                return
+            log.warning("cannot unmount %s (%s); still serving", mountpoint,
+                        res.stderr.decode(errors="replace").strip() or "failed")
 
 
 def _write_status(code: int) -> None:
     try:
-        with open(status_path(os.getpid()), "w") as f:
-            f.write(f"{code}\n")
-    except OSError:
-        pass
+        runtime.write_file(runtime.status_name(os.getpid()), f"{code}\n")
+    except (OSError, UserError) as exc:
+        log.error("cannot write the exit status: %s", exc)
 
 
 # ---------------------------------------------------------------------------- umount
@@ -243,6 +252,9 @@ def read_stat(path: str) -> dict:
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP):
             raise UserError(f"{path} is not on an atomicfs mount") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise UserError(f"{path}: permission denied (a mount's statistics are for root "
+                            "and the user who mounted it)") from None
         if exc.errno == errno.ENOTCONN:
             raise UserError(f"{path}: the atomicfs daemon is gone (crashed or killed); "
                             f"`atomicfs umount` it, then mount again") from None
@@ -266,28 +278,33 @@ def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
         return 1
     ok = True
     try:
-        os.setxattr(path, XATTR_CONTROL.decode(), b"sync")
+        if not os.statvfs(path).f_flag & os.ST_RDONLY:  # -o ro: nothing to write back
+            os.setxattr(path, XATTR_CONTROL.decode(), b"sync")
     except OSError as exc:
         print(f"atomicfs: {mountpoint}: writing back failed: {exc.strerror}", file=sys.stderr)
         ok = False
     _fusermount(path, lazy=False)
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while runtime.pid_alive(pid):
         if time.monotonic() > deadline:
             raise UserError(f"the daemon (pid {pid}) did not exit within {timeout:.0f}s")
         time.sleep(0.02)
     code = _read_status(pid)
     if code != 0:
-        print(f"atomicfs: the daemon reported errors (see {log_path(pid)})", file=sys.stderr)
+        print(f"atomicfs: the daemon reported errors (see {daemonlog.where(pid)})",
+              file=sys.stderr)
     return 0 if ok and code == 0 else 1
 
 
-def _fusermount(path: str, lazy: bool) -> None:
+def _fusermount_args(path: str, lazy: bool) -> list[str]:
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool is None:
         raise UserError("fusermount3 not found (install the fuse3 package)")
-    args = [tool, "-u"] + (["-z"] if lazy else []) + [path]
-    res = subprocess.run(args, capture_output=True, text=True)
+    return [tool, "-u"] + (["-z"] if lazy else []) + [path]
+
+
+def _fusermount(path: str, lazy: bool) -> None:
+    res = subprocess.run(_fusermount_args(path, lazy), capture_output=True, text=True)
     if res.returncode != 0:
         msg = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
         if "busy" in msg.lower():
@@ -295,28 +312,11 @@ def _fusermount(path: str, lazy: bool) -> None:
         raise UserError(f"cannot unmount {path}: {msg}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (our own child in tests) counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _read_status(pid: int) -> int:
-    path = status_path(pid)
     try:
-        with open(path) as f:
-            code = int(f.read().strip() or 1)
-        os.unlink(path)
-        return code
-    except (OSError, ValueError):
+        text = runtime.take_file(runtime.status_name(pid))
+        return int(text.strip() or 1) if text is not None else 1
+    except (OSError, ValueError, UserError):
         return 1
 
 

@@ -22,19 +22,22 @@ caller asked covers it, however many asked.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import trio
 
-from atomicfs import native
+from atomicfs import locks, native
 from atomicfs.errors import DeviceError, UserError
+from atomicfs.locks import HostLock
 from atomicfs.native import Buffer, Segment, ffi, lib
 from atomicfs.watchdog import waiting
+
+if TYPE_CHECKING:
+    from atomicfs.owner import Owner
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def parse_inject(spec: str) -> InjectSpec:
                              f"(one of {', '.join(INJECT_TARGETS)}, or off)")
     if not targets:
         raise ValueError("inject needs a target")
-    if count and (not count.isdigit() or int(count) < 1):
+    if count and (not count.isdigit() or not 1 <= int(count) < 1 << 31):
         raise ValueError(f"bad inject count {count!r}")
     return InjectSpec(targets, int(count) if count else None)
 
@@ -112,10 +115,18 @@ class Recorder:
     @classmethod
     def open(cls, path: str) -> int:
         """An append descriptor for the C recorder, with the magic written if new."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o644)
         if os.fstat(fd).st_size == 0:
             os.write(fd, cls.MAGIC)
         return fd
+
+
+def _in_use(path: str, detail: str) -> UserError:
+    """The one-line refusal, naming the holder from the owner record when it names one."""
+    from atomicfs.owner import InUse, holder_of
+    holder = holder_of(path)
+    return InUse(f"{path}: in use by {holder}" if holder else f"{path}: in use ({detail})")
 
 
 @dataclass
@@ -138,6 +149,8 @@ class Device:
         self.caps = caps
         self.readonly = readonly
         self.options = options or DeviceOptions()
+        self.host_lock = HostLock()  # what Device.open holds besides fd
+        self.owner: Owner | None = None  # the on-disk owner claim, released at close
         q = lib.afs_ioq_new(IO_THREADS)
         if q == ffi.NULL:
             raise OSError(errno.ENOMEM, "cannot start the I/O threads")
@@ -165,8 +178,9 @@ class Device:
 
     @classmethod
     def open(cls, path: str, *, readonly: bool = False,
-             options: DeviceOptions | None = None) -> "Device":
-        """Open exclusively with O_DIRECT; UserError with a one-line reason otherwise."""
+             options: DeviceOptions | None = None, exclusive: bool = True) -> "Device":
+        """Open with O_DIRECT, exclusively on this host (see atomicfs.locks) unless told
+        not to (only to read who holds it); UserError with a one-line reason otherwise."""
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -176,25 +190,25 @@ class Device:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise UserError(f"{path}: not a block device or regular file")
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT | os.O_CLOEXEC
-        if stat.S_ISBLK(st.st_mode):
+        if stat.S_ISBLK(st.st_mode) and exclusive:
             flags |= os.O_EXCL  # fails with EBUSY if mounted or held by another opener
         try:
             fd = os.open(path, flags)
         except OSError as exc:
             if exc.errno == errno.EBUSY:
-                raise UserError(f"{path}: device is in use (mounted or opened exclusively)"
-                                ) from None
+                raise _in_use(path, locks.kernel_user(st.st_rdev)
+                              or "opened exclusively by another program") from None
             if exc.errno == errno.EINVAL:
                 raise UserError(f"{path}: the filesystem holding it does not support "
                                 "O_DIRECT") from None
             raise UserError(f"{path}: cannot open: {exc.strerror}") from None
+        hold = HostLock()
         try:
-            if stat.S_ISREG(st.st_mode):
+            if exclusive:
                 try:
-                    fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX)
-                                | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    raise UserError(f"{path}: image is in use (already mounted?)") from None
+                    hold = locks.take(path, fd, os.fstat(fd), readonly)
+                except locks.Busy as exc:
+                    raise _in_use(path, str(exc)) from None
             p = native.probe(fd)
             caps = Capabilities(size=p.size, logical_block_size=p.logical_block_size,
                                 is_blockdev=bool(p.is_blockdev),
@@ -202,19 +216,26 @@ class Device:
                                 atomic_unit_min=p.atomic_unit_min,
                                 atomic_unit_max=p.atomic_unit_max)
         except BaseException:
+            hold.release()
             os.close(fd)
             raise
         log.info("opened %s: %d bytes, sector %d, atomic writes %d..%d", path, caps.size,
                  caps.logical_block_size, caps.atomic_unit_min, caps.atomic_unit_max)
-        return cls(path, fd, caps, readonly, options)
+        dev = cls(path, fd, caps, readonly, options)
+        dev.host_lock = hold
+        return dev
 
     def close(self) -> None:
+        if self.owner is not None:  # before the descriptor goes: it writes the record
+            self.owner.release()
+            self.owner = None
         if self._q is not None:
             lib.afs_ioq_free(self._q)
             self._q = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self.host_lock.release()
         if self._record_fd >= 0:
             os.close(self._record_fd)
             self._record_fd = -1

@@ -3,6 +3,8 @@
 Layout of a formatted target (block numbers in filesystem blocks, default 4 KiB):
 
     block 0, 1       superblock slots A and B; the valid one with the higher sequence wins
+    block 2          the owner record (atomicfs.owner), when the superblock has
+                     FLAG_OWNER_RECORD; images made before it start the log at block 2
     log_start ...    the log: a ring of checksummed batches (metadata records and atomic data)
     data_start ...   data blocks and metadata snapshots, handed out by the allocator
 
@@ -33,11 +35,21 @@ MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 65536
 MAX_ATOMIC_UNIT = 1 << 20  # FUSE hands over at most 1 MiB per write request
 SB_SLOTS = 2
+OWNER_BLOCK = SB_SLOTS  # the block after the slots, with FLAG_OWNER_RECORD
+FLAG_OWNER_RECORD = 1 << 0  # superblock flags: OWNER_BLOCK holds the owner record
 ROOT_INO = 1
 
 # ---------------------------------------------------------------------------- superblock
 
 _SB = struct.Struct("<8sII16sIIQQQQIIQQQQQQQQ")
+# Version 1 superblocks of this size and later also name the previous checkpoint, whose
+# snapshot is kept on disk as a fallback: its first block, sequence, time and the log
+# sequence number it covered up to. Slots of the older, shorter layout still mount.
+_SB_PREV = struct.Struct("<QQQQ")
+SB_SIZE_OLD = _SB.size
+SB_SIZE = _SB.size + _SB_PREV.size
+MAX_INO = (1 << 63) - 1
+MAX_FILE_BLOCKS = (1 << 32) - 1  # as ext4 extents: 16 TiB - 4 KiB with 4 KiB blocks
 
 
 @dataclass
@@ -58,6 +70,10 @@ class Superblock:
     next_ino: int = 2
     ckpt_time_ns: int = 0
     mkfs_time_ns: int = 0
+    prev_snap_block: int = 0  # 0: no previous checkpoint kept
+    prev_snap_seq: int = 0
+    prev_ckpt_time_ns: int = 0
+    prev_log_seq: int = 0  # log_seq of the previous checkpoint
 
     @property
     def log_bytes(self) -> int:
@@ -73,11 +89,13 @@ class Superblock:
         return int.from_bytes(self.uuid[:8], "little")
 
     def pack(self) -> bytes:
-        body = _SB.pack(MAGIC, VERSION, _SB.size, self.uuid, self.block_size, self.flags,
+        body = _SB.pack(MAGIC, VERSION, SB_SIZE, self.uuid, self.block_size, self.flags,
                         self.total_blocks, self.log_start, self.log_blocks, self.data_start,
                         self.atomic_unit, 0, self.seq, self.snap_block, self.snap_seq,
                         self.log_tail, self.log_seq, self.next_ino, self.ckpt_time_ns,
                         self.mkfs_time_ns)
+        body += _SB_PREV.pack(self.prev_snap_block, self.prev_snap_seq,
+                              self.prev_ckpt_time_ns, self.prev_log_seq)
         block = bytearray(MIN_BLOCK_SIZE)
         block[: len(body)] = body
         block[len(body): len(body) + 4] = struct.pack("<I", crc32c(body))
@@ -93,16 +111,18 @@ class Superblock:
          mkfs_ns) = _SB.unpack_from(raw)
         if version != VERSION:
             raise CorruptFilesystem(f"unsupported atomicfs format version {version}")
-        if size != _SB.size:
+        if size not in (SB_SIZE_OLD, SB_SIZE):
             raise CorruptFilesystem("superblock size mismatch")
-        (crc,) = struct.unpack_from("<I", raw, _SB.size)
-        if crc != crc32c(raw[: _SB.size]):
+        (crc,) = struct.unpack_from("<I", raw, size)
+        if crc != crc32c(raw[:size]):
             raise CorruptFilesystem("superblock checksum mismatch")
+        prev = _SB_PREV.unpack_from(raw, _SB.size) if size == SB_SIZE else (0, 0, 0, 0)
         sb = cls(uuid=uid, block_size=bs, total_blocks=total, log_start=log_start,
                  log_blocks=log_blocks, data_start=data_start, atomic_unit=unit, flags=flags,
                  seq=seq, snap_block=snap_block, snap_seq=snap_seq, log_tail=log_tail,
                  log_seq=log_seq, next_ino=next_ino, ckpt_time_ns=ckpt_ns,
-                 mkfs_time_ns=mkfs_ns)
+                 mkfs_time_ns=mkfs_ns, prev_snap_block=prev[0], prev_snap_seq=prev[1],
+                 prev_ckpt_time_ns=prev[2], prev_log_seq=prev[3])
         sb.validate()
         return sb
 
@@ -115,8 +135,20 @@ class Superblock:
             raise CorruptFilesystem("inconsistent geometry in superblock")
         if self.log_tail % bs or self.log_tail >= self.log_bytes:
             raise CorruptFilesystem("log tail outside the log")
-        if self.snap_block and not (self.data_start <= self.snap_block < self.total_blocks):
-            raise CorruptFilesystem("snapshot pointer outside the data area")
+        for what, block in (("snapshot", self.snap_block),
+                            ("previous snapshot", self.prev_snap_block)):
+            if block and not (self.data_start <= block < self.total_blocks):
+                raise CorruptFilesystem(f"{what} pointer outside the data area")
+        unit = self.atomic_unit
+        if unit and (unit & (unit - 1) or not MIN_BLOCK_SIZE <= unit <= MAX_ATOMIC_UNIT):
+            raise CorruptFilesystem(f"bad atomic unit {unit} in superblock")
+        if not ROOT_INO < self.next_ino <= MAX_INO:
+            raise CorruptFilesystem(f"bad next inode number {self.next_ino} in superblock")
+        if self.log_seq < 1 or self.log_seq > MAX_INO:
+            raise CorruptFilesystem("bad log sequence number in superblock")
+        if self.prev_snap_block and (self.prev_snap_seq >= self.snap_seq or
+                                     not 1 <= self.prev_log_seq <= self.log_seq):
+            raise CorruptFilesystem("snapshot sequence numbers out of order in superblock")
 
 
 def new_uuid() -> bytes:

@@ -13,10 +13,15 @@ Permissions are checked by the kernel (default_permissions); this layer keeps ow
 modes and times as ext4 does, and returns ext4's errno values.
 
 Virtual attributes serve the command line and the preload library: `user.atomicfs.stat`
-(read, any file; JSON), `user.atomicfs.limits` (read, regular files: the statx atomic-write
-limits) and `user.atomicfs.control` (write; on the root directory sync, checkpoint,
-inject=, delay=; on a regular file the write announcements of the preload library, see
-`_announce`). None is listed.
+(read, any file; JSON; the root's, which names the image and the options, only for root
+and the mount's owner), `user.atomicfs.limits` (read, regular files: the statx
+atomic-write limits) and `user.atomicfs.control` (write; on the root directory sync,
+checkpoint, commit, flush, drop_caches, and the test knobs inject=, delay=, fault=; on a
+regular file the write announcements of the preload library, see `_announce`). None is
+listed.
+
+A request handler that fails unexpectedly fails only its request (EIO, logged with the
+traceback); the daemon goes on serving.
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ from atomicfs.errors import DeviceError, NoSpace
 from atomicfs.journal import LogFailed
 from atomicfs.metadata import (DIRENT_SNAP, INHERITED_XATTRS, INODE_SNAP, SYMLINK_SNAP,
                                XATTR_ATOMIC_UNIT, XATTR_SNAP, XATTR_WRITETHROUGH, Inode)
-from atomicfs.options import check_atomic_unit
+from atomicfs.options import check_atomic_unit, parse_delay
+from atomicfs.sizes import parse_size
 from atomicfs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -46,13 +52,14 @@ NAME_MAX = 255
 PATH_MAX = 4096
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
-MAX_FILE_BLOCKS = (1 << 32) - 1  # as ext4 extents: 16 TiB - 4 KiB with 4 KiB blocks
+MAX_FILE_BLOCKS = fmt.MAX_FILE_BLOCKS
 XATTR_STAT = b"user.atomicfs.stat"
 XATTR_CONTROL = b"user.atomicfs.control"
 XATTR_LIMITS = b"user.atomicfs.limits"
 MAX_ANNOUNCED = 1024  # open write announcements per file (one per writing thread, really)
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4  # leave a whiteout (a 0/0 character device) at the old name: overlayfs
 # Snapshot bytes a new inode adds besides its name: inode, entry, inherited attributes.
 NEW_INODE_SNAP = INODE_SNAP + DIRENT_SNAP + len(INHERITED_XATTRS) * (XATTR_SNAP + 32)
 SNAPSHOT_SLACK = 16  # blocks, for extents that writeback maps before the next checkpoint
@@ -97,15 +104,32 @@ class DirHandle:
         self.entries: list[tuple[bytes, int]] = []
 
 
+# Test knobs of the control attribute: root only, on mounts started with a test knob or
+# `testing` (MountOptions.testing).
+KNOB_CONTROLS = ("inject", "delay", "fault")
+FAULTS = ("request", "daemon")
+SETATTR_FIELDS = ("update_size", "update_mode", "update_uid", "update_gid", "update_atime",
+                  "update_mtime", "update_ctime")
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by the `fault=` control, to test how failures are contained."""
+
+
 def fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn OSError and device/log failures into FUSE errors with the right errno."""
+    """Turn OSError and device/log failures into FUSE errors with the right errno, and any
+    other exception into EIO for this request alone (pyfuse3 would let it end the main
+    loop, and with it the daemon)."""
     name = fn.__name__
 
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+    async def wrapper(self: "AtomicFS", *args: Any, **kwargs: Any) -> Any:
         try:
             # tracked by the watchdog: a request that hangs says what it waits for
-            with args[0].vol.watchdog.track(name, str(args[1]) if len(args) > 1 else ""):
-                return await fn(*args, **kwargs)
+            with self.vol.watchdog.track(name, str(args[0]) if args else ""):
+                if self.fault_next_request:
+                    self.fault_next_request = False
+                    raise InjectedFault(f"fault injection in {name}")
+                return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except NoSpace:
@@ -115,6 +139,9 @@ def fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as exc:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed unexpectedly; the request gets EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
@@ -137,6 +164,8 @@ class AtomicFS(pyfuse3.Operations):
         self._update_meta_reserve()  # the loaded metadata may be larger than the minimum
         self._on_ready = on_ready
         self.nursery: trio.Nursery | None = None
+        self.owner = os.getuid()  # who mounted it
+        self.fault_next_request = False
 
     # --------------------------------------------------------------------- helpers
 
@@ -183,16 +212,19 @@ class AtomicFS(pyfuse3.Operations):
 
     def _metadata_fits(self, growth: int) -> bool:
         """Whether the metadata, grown by `growth` bytes, can still be checkpointed, now and
-        ever after: a checkpoint writes the new snapshot before it frees the old one, so
-        free space must hold the next snapshot, and after that checkpoint again one more
-        (2 * next - current). Without this the log fills and the filesystem stops."""
+        ever after: a checkpoint writes the new snapshot while the current and the
+        previous one (the fallback) live, and then frees only the previous one, so free
+        space must hold the next snapshot three times less the two that will be freed
+        (3 * next - current - previous). Without this the log fills and the filesystem
+        stops."""
         if growth <= 0:
             return True
         a = self.vol.alloc
         bs = self.vol.bs
         nxt = 1 + (self.md.snapshot_bytes + growth + bs - 1) // bs + SNAPSHOT_SLACK
-        current = sum(c for _, c in self.vol.journal.snapshot_extents)
-        return 2 * nxt - current <= a.free_blocks - a.reserved_blocks
+        journal = self.vol.journal
+        kept = sum(c for _, c in journal.snapshot_extents + journal.previous_snapshot_extents)
+        return 3 * nxt - kept <= a.free_blocks - a.reserved_blocks
 
     async def _make_metadata_room(self, growth: int) -> None:
         """Before a change that grows the metadata: when it does not fit, commit the log so
@@ -332,6 +364,8 @@ class AtomicFS(pyfuse3.Operations):
                     await self._maybe_delete(inode)
                 except (DeviceError, LogFailed, OSError) as exc:
                     log.error("cannot remove inode %d: %s", ino, exc)
+                except Exception:  # forget has no reply to fail: log, keep serving
+                    log.exception("cannot remove inode %d", ino)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
@@ -370,6 +404,8 @@ class AtomicFS(pyfuse3.Operations):
             node.ctime_ns = now
         if fields.update_ctime:
             node.ctime_ns = attr.st_ctime_ns
+        if not any(getattr(fields, f) for f in SETATTR_FIELDS):
+            node.ctime_ns = now  # chown(path, -1, -1): the kernel sends nothing to set
         self.md.log_inode(node)
         return self._attr(node)
 
@@ -497,8 +533,8 @@ class AtomicFS(pyfuse3.Operations):
         new_dir = self._dir(parent_inode_new)
         self._check_writable()
         self._check_name(name_new)
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
-                flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or \
+                flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT):
             raise pyfuse3.FUSEError(errno.EINVAL)
         src = self._child(old_dir, name_old)
         dst = self.md.lookup(new_dir, name_new)
@@ -522,8 +558,12 @@ class AtomicFS(pyfuse3.Operations):
             if dst.is_dir and dst.entries:
                 raise pyfuse3.FUSEError(errno.ENOTEMPTY)
         self._check_move(src, new_dir)
-        if dst is None:  # a longer name takes more room; replacing an entry frees some
-            self._metadata_room(len(name_new) - len(name_old))
+        # a longer name takes more room, replacing an entry frees some; a whiteout needs a
+        # new inode: all checked before anything changes
+        if dst is None or flags & RENAME_WHITEOUT:
+            self._metadata_room((len(name_new) - len(name_old) if dst is None else 0) +
+                                (NEW_INODE_SNAP + len(name_old) if flags & RENAME_WHITEOUT
+                                 else 0))
         now = self._now()
         self.md.remove_entry(old_dir, name_old, now)
         if dst is not None:
@@ -531,6 +571,9 @@ class AtomicFS(pyfuse3.Operations):
         self.md.add_entry(new_dir, name_new, src, now)
         src.ctime_ns = now
         self.md.log_inode(src)
+        if flags & RENAME_WHITEOUT:
+            whiteout = self._new_inode(old_dir, name_old, stat.S_IFCHR, ctx, rdev=0)
+            whiteout.lookups -= 1  # the kernel gets no entry for it
         if dst is not None:
             await self._drop_link(dst, now)
 
@@ -604,7 +647,12 @@ class AtomicFS(pyfuse3.Operations):
         return data
 
     def _touch_atime(self, inode: Inode) -> None:
-        """relatime: update atime when it is older than mtime/ctime or a day old."""
+        """Access time after a read, by the mount's policy: relatime (the default) updates
+        it when older than mtime/ctime or a day old, noatime never; nodiratime leaves
+        directories alone."""
+        opts = self.vol.opts
+        if opts.atime == "noatime" or (opts.nodiratime and inode.is_dir):
+            return
         now = self._now()
         if inode.atime_ns <= max(inode.mtime_ns, inode.ctime_ns) or \
                 now - inode.atime_ns > 86400 * 10**9:
@@ -706,6 +754,7 @@ class AtomicFS(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         return None
 
+    @fuse_errors
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
         if h is None:
@@ -768,6 +817,7 @@ class AtomicFS(pyfuse3.Operations):
                 child.lookups += 1
         self._touch_atime(node)
 
+    @fuse_errors
     async def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)
 
@@ -782,9 +832,11 @@ class AtomicFS(pyfuse3.Operations):
         s.f_bsize = self.vol.bs
         s.f_frsize = self.vol.bs
         s.f_blocks = a.data_blocks
+        # Blocks held for the fallback checkpoint count as free: a write that needs them
+        # gets them after the checkpoints make_room runs.
         s.f_bfree = max(0, a.free_blocks - a.reserved_blocks
-                        - a.meta_reserve)
-        s.f_bavail = a.available_blocks
+                        - a.meta_reserve) + a.held_blocks
+        s.f_bavail = a.available_blocks + a.held_blocks
         s.f_files = 1 << 32
         s.f_ffree = (1 << 32) - len(self.md.inodes)
         s.f_favail = s.f_ffree
@@ -813,6 +865,8 @@ class AtomicFS(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._get(inode)
         if name == XATTR_STAT:
+            if node.ino == fmt.ROOT_INO and ctx.uid not in (0, self.owner):
+                raise pyfuse3.FUSEError(errno.EACCES)
             return self._stat_json(node).encode()
         if name == XATTR_LIMITS and node.is_reg:
             return self._limits(node)
@@ -872,10 +926,8 @@ class AtomicFS(pyfuse3.Operations):
         """Check an atomicfs attribute; EINVAL (nothing changed) for invalid values."""
         text = value.strip(b"\0 \n")
         if name == XATTR_ATOMIC_UNIT:
-            if not text.isdigit():
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            unit = int(text)
-            try:
+            try:  # the size grammar of every option (16k, 16K, 16384); stored in bytes
+                unit = parse_size(text.decode("ascii"))
                 check_atomic_unit(unit, self.vol.bs)
             except ValueError:
                 raise pyfuse3.FUSEError(errno.EINVAL) from None
@@ -910,15 +962,27 @@ class AtomicFS(pyfuse3.Operations):
         """Commands of the command line and of tests, on the root directory; the write
         announcements of the preload library on regular files (the kernel has checked
         that the caller may write the file)."""
-        cmd, _, arg = value.decode(errors="replace").strip("\0 \n").partition("=")
+        cmd, eq, arg = value.decode(errors="replace").strip(" \n\0").partition("=")
         if node.is_reg and cmd in ("write_begin", "write_end"):
             self._announce(node, cmd, arg)
             return
         if node.ino != fmt.ROOT_INO:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        if ctx.uid != 0 and ctx.uid != node.uid:
+        if ctx.uid not in (0, self.owner, node.uid):
             raise pyfuse3.FUSEError(errno.EPERM)
-        if cmd == "sync":
+        if eq and cmd not in KNOB_CONTROLS:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # the other commands take no value
+        if cmd in KNOB_CONTROLS:
+            if ctx.uid != 0 or not self.vol.opts.testing:
+                log.warning("control %s refused: a test knob, for root on mounts started "
+                            "with a test knob or `testing`", cmd)
+                raise pyfuse3.FUSEError(errno.EPERM)
+            try:
+                self._knob(cmd, arg)
+            except ValueError as exc:
+                log.warning("control %s refused: %s", cmd, exc)
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+        elif cmd == "sync":
             ok = await self.wb.sync_all()
             if self.vol.journal.failed is None:
                 await self.wb.checkpoint()
@@ -930,22 +994,26 @@ class AtomicFS(pyfuse3.Operations):
             await self.vol.journal.commit()
         elif cmd == "flush":  # background writeback of all dirty data, now
             await self.wb.flush_some(everything=True)
-        elif cmd == "inject":
-            if not self.vol.opts.inject_enabled:
-                raise pyfuse3.FUSEError(errno.EPERM)
-            try:
-                self.vol.dev.set_inject(parse_inject(arg))
-            except ValueError:
-                raise pyfuse3.FUSEError(errno.EINVAL) from None
-        elif cmd == "delay":
-            try:
-                self.vol.dev.set_delay(float(arg) / 1000.0)
-            except ValueError:
-                raise pyfuse3.FUSEError(errno.EINVAL) from None
         elif cmd == "drop_caches":
             self.cache.evict(self.cache.limit)
         else:
             raise pyfuse3.FUSEError(errno.EINVAL)
+
+    def _knob(self, cmd: str, arg: str) -> None:
+        """A test knob, validated as the mount option of its name (ValueError)."""
+        if cmd == "inject":
+            self.vol.dev.set_inject(parse_inject(arg))
+        elif cmd == "delay":
+            self.vol.dev.set_delay(parse_delay(arg) / 1000.0)
+        elif arg == "request":  # the next request fails unexpectedly
+            self.fault_next_request = True
+        elif arg == "daemon" and self.nursery is not None:  # the serving task dies
+            self.nursery.start_soon(self._die)
+        else:
+            raise ValueError(f"fault must be one of {', '.join(FAULTS)}, not {arg!r}")
+
+    async def _die(self) -> None:
+        raise InjectedFault("fault injection: the daemon's serving task is killed")
 
     def _stat_json(self, node: Inode) -> str:
         if node.ino == fmt.ROOT_INO:

@@ -149,14 +149,13 @@ class Journal:
         self.resident: dict[tuple[int, int], Resident] = {}
         self.failed: BaseException | None = None
         self.snapshot_extents: list[Extent] = []
+        self.previous_snapshot_extents: list[Extent] = []  # the fallback (see recovery.py)
         self._wakeup = trio.Event()
         self._room = trio.Event()
         # Set when a checkpoint is wanted; replaced only once set, so the checkpointer,
         # which may be waiting on it, is never left waiting on an event nobody sets.
         self.want_checkpoint = trio.Event()
         self._absorbed: list[PendingBatch] = []  # a running checkpoint writes these home
-        self._stuck: PendingBatch | None = None  # a checkpoint batch that found no room
-        self._ckpt_changed = trio.Event()  # a batch ended or got stuck: settle looks again
 
     # ------------------------------------------------------------ MetadataSink
 
@@ -411,7 +410,6 @@ class Journal:
                     b.attempt.set()
         batch.attempt.set()
         self._wakeup.set()
-        self._ckpt_changed.set()
 
     def _acknowledge(self, batch: PendingBatch) -> None:
         self._failures = 0
@@ -465,7 +463,6 @@ class Journal:
             b.error = exc
             b.attempt.set()
         self._rewrite_started.set()  # waiters look again and find the log failed
-        self._ckpt_changed.set()
 
     def _assemble(self, batch: PendingBatch, pos: int) -> tuple[list[Segment], int]:
         meta = bytes(batch.meta)
@@ -498,8 +495,8 @@ class Journal:
     async def _place(self, size: int, batch: PendingBatch) -> int:
         """Find the log position for a batch of this size, waiting for a checkpoint to
         free space when the log is too full. Batches up to a checkpoint's boundary may use
-        the reserve at the end, which other batches leave free for them; one that does not
-        fit even so is absorbed by the checkpoint (see settle_for_checkpoint): then -1."""
+        the reserve at the end, which other batches leave free for them (and what does not
+        fit even there, the checkpoint absorbs: then -1, see seal_for_checkpoint)."""
         if size > self.log_size - self.reserve:
             raise CorruptFilesystem(f"log batch of {size} bytes exceeds the log")
         while True:
@@ -520,26 +517,23 @@ class Journal:
                     self.request_checkpoint()
                 return pos
             self.request_checkpoint()
-            if batch.checkpoint:
-                self._stuck = batch  # the checkpoint that waits for it takes it instead
-                self._ckpt_changed.set()
             room = self._room
             with waiting(f"log space for batch {batch.seq} ({size} bytes, "
                          f"{self.used} of {self.log_size} used)"):
                 await room.wait()
-            if self._stuck is batch:
-                self._stuck = None
 
     # --------------------------------------------------------------- checkpoints
     #
-    # Progress, by construction: a checkpoint never needs log space. Every batch up to
-    # its boundary is either placed (its space granted: only its device write remains) or
-    # not; one that is not placed gets the reserve, and if it does not fit even there the
-    # checkpoint absorbs it (settle_for_checkpoint): its data is written home from its own
-    # buffers with the other logged units, its metadata is already in the snapshot, and it
-    # becomes durable with the checkpoint's superblock, never written to the log. So a
-    # checkpoint waits only for device I/O and for other checkpoints, never for a request
-    # or for log space, and whatever waits for log space waits for a checkpoint.
+    # Progress, by construction: a checkpoint never needs log space. When it seals its
+    # boundary, the batches up to it that are not placed yet (the one the writer may be
+    # waiting with, and the boundary) either fit into what is left of the log, the
+    # reserve included, or are *absorbed*: they are never written to the log. Their data
+    # goes to new blocks (out of place, so that a crash before the checkpoint's
+    # superblock leaves every home as it was: nothing is torn, and the blocks were free
+    # in the durable state), the remap is metadata of the snapshot, and they become
+    # durable with the superblock. So a checkpoint waits only for device I/O and for
+    # batches already placed, never for a request or for log space; and whatever waits
+    # for log space waits for a checkpoint.
 
     def request_checkpoint(self) -> None:
         self.want_checkpoint.set()
@@ -547,12 +541,21 @@ class Journal:
     def seal_for_checkpoint(self) -> int:
         """Seal the current pending batch (if any) as the checkpoint boundary; returns the
         sequence number of the last batch the checkpoint covers. Batches before it that
-        wait for log space may now use the reserve (they are what frees it)."""
+        wait for log space may now use the reserve (they are what frees it); if they and
+        the boundary do not fit even so, they are absorbed. Nothing here awaits: the
+        caller takes its snapshot of the metadata in the same step."""
+        self._check_failed()
         self.md.flush_dirty()
         for batch in self._sealed:
             batch.checkpoint = True
         room, self._room = self._room, trio.Event()
         room.set()  # a batch waiting in _place looks again, with the reserve
+        unplaced = [b for b in self._sealed if b.pos < 0]
+        if not self._pending.empty:
+            unplaced.append(self._pending)
+        absorb = bool(unplaced) and not self._fits(unplaced)
+        if absorb:
+            self._absorb(unplaced)  # remaps: records into the pending batch, absorbed too
         if self._pending.empty:
             return self._pending.seq - 1
         # Seal it now, not when the writer gets to it: whatever is appended from here on
@@ -561,54 +564,82 @@ class Journal:
         batch.checkpoint = True
         batch.sealed.set()
         self._pending = PendingBatch(batch.seq + 1)
-        self._boundaries.append(batch)
+        if absorb:
+            batch.absorbed = True
+            self._absorbed.append(batch)
+        else:
+            self._boundaries.append(batch)
         self._wakeup.set()
         return batch.seq
 
-    async def settle_for_checkpoint(self, boundary: int) -> list[PendingBatch]:
-        """Wait until every batch up to boundary is durable, or absorb those that cannot
-        be placed for want of log space (returned, in order: the checkpoint writes their
-        data home and they become durable with its superblock). LogFailed if a write
-        failed."""
-        while self.durable_seq < boundary:
-            self._check_failed()
-            if self._stuck is not None:
-                return await self._absorb(boundary)
-            failed = next((b for b in self._sealed if b.error is not None
-                           and b.attempt.is_set()), None)
-            if failed is not None:
-                raise LogFailed(5, f"log write failed: {failed.error}")
-            self._wakeup.set()
-            changed = self._ckpt_changed = trio.Event()
-            with waiting(f"log batch {self.durable_seq + 1} (checkpoint up to {boundary})"):
-                await changed.wait()
-        return []
+    def _fits(self, batches: list[PendingBatch]) -> bool:
+        """Would these batches, placed in order after the head, fit into the log with the
+        reserve (as _place places a checkpoint's batches)?"""
+        used, head = self.used, self.head_pos
+        for b in batches:
+            size = fmt.header_area_size(len(b.meta), self.bs) + b.payload_bytes
+            waste = self.log_size - head if head + size > self.log_size else 0
+            head = (0 if waste else head) + size
+            used += waste + size
+            if used > self.log_size - self.bs:
+                return False
+            if head + self.bs > self.log_size:
+                head = 0
+        return True
 
-    async def _absorb(self, boundary: int) -> list[PendingBatch]:
-        """Take every batch up to boundary not placed yet away from the writer."""
-        taken = [b for b in self._sealed if b.pos < 0] + self._boundaries
-        assert all(b.seq <= boundary for b in taken) and taken[-1].seq == boundary
-        self._sealed = [b for b in self._sealed if b.pos >= 0]
-        self._boundaries = []
-        self._absorbed = taken
-        self._stuck = None
-        for b in taken:
-            b.absorbed = True
+    def _absorb(self, batches: list[PendingBatch]) -> None:
+        """Take these batches (not placed, in order, the last maybe the pending one) away
+        from the writer: give each resident run they hold a new home out of place, with
+        its payload to write from; they become durable with the checkpoint."""
+        seqs = {b.seq for b in batches}
+        for b in batches:
             for run, (buf, _) in zip(b.data_runs, b.payloads):
                 run.buf, run.buf_off = buf, 0
             for piece, run, off in b.pieces:
-                piece.buf, piece.buf_off = run.buf, off * self.bs
-        room, self._room = self._room, trio.Event()
-        room.set()  # the writer's _place sees its batch absorbed
-        if self._sealed:
+                piece.buf, piece.buf_off = run.buf, run.buf_off + off * self.bs
+        for res in self.resident.values():
+            for run in res.runs:
+                if run.seq in seqs:
+                    self._move_run(res.ino, run)
+        for b in batches:
+            if b is not self._pending:
+                b.absorbed = True
+                self._sealed.remove(b)
+                self._absorbed.append(b)
+        self.counters.checkpoint_absorbed += len(batches)
+        log.info("log full: checkpoint takes batches %d-%d out of place instead of logging "
+                 "them", batches[0].seq, batches[-1].seq)
+
+    def _move_run(self, ino: int, run: DataRun) -> None:
+        """A new home for an absorbed run whose blocks the file still maps there."""
+        inode = self.md.inodes.get(ino)
+        if inode is None or inode.extents is None:
+            return
+        if list(inode.extents.runs(run.fblock, run.nblocks)) != \
+                [(run.fblock, run.dblock, run.nblocks)]:
+            return  # remapped or freed since: the run is revoked, nothing to write
+        try:
+            new, _ = self.alloc.allocate(run.nblocks, goal=run.dblock, metadata=True)
+        except NoSpace as exc:
+            # Neither log space nor free space: refuse changes (EIO), never tear a unit.
+            self.fail(exc)
+            raise LogFailed(5, f"no room to checkpoint a full log: {exc}") from exc
+        self.md.map_extent(inode, run.fblock, new, run.nblocks)  # old home: freed when durable
+        run.dblock = new
+
+    async def settle_for_checkpoint(self, boundary: int) -> list[PendingBatch]:
+        """Wait until every batch up to boundary is durable, except the absorbed ones
+        (returned, in order: they become durable with the checkpoint's superblock).
+        LogFailed if a write failed."""
+        if not self._absorbed:
+            await self.commit(boundary)
+            return []
+        if self._sealed:  # placed before the absorbed ones: only their write remains
             await self.commit(self._sealed[-1].seq)
-        # No batch is placed until these are acknowledged: the log continues here.
-        for b in taken:
+        # No batch is placed until the absorbed ones are acknowledged: the log goes on here.
+        for b in self._absorbed:
             self._batch_end[b.seq] = (self.head_pos, self._placed)
-        self.counters.checkpoint_absorbed += len(taken)
-        log.info("log full: checkpoint writes batches %d-%d home instead of logging them",
-                 taken[0].seq, boundary)
-        return taken
+        return list(self._absorbed)
 
     def _acknowledge_absorbed(self) -> None:
         """The checkpoint's superblock is durable: so are the batches it absorbed."""
@@ -670,27 +701,29 @@ class Journal:
                 await self.dev.writev(dblock * bs, [(buf, off, count * bs)], "snapshot")
                 off += count * bs
             await self.dev.flush()
-            end_pos = self.batch_end(boundary_seq)
-            new_sb = fmt.Superblock(**{**sb.__dict__})
-            new_sb.seq = sb.seq + 1
-            new_sb.snap_block = extents[0][0]
-            new_sb.snap_seq = new_sb.seq
-            new_sb.log_tail = end_pos
-            new_sb.log_seq = boundary_seq + 1
-            new_sb.next_ino = next_ino
-            new_sb.ckpt_time_ns = time.time_ns()
+            new_sb = next_checkpoint_superblock(sb, extents[0][0],
+                                                self.batch_end(boundary_seq),
+                                                boundary_seq + 1, next_ino)
             await write_superblock(self.dev, new_sb)
             self._acknowledge_absorbed()
         except BaseException:
             for dblock, count in extents:
                 self.alloc.free_now(dblock, count)
             raise
-        old, self.snapshot_extents = self.snapshot_extents, extents
-        for dblock, count in old:
-            self.alloc.free_now(dblock, count)
+        self._retire_snapshot(extents, sb)
         self.sb = new_sb
         self.advance_tail(boundary_seq)
         self.alloc.set_snapshot_estimate(len(snapshot), bs)
+
+    def _retire_snapshot(self, extents: list[Extent], old_sb: fmt.Superblock) -> None:
+        """A new checkpoint is durable: the one before it becomes the fallback, and only
+        the one before that is freed; blocks released since the fallback's boundary stay
+        held (its files may still map them)."""
+        for dblock, count in self.previous_snapshot_extents:
+            self.alloc.free_now(dblock, count)
+        self.previous_snapshot_extents = self.snapshot_extents
+        self.snapshot_extents = extents
+        self.alloc.checkpointed(old_sb.log_seq - 1 if old_sb.snap_block else 0)
 
     def _allocate_snapshot(self, length: int) -> tuple[list[Extent], int]:
         bs = self.bs
@@ -763,29 +796,81 @@ def read_superblock(dev: Device) -> fmt.Superblock:
         if not any(head):
             raise NotAtomicfs(f"{dev.path} is not an atomicfs filesystem (it is all zeros)")
         raise NotAtomicfs(f"{dev.path} is not an atomicfs filesystem (no superblock)")
-    sb = max(found, key=lambda s: s.seq)
-    if sb.total_blocks * sb.block_size > dev.caps.size:
+    # A slot describing more than the device holds is damaged unless both do (a target
+    # that was shrunk, which is named as such).
+    fits = [s for s in found if s.total_blocks * s.block_size <= dev.caps.size]
+    if not fits:
+        sb = max(found, key=lambda s: s.seq)
         raise NotAtomicfs(f"{dev.path} is smaller ({dev.caps.size} bytes) than the "
                           f"filesystem on it ({sb.total_blocks * sb.block_size} bytes)")
-    return sb
+    return max(fits, key=lambda s: s.seq)
+
+
+def superblock_slot_problems(dev: Device, sb: fmt.Superblock) -> list[tuple[int, str]]:
+    """(slot, why) for each superblock slot that does not hold a valid superblock of the
+    filesystem sb (the newest valid one) describes."""
+    out: list[tuple[int, str]] = []
+    for slot in range(fmt.SB_SLOTS):
+        raw = dev.read_sync(slot * sb.block_size, fmt.MIN_BLOCK_SIZE).bytes()
+        try:
+            other = fmt.Superblock.unpack(raw)
+        except CorruptFilesystem as exc:
+            out.append((slot, str(exc)))
+            continue
+        if other.uuid != sb.uuid or other.block_size != sb.block_size:
+            out.append((slot, "it belongs to another filesystem"))
+        elif (other.total_blocks, other.log_start, other.log_blocks, other.data_start) != \
+                (sb.total_blocks, sb.log_start, sb.log_blocks, sb.data_start):
+            out.append((slot, "its geometry differs from the other slot's"))
+        elif other.seq % fmt.SB_SLOTS != slot:
+            out.append((slot, f"its sequence number {other.seq} belongs in the other slot"))
+    return out
+
+
+def fallback_superblock(sb: fmt.Superblock) -> fmt.Superblock:
+    """sb as it reads when the previous checkpoint replaces the newest: its snapshot is
+    the current one and none older is kept. The log stays where it is (the batches after
+    the newest checkpoint are changes to the lost snapshot and are not replayed)."""
+    eff = fmt.Superblock(**{**sb.__dict__})
+    eff.snap_block, eff.snap_seq = sb.prev_snap_block, sb.prev_snap_seq
+    eff.ckpt_time_ns = sb.prev_ckpt_time_ns
+    eff.prev_snap_block = eff.prev_snap_seq = eff.prev_ckpt_time_ns = eff.prev_log_seq = 0
+    return eff
 
 
 def read_snapshot(dev: Device, sb: fmt.Superblock) -> tuple[bytes, list[Extent]]:
     """The metadata stream of the snapshot the superblock points to, and its extents."""
-    bs = sb.block_size
     if not sb.snap_block:
         raise CorruptFilesystem("the superblock points to no metadata snapshot")
-    header = fmt.SnapshotHeader.unpack(dev.read_sync(sb.snap_block * bs, bs).bytes())
+    return read_snapshot_at(dev, sb, sb.snap_block, sb.snap_seq)
+
+
+def read_previous_snapshot(dev: Device, sb: fmt.Superblock) -> tuple[bytes, list[Extent]]:
+    """The snapshot of the checkpoint before the newest, kept as a fallback."""
+    if not sb.prev_snap_block:
+        raise CorruptFilesystem("no previous checkpoint is kept")
+    return read_snapshot_at(dev, sb, sb.prev_snap_block, sb.prev_snap_seq)
+
+
+def read_snapshot_at(dev: Device, sb: fmt.Superblock, block: int,
+                     seq: int) -> tuple[bytes, list[Extent]]:
+    bs = sb.block_size
+    header = fmt.SnapshotHeader.unpack(dev.read_sync(block * bs, bs).bytes())
     if header.uuid != sb.uuid:
         raise CorruptFilesystem("the metadata snapshot belongs to another filesystem")
-    if not header.extents or header.extents[0][0] != sb.snap_block:
+    if header.seq != seq:
+        raise CorruptFilesystem(f"the metadata snapshot is of checkpoint {header.seq}, "
+                                f"not {seq}")
+    if not header.extents or header.extents[0][0] != block:
         raise CorruptFilesystem("the metadata snapshot header lists no extents")
+    for dblock, count in header.extents:
+        if count <= 0 or dblock < sb.data_start or dblock + count > sb.total_blocks:
+            raise CorruptFilesystem("the metadata snapshot lies outside the data area")
     total = sum(c for _, c in header.extents)
+    if total > sb.total_blocks - sb.data_start:
+        raise CorruptFilesystem("the metadata snapshot is larger than the data area")
     if total * bs < bs + header.length:
         raise CorruptFilesystem("the metadata snapshot is shorter than its header says")
-    for dblock, count in header.extents:
-        if dblock < sb.data_start or dblock + count > sb.total_blocks:
-            raise CorruptFilesystem("the metadata snapshot lies outside the data area")
     buf = Buffer(total * bs)
     off = 0
     for dblock, count in header.extents:
@@ -794,6 +879,27 @@ def read_snapshot(dev: Device, sb: fmt.Superblock) -> tuple[bytes, list[Extent]]
     if buf.crc32c(bs, header.length) != header.payload_crc:
         raise CorruptFilesystem("metadata snapshot checksum mismatch")
     return buf.bytes(bs, header.length), header.extents
+
+
+def next_checkpoint_superblock(sb: fmt.Superblock, snap_block: int, log_tail: int,
+                               log_seq: int, next_ino: int) -> fmt.Superblock:
+    """The superblock of a new checkpoint: it points at the new snapshot and names the
+    checkpoint sb described as the previous one, whose snapshot stays as a fallback."""
+    new_sb = fmt.Superblock(**{**sb.__dict__})
+    new_sb.seq = sb.seq + 1
+    new_sb.snap_block = snap_block
+    new_sb.snap_seq = new_sb.seq
+    new_sb.log_tail = log_tail
+    new_sb.log_seq = log_seq
+    new_sb.next_ino = next_ino
+    new_sb.ckpt_time_ns = time.time_ns()
+    new_sb.prev_snap_block = sb.snap_block
+    new_sb.prev_snap_seq = sb.snap_seq if sb.snap_block else 0
+    new_sb.prev_ckpt_time_ns = sb.ckpt_time_ns
+    new_sb.prev_log_seq = sb.log_seq if sb.snap_block else 0
+    if not new_sb.prev_snap_block:
+        new_sb.prev_snap_seq = new_sb.prev_log_seq = new_sb.prev_ckpt_time_ns = 0
+    return new_sb
 
 
 def _overlaps(run: DataRun, fblock: int, nblocks: int) -> bool:
@@ -860,11 +966,11 @@ def _read_batch(dev: Device, sb: fmt.Superblock, pos: int, seq: int) -> ScannedB
                 data.append((ino, fblock, dblock, nblocks, pos + hdr_area + poff))
             else:
                 records.append(r)
-    except CorruptFilesystem:
-        # A batch whose checksum holds but whose records do not parse was written by
-        # something else; treat it as the end of the log.
-        log.warning("log batch %d at %d has a valid checksum but bad records", seq, pos)
-        return None
+    except CorruptFilesystem as exc:
+        # Its checksum holds, so this is no torn write (those end the log): the batch was
+        # damaged before it was sealed, and what follows it cannot be trusted either.
+        raise CorruptFilesystem(f"log batch {seq} at {pos} has a valid checksum but bad "
+                                f"records ({exc})") from exc
     return ScannedBatch(seq, pos, pos + total, records, data)
 
 
@@ -876,13 +982,14 @@ class ReplayResult:
     data_blocks_written: int = 0
     head_pos: int = 0
     head_seq: int = 0
+    # DATA records replayed: ino, file block, device block, blocks, position in the log
+    data: list[tuple[int, int, int, int, int]] = field(default_factory=list)
 
 
 def replay(dev: Device, sb: fmt.Superblock, md: Metadata, write_home: bool) -> ReplayResult:
     """Apply the log to metadata loaded from the snapshot; with write_home, also write the
     surviving DATA records to their home blocks (and flush)."""
     res = ReplayResult(head_pos=sb.log_tail, head_seq=sb.log_seq)
-    data: list[tuple[int, int, int, int, int]] = []
     for batch in scan_log(dev, sb):
         for r in batch.records:
             try:
@@ -890,23 +997,37 @@ def replay(dev: Device, sb: fmt.Superblock, md: Metadata, write_home: bool) -> R
             except CorruptFilesystem as exc:
                 raise CorruptFilesystem(
                     f"log batch {batch.seq} does not apply to the metadata: {exc}") from exc
-        data.extend(batch.data)
+        res.data.extend(batch.data)
         res.batches += 1
         res.records += len(batch.records) + len(batch.data)
         res.data_records += len(batch.data)
         res.head_pos, res.head_seq = batch.end, batch.seq + 1
     if res.head_pos + sb.block_size > sb.log_bytes:
         res.head_pos = 0
-    if write_home and data:
-        res.data_blocks_written = _write_data_home(dev, sb, md, data)
-        dev.flush_sync()
+    if write_home:
+        write_data_home(dev, sb, md, res)
     return res
 
 
-def _write_data_home(dev: Device, sb: fmt.Superblock, md: Metadata,
-                     data: list[tuple[int, int, int, int, int]]) -> int:
+def write_data_home(dev: Device, sb: fmt.Superblock, md: Metadata, res: ReplayResult) -> None:
+    """Write the replayed DATA records that the metadata still maps to their home blocks
+    (call only on metadata that passed its checks: the blocks must be in the data area)."""
     bs = sb.block_size
-    written = 0
+    for dblock, src, n in surviving_data(sb, md, res.data):
+        buf = dev.read_sync(src, n * bs)
+        dev.writev_sync(dblock * bs, [(buf, 0, n * bs)], "data")
+        res.data_blocks_written += n
+    if res.data:
+        dev.flush_sync()
+
+
+def surviving_data(sb: fmt.Superblock, md: Metadata,
+                   data: list[tuple[int, int, int, int, int]]) -> list[tuple[int, int, int]]:
+    """(device block, byte offset of the logged copy on the device, blocks) of every DATA
+    record piece whose file block the metadata still maps to that device block, in log
+    order (a later piece for the same block is newer)."""
+    bs = sb.block_size
+    out: list[tuple[int, int, int]] = []
     for ino, fblock, dblock, nblocks, log_pos in data:
         inode = md.inodes.get(ino)
         if inode is None or inode.extents is None:
@@ -914,7 +1035,5 @@ def _write_data_home(dev: Device, sb: fmt.Superblock, md: Metadata,
         for f, d, n in inode.extents.runs(fblock, nblocks):
             if d is None or d != dblock + (f - fblock):
                 continue  # unmapped or remapped since: this record was revoked
-            buf = dev.read_sync(sb.log_offset + log_pos + (f - fblock) * bs, n * bs)
-            dev.writev_sync(d * bs, [(buf, 0, n * bs)], "data")
-            written += n
-    return written
+            out.append((d, sb.log_offset + log_pos + (f - fblock) * bs, n))
+    return out

@@ -363,6 +363,8 @@ class Metadata:
         inode = self.inodes.get(ino)
         if inode is None or inode.extents is None:
             raise CorruptFilesystem(f"extent for missing or non-regular inode {ino}")
+        if count == 0 or fblock + count > fmt.MAX_FILE_BLOCKS:
+            raise CorruptFilesystem(f"inode {ino}: invalid extent {fblock}+{count}")
         before = len(inode.extents)
         freed = inode.extents.map(fblock, dblock, count)
         self.snapshot_bytes += EXTENT_SNAP * (len(inode.extents) - before)
@@ -398,7 +400,10 @@ class Metadata:
     @staticmethod
     def _parse_special(inode: Inode, name: bytes, value: bytes | None) -> None:
         if name == XATTR_ATOMIC_UNIT:
-            inode.atomic_unit = int(value) if value is not None else -1
+            try:
+                inode.atomic_unit = int(value) if value is not None else -1
+            except ValueError:  # only damage can store this; check_metadata reports it
+                inode.atomic_unit = 0
         elif name == XATTR_WRITETHROUGH:
             # 1: durable write-through; 2: the RFC's (no cache flush); 0: off
             inode.writethrough = (2 if value.strip() == b"2" else parse_flag_xattr(value)) \

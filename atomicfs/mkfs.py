@@ -7,12 +7,14 @@ import stat
 import time
 
 from atomicfs import format as fmt
+from atomicfs import owner
 from atomicfs.device import Device
-from atomicfs.errors import CorruptFilesystem, UserError
-from atomicfs.journal import write_superblock_sync
+from atomicfs.errors import CorruptFilesystem, DeviceError, UserError
+from atomicfs.journal import read_superblock, write_superblock_sync
 from atomicfs.metadata import XATTR_ATOMIC_UNIT, Metadata
 from atomicfs.native import Buffer
 from atomicfs.options import check_atomic_unit
+from atomicfs.probe import foreign_signature, wipe_signatures
 from atomicfs.sizes import format_size, is_power_of_two
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,23 @@ def too_small(target: str) -> str | None:
     return None
 
 
+def _open_unowned(target: str, created: bool) -> Device:
+    """Open target exclusively on this host, and refuse an atomicfs on it whose owner
+    record names a live owner (another host, which no lock here shows)."""
+    dev = Device.open(target)
+    try:
+        if not created:
+            try:
+                sb = read_superblock(dev)
+            except (UserError, DeviceError):
+                return dev  # no atomicfs here, or none that could be mounted
+            owner.check(dev, sb, "mkfs")
+    except BaseException:
+        dev.close()
+        raise
+    return dev
+
+
 def _format(target: str, size: int | None, atomic_unit: int, block_size: int, force: bool,
             created: bool) -> fmt.Superblock:
     st = os.stat(target)
@@ -83,14 +102,17 @@ def _format(target: str, size: int | None, atomic_unit: int, block_size: int, fo
         raise UserError(f"{target} is larger than --size; use --force to shrink it")
     # The first open is exclusive (it refuses a mounted target) and decides whether the
     # target may be touched at all, before a resize changes anything.
-    dev = Device.open(target)
+    dev = _open_unowned(target, created)
     try:
-        if not force and not created:
-            _refuse_existing(dev)
+        foreign = None if created else _existing(dev)
+        if foreign and not force:
+            raise UserError(f"{target} holds {foreign}; use --force to overwrite it")
         if resize and size is not None:
             _resize(target, size)
     finally:
         dev.close()
+    if foreign and foreign != OURS:
+        wipe_signatures(target)
     dev = Device.open(target)
     try:
         dev_size = dev.caps.size
@@ -117,14 +139,14 @@ def _resize(target: str, size: int) -> None:
                         f"{exc.strerror}") from None
 
 
-def _refuse_existing(dev: Device) -> None:
-    head = dev.read_sync(0, 128 << 10).bytes()
-    if head[:8] == fmt.MAGIC:
-        raise UserError(f"{dev.path} already holds an atomicfs filesystem; use --force to "
-                        "overwrite it")
-    foreign = fmt.identify_foreign(head)
-    if foreign:
-        raise UserError(f"{dev.path} holds {foreign}; use --force to overwrite it")
+OURS = "an atomicfs filesystem"
+
+
+def _existing(dev: Device) -> str | None:
+    """What the target holds already: our own superblock, or what libblkid finds."""
+    if dev.read_sync(0, 4096).bytes()[:8] == fmt.MAGIC:
+        return OURS
+    return foreign_signature(dev.path)
 
 
 def _write_empty_fs(dev: Device, fs_size: int, atomic_unit: int,
@@ -132,14 +154,15 @@ def _write_empty_fs(dev: Device, fs_size: int, atomic_unit: int,
     bs = block_size
     total = fs_size // bs
     log_blocks = fmt.default_log_blocks(total, bs)
-    log_start = fmt.SB_SLOTS
+    log_start = fmt.OWNER_BLOCK + 1
     data_start = log_start + log_blocks
     if data_start + 1024 > total:
         raise UserError("target too small for the log and data areas")
     now = time.time_ns()
     sb = fmt.Superblock(uuid=fmt.new_uuid(), block_size=bs, total_blocks=total,
                         log_start=log_start, log_blocks=log_blocks, data_start=data_start,
-                        atomic_unit=atomic_unit, mkfs_time_ns=now, ckpt_time_ns=now)
+                        atomic_unit=atomic_unit, mkfs_time_ns=now, ckpt_time_ns=now,
+                        flags=fmt.FLAG_OWNER_RECORD)
     md = Metadata(bs)
     root = md.make_root(os.getuid(), os.getgid(), 0o755, now)
     if atomic_unit:
@@ -155,6 +178,7 @@ def _write_empty_fs(dev: Device, fs_size: int, atomic_unit: int,
     zeros = Buffer(min(log_blocks, 16) * bs)
     dev.writev_sync(log_start * bs, [(zeros, 0, zeros.size)], "log")
     dev.writev_sync(data_start * bs, [(buf, 0, buf.size)], "snapshot")
+    owner.write_record(dev, sb, owner.clean_record(sb), sync=False)
     dev.flush_sync()
     sb.snap_block = data_start
     sb.snap_seq = 1

@@ -16,14 +16,16 @@ from typing import Any
 import trio
 
 from atomicfs import format as fmt
+from atomicfs import owner
 from atomicfs.alloc import Allocator
 from atomicfs.device import Device, DeviceOptions
 from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace, UserError
-from atomicfs.journal import (Journal, ReplayResult, read_snapshot, read_superblock,
-                              replay)
+from atomicfs.journal import (Journal, ReplayResult, read_superblock, surviving_data,
+                              write_data_home)
 from atomicfs.metadata import Inode, Metadata
 from atomicfs.options import MountOptions
 from atomicfs.pagecache import Mapping, PageCache
+from atomicfs.recovery import LogOverlay, Recovered, hold_kept_blocks, recover
 from atomicfs.stats import Counters
 from atomicfs.watchdog import Watchdog
 from atomicfs.writeback import Writeback, WritebackPolicy
@@ -68,14 +70,18 @@ class Volume:
                                             opts.unsafe_atomic), self.watchdog)
         self.needs_checkpoint = needs_checkpoint
         self.replayed: ReplayResult | None = None
+        self.recovered: Recovered | None = None
+        self.ro = opts.ro
         self.started_ns = time.time_ns()
 
     # ---------------------------------------------------------------- open / close
 
     @classmethod
     def open(cls, path: str, opts: MountOptions) -> "Volume":
-        dev = Device.open(path, options=DeviceOptions(opts.inject,
-                                                      opts.delay_ms / 1000.0, opts.record))
+        # Read-only: the device is opened O_RDONLY, so nothing can reach it by mistake.
+        dev = Device.open(path, readonly=opts.ro,
+                          options=DeviceOptions(opts.inject, opts.delay_ms / 1000.0,
+                                                opts.record))
         try:
             return cls._load(dev, opts)
         except BaseException:
@@ -92,40 +98,72 @@ class Volume:
         if opts.atomic_unit and opts.atomic_unit < sb.block_size:
             raise UserError(f"atomic_unit={opts.atomic_unit} is below the filesystem block "
                             f"size {sb.block_size}")
-        counters = Counters()
-        md = Metadata(sb.block_size)
+        if dev.readonly:
+            owner.check(dev, sb, "mount")  # refuses a live owner, claims nothing
+        else:
+            dev.owner = owner.Owner.claim(dev, sb)  # before anything is written
         try:
-            snapshot, extents = read_snapshot(dev, sb)
-            md.load(snapshot)
-            md.next_ino = max(md.next_ino, sb.next_ino)
-            if fmt.ROOT_INO not in md.inodes:
-                raise CorruptFilesystem("the root directory is missing")
-            result = replay(dev, sb, md, write_home=True)
-            alloc = build_allocator(sb, md, extents)
+            rec = recover(dev, sb)
+            problems = rec.check.problems
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise CorruptFilesystem(problems[0] + more)
+            if not opts.ro:
+                write_data_home(dev, rec.sb, rec.md, rec.result)
         except CorruptFilesystem as exc:
             raise UserError(f"{dev.path}: filesystem damaged: {exc}; "
                             "run `atomicfs fsck` for details") from exc
         except DeviceError as exc:
             raise UserError(f"{dev.path}: cannot read the filesystem: {exc}") from exc
+        for line in rec.slot_problems + ([rec.kept_problem] if rec.kept_problem else []):
+            log.warning("%s: %s; run `atomicfs fsck --repair`", dev.path, line)
+        if rec.fallback:
+            log.warning("%s: the newest metadata snapshot is damaged (%s); mounted the "
+                        "previous checkpoint's. Lost: %s", dev.path, rec.fallback,
+                        "; ".join(rec.lost))
+        result = rec.result
         if result.batches:
             log.info("replayed %d log batches (%d records, %d data blocks written home)",
                      result.batches, result.records, result.data_blocks_written)
+        return cls.from_recovered(dev, rec, opts)
+
+    @classmethod
+    def from_recovered(cls, dev: Device, rec: Recovered, opts: MountOptions) -> "Volume":
+        """The Volume over metadata recovery loaded and checked (fsck --repair uses it to
+        write its result as a mount would)."""
+        sb, md, result = rec.sb, rec.md, rec.result
+        alloc = rec.check.alloc
+        assert alloc is not None
+        if not opts.ro:
+            hold_kept_blocks(alloc, rec)
+        counters = Counters()
         journal = Journal(dev, sb, md, alloc, counters, result.head_pos, result.head_seq,
                           commit_interval=opts.commit_interval)
-        journal.snapshot_extents = list(extents)
+        journal.snapshot_extents = list(rec.snap_extents)
+        journal.previous_snapshot_extents = list(rec.kept_extents)
         md.sink = journal
         vol = cls(dev, sb, md, alloc, journal, opts, counters,
-                  needs_checkpoint=result.batches > 0)
+                  needs_checkpoint=result.batches > 0 or rec.fallback is not None)
         vol.replayed = result
+        vol.recovered = rec
+        if opts.ro:
+            # Reads see the replayed atomic data where it lies in the log.
+            overlay = LogOverlay(dev, sb.block_size,
+                                 surviving_data(sb, md, result.data))
+            vol.wb.dev = overlay  # type: ignore[assignment]
         return vol
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Run the background tasks; finish recovery (orphans, checkpoint)."""
         await nursery.start(self.dev.run_reaper)
+        await nursery.start(self.watchdog.run)
+        if self.ro:
+            return  # no writer, no flusher, no checkpoint, no orphan removal
         await nursery.start(self.journal.run)
         await nursery.start(self.wb.run_flusher)
         await nursery.start(self.wb.run_checkpointer)
-        await nursery.start(self.watchdog.run)
+        if self.dev.owner is not None:
+            await nursery.start(self.dev.owner.run, self.journal.fail)
         orphans = [i for i in self.md.inodes.values() if i.nlink == 0
                    and i.ino != fmt.ROOT_INO]
         for inode in orphans:
@@ -146,6 +184,8 @@ class Volume:
 
     async def shutdown(self) -> bool:
         """Write back everything and checkpoint; False if anything could not be written."""
+        if self.ro:
+            return True
         ok = True
         try:
             ok = await self.wb.sync_all()
@@ -216,6 +256,7 @@ class Volume:
                        "atomic_path": self.atomic_path(),
                        "flushes": self.dev.flushes, "write_ios": self.dev.write_ios,
                        "write_bytes": self.dev.write_bytes},
+            "folio_states": self._folio_states(),
             "counters": self.counters.as_dict(),
             "requests": self.watchdog.stats(),
             "log": {"size": self.journal.log_size, "used": self.journal.used,
@@ -231,6 +272,15 @@ class Volume:
                       "inodes": len(self.md.inodes)},
             "options": self.opts.describe(),
         }
+
+    def _folio_states(self) -> dict[str, int]:
+        """The folio counts of every file summed (`stable`: files with stable pages)."""
+        total = dict.fromkeys(("cached", "dirty", "writeback", "atomic", "logged",
+                               "writethrough_inflight", "stable"), 0)
+        for m in self.cache.mappings.values():
+            for k, v in m.counts().items():
+                total[k] = total.get(k, 0) + v
+        return total
 
     def file_stats(self, inode: Inode, handle_writethrough: bool = False) -> dict[str, Any]:
         unit = self.effective_unit(inode)

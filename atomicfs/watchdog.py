@@ -81,13 +81,17 @@ class Watchdog:
                             time.monotonic() - work.started)
 
     def oldest(self) -> dict[str, Any] | None:
-        if not self._active:
+        """The oldest tracked work other than the caller's own (the stat request)."""
+        me = _current.get()
+        others = [w for w in self._active.values() if w is not me]
+        if not others:
             return None
-        now = time.monotonic()
-        return min(self._active.values(), key=lambda w: w.started).describe(now)
+        return min(others, key=lambda w: w.started).describe(time.monotonic())
 
     def stats(self) -> dict[str, Any]:
-        return {"in_flight": len(self._active), "oldest": self.oldest(),
+        me = _current.get()
+        return {"in_flight": sum(w is not me for w in self._active.values()),
+                "oldest": self.oldest(),
                 "threshold_s": self.threshold, "reported_slow": self.reported}
 
     def check(self) -> int:

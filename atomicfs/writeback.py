@@ -193,10 +193,16 @@ class Writeback:
 
     async def make_room(self) -> bool:
         """Try to free space for a write that hit ENOSPC: commit the log so that blocks
-        freed by recent deletes become usable. Returns whether anything could help."""
+        freed by recent deletes become usable, and checkpoint for those held for the
+        fallback checkpoint (alloc.py; two checkpoints make them reusable). Returns
+        whether anything could help."""
         if self.alloc.pending_blocks == 0:
             return False
         await self.journal.commit()
+        for _ in range(2):
+            if not self.alloc.held_blocks or self.journal.failed is not None:
+                break
+            await self.checkpoint()
         return True
 
     async def balance_dirty(self) -> None:

@@ -139,6 +139,13 @@ def test_cli_reports_and_exits_non_zero_on_torn_units(mount_env: None,
     _no_leftovers(tmp_path)
 
 
+def test_log_filled_again_and_again(mount_env: None, tmp_path: Path) -> None:
+    """Issue 17: crash states while a 16 MiB log fills and is checkpointed repeatedly."""
+    t = _explore(tmp_path, workloads=["logfill"], states=40, kills=2, device="file",
+                 seed=17, mount_every=20)
+    _assert_clean(t, 40, 2)
+
+
 def test_rwf_atomic_writes_through_the_preload_library(mount_env: None,
                                                        tmp_path: Path) -> None:
     """The rwf workload: pwritev2(RWF_ATOMIC) of 1..64 units (some RWF_DSYNC) through the

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Awaitable, Callable
 
+import pyfuse3
 import trio
 
 from atomicfs import format as fmt
+from atomicfs.device import parse_inject
+from atomicfs.errors import DeviceError
 from atomicfs.fs import AtomicFS
 from atomicfs.journal import Journal
 from atomicfs.mkfs import mkfs
 from atomicfs.options import parse_mount_options
+from atomicfs.volume import Volume
 from tests.fs.helpers import Ctx, open_fs
 
 UNIT = 16 << 10
@@ -32,9 +37,9 @@ def _pattern(tag: int, size: int) -> bytes:
     return block * (size // UNIT)
 
 
-async def _wait_until(cond: object, what: str) -> None:
+async def _wait_until(cond: Callable[[], bool]) -> None:
     with trio.fail_after(HANG):
-        while not cond():  # type: ignore[operator]
+        while not cond():
             await trio.sleep(0.005)
 
 
@@ -43,76 +48,124 @@ def _stuck_batch(j: Journal) -> bool:
     return bool(j._sealed) and j._sealed[-1].pos < 0
 
 
+async def _fill_past_the_reserve(fs: AtomicFS, vol: Volume, fa: int, fb: int,
+                                 acked: dict[int, bytearray], *, fail_super: bool) -> None:
+    """Bring the log to where a checkpoint's batches cannot fit: the writer waits for
+    room with one batch, the pending batch is full, and metadata records (as dirty inodes
+    flushed at the seal add in real runs) make it larger than what is left. Then let the
+    checkpoint run (its superblock write failing if fail_super). acked gets each file's
+    content as of its last successful fsync."""
+    j = vol.journal
+    data_of = {fa: bytearray(acked[fa]), fb: bytearray(acked[fb])}
+
+    async def sync(fh: int) -> None:
+        try:
+            await fs.fsync(fh, False)
+        except pyfuse3.FUSEError:
+            assert fail_super
+            raise
+        acked[fh][:] = data_of[fh]
+
+    async def fill() -> None:
+        """fsyncs of 1 MiB of whole units each: one ~1 MiB log batch apiece."""
+        for i in range(1, 40):
+            off = (i % 4) * MiB
+            data = _pattern(i, MiB)
+            await fs.write(fa, off, data)
+            data_of[fa][off: off + MiB] = data
+            await sync(fa)
+
+    async def pending() -> None:
+        data = _pattern(99, MiB + MiB // 4)
+        await fs.write(fb, 0, data)
+        data_of[fb][: len(data)] = data
+        await sync(fb)
+
+    async def guarded(fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await fn()
+        except pyfuse3.FUSEError:
+            pass  # the log failed with the checkpoint (fail_super): asserted in sync
+
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            async with vol.wb._ckpt_lock:  # no checkpoint until the log is full
+                nursery.start_soon(guarded, fill)
+                await _wait_until(lambda: _stuck_batch(j))
+                nursery.start_soon(guarded, pending)
+                await _wait_until(lambda: j._pending.size > j.max_batch - 2 * UNIT)
+                stuck = j._sealed[-1]
+                size = fmt.header_area_size(len(stuck.meta), j.bs) + stuck.payload_bytes
+                waste = j.log_size - j.head_pos if j.head_pos + size > j.log_size else 0
+                room = j.log_size - j.bs - (j.used + waste + size)
+                inode = fs.handles[fa].inode
+                rec = len(fmt.rec_inode(inode.record_fields()))
+                for _ in range(max(0, room - j._pending.size) // rec + 64):
+                    vol.md.log_inode(inode)
+                assert j._pending.size > room
+                if fail_super:
+                    vol.dev.set_inject(parse_inject("super"))
+            # the checkpointer (woken by the full log) or this call does it
+            try:
+                await vol.wb.checkpoint()
+            except DeviceError:
+                assert fail_super
+    assert vol.counters.checkpoint_absorbed >= 1, "the scenario did not arise"
+
+
+async def _setup(fs: AtomicFS, vol: Volume) -> tuple[int, int, dict[int, bytearray]]:
+    assert await fs.mkdir(1, b"db", 0o755, Ctx())
+    await fs.setxattr(2, b"user.atomicfs.atomic_unit", str(UNIT).encode(), Ctx())
+    fa, fb = await _open(fs, b"a"), await _open(fs, b"b")
+    for fh in (fa, fb):
+        await fs.write(fh, 0, _pattern(0, 4 * MiB))
+        await fs.fsync(fh, False)
+    await vol.wb.checkpoint()
+    return fa, fb, {fa: bytearray(_pattern(0, 4 * MiB)), fb: bytearray(_pattern(0, 4 * MiB))}
+
+
 async def test_checkpoint_completes_when_its_batches_do_not_fit_in_the_log(
         tmp_path: Path) -> None:
-    """The log is at its limit with a batch waiting for room and a full pending batch; the
-    checkpoint's own batches do not fit even in the reserve (the pending batch grew by
-    metadata records). Before the fix the checkpoint waited for log space that only it
-    could free, and every fsync with it, forever. Now it writes those batches home."""
+    """Before the fix the checkpoint waited for log space that only it could free, and
+    every fsync with it, forever. Now it takes those batches out of place."""
     img = str(tmp_path / "fs.img")
     mkfs(img, size=64 * MiB)  # an 8 MiB log
     opts = parse_mount_options(["atomic_path=software"])
     async with open_fs(img, opts) as d:
         fs, vol = d.fs, d.fs.vol
-        j = vol.journal
-        assert await d.mkdir("/db")
-        await d.setxattr("/db", "user.atomicfs.atomic_unit", str(UNIT).encode())
-        fa, fb = await _open(fs, b"a"), await _open(fs, b"b")
-        for fh in (fa, fb):
-            await fs.write(fh, 0, _pattern(0, 4 * MiB))
-            await fs.fsync(fh, False)
-        await vol.wb.checkpoint()
-        expect = {fa: bytearray(_pattern(0, 4 * MiB)), fb: bytearray(_pattern(0, 4 * MiB))}
-        done: list[str] = []
-
-        async def fill() -> None:
-            """fsyncs of 1 MiB of whole units each: one ~1 MiB log batch apiece."""
-            for i in range(1, 40):
-                off = (i % 4) * MiB
-                data = _pattern(i, MiB)
-                await fs.write(fa, off, data)
-                expect[fa][off: off + MiB] = data
-                await fs.fsync(fa, False)
-            done.append("fill")
-
-        async def pending() -> None:
-            data = _pattern(99, MiB + MiB // 4)
-            await fs.write(fb, 0, data)
-            expect[fb][: len(data)] = data
-            await fs.fsync(fb, False)
-            done.append("pending")
-
-        with trio.fail_after(HANG):
-            async with trio.open_nursery() as nursery:
-                async with vol.wb._ckpt_lock:  # no checkpoint until the log is full
-                    nursery.start_soon(fill)
-                    await _wait_until(lambda: _stuck_batch(j), "the writer waits for room")
-                    nursery.start_soon(pending)
-                    await _wait_until(lambda: j._pending.size > j.max_batch - 2 * UNIT,
-                                      "a full pending batch")
-                    # How much the checkpoint's batches may take, then make the boundary
-                    # batch larger than that by metadata records of one inode (what the
-                    # dirty inodes flushed at the seal add in real runs).
-                    stuck = j._sealed[-1]
-                    size = fmt.header_area_size(len(stuck.meta), j.bs) + stuck.payload_bytes
-                    waste = j.log_size - j.head_pos if j.head_pos + size > j.log_size else 0
-                    room = j.log_size - j.bs - (j.used + waste + size)
-                    inode = vol.md.inodes[fs.handles[fa].inode.ino]
-                    rec = len(fmt.rec_inode(inode.record_fields()))
-                    for _ in range((room - j._pending.size) // rec + 64):
-                        vol.md.log_inode(inode)
-                    assert j._pending.size > room
-                # the checkpointer (woken by the full log) or this call does it
-                await vol.wb.checkpoint()
-        assert sorted(done) == ["fill", "pending"]
-        assert vol.counters.checkpoint_absorbed >= 1, "the scenario did not arise"
-        for fh, data in expect.items():
+        fa, fb, acked = await _setup(fs, vol)
+        await _fill_past_the_reserve(fs, vol, fa, fb, acked, fail_super=False)
+        for fh, data in acked.items():
             assert bytes(await fs.read(fh, 0, 4 * MiB)) == bytes(data)
             await fs.release(fh)
     # Everything fsynced is there after a remount (replay of whatever the log holds).
     async with open_fs(img, opts) as d:
-        assert await d.read("/db/a") == bytes(expect[fa])
-        assert await d.read("/db/b") == bytes(expect[fb])
+        assert await d.read("/db/a") == bytes(acked[fa])
+        assert await d.read("/db/b") == bytes(acked[fb])
+
+
+async def test_absorbed_batches_touch_no_home_before_the_checkpoint_is_durable(
+        tmp_path: Path) -> None:
+    """The superblock write of the absorbing checkpoint fails (as a crash before it would
+    leave the disk): the filesystem stops, and on the next mount every unit reads as its
+    last fsync left it: the absorbed writes went to new blocks, no home was touched."""
+    img = str(tmp_path / "fs.img")
+    mkfs(img, size=64 * MiB)
+    opts = parse_mount_options(["atomic_path=software"])
+    vol = Volume.open(img, opts)
+    try:
+        async with trio.open_nursery() as nursery:
+            await vol.start(nursery)
+            fs = AtomicFS(vol)
+            fa, fb, acked = await _setup(fs, vol)
+            await _fill_past_the_reserve(fs, vol, fa, fb, acked, fail_super=True)
+            assert vol.journal.failed is not None
+            nursery.cancel_scope.cancel()
+    finally:
+        vol.close()
+    async with open_fs(img, parse_mount_options(["atomic_path=software"])) as d:
+        assert await d.read("/db/a") == bytes(acked[fa])
+        assert await d.read("/db/b") == bytes(acked[fb])
 
 
 async def test_checkpointer_hears_requests_after_a_checkpoint_by_someone_else(

@@ -325,7 +325,8 @@ async def test_user_xattrs_on_symlinks_and_fifos_are_refused(drv: Driver) -> Non
     ("user.atomicfs.atomic_unit", b"4095"),
     ("user.atomicfs.atomic_unit", b"2048"),
     ("user.atomicfs.atomic_unit", b"12288"),
-    ("user.atomicfs.atomic_unit", b"16k"),
+    ("user.atomicfs.atomic_unit", b"16KB"),  # 16000: decimal, not a power of two
+    ("user.atomicfs.atomic_unit", b"16kb"),  # refused, as coreutils refuses it
     ("user.atomicfs.atomic_unit", b"-4096"),
     ("user.atomicfs.atomic_unit", b""),
     ("user.atomicfs.atomic_unit", b"4194304"),

@@ -101,7 +101,7 @@ def test_mkfs_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     ours = make_image(tmp_path / "ours.img", "64M")
     refused(unchanged(ours, lambda: cli("mkfs", ours, check=False)), "--force")
     ext4 = ext4_image(tmp_path)
-    refused(unchanged(ext4, lambda: cli("mkfs", ext4, check=False)), "ext2/ext3/ext4",
+    refused(unchanged(ext4, lambda: cli("mkfs", ext4, check=False)), "ext4 filesystem",
             "--force")
     # growing the image first would already change it
     refused(unchanged(ext4, lambda: cli("mkfs", ext4, "--size", "128M", check=False)),
@@ -226,6 +226,14 @@ INVALID_OPTIONS = [
     ("writethrough=1", ["takes no value"]),
     ("atomic_path=magic", ["atomic_path"]),
     ("allow_other,nonsense=1", ["nonsense"]),
+    ("cache_size=100T", ["cache_size", "memory"]),
+    ("delay=inf", ["delay", "'inf'"]),
+    ("delay=nan", ["delay", "'nan'"]),
+    ("delay=1e300", ["delay", "'1e300'"]),
+    ("delay=-5", ["delay", "'-5'"]),
+    ("delay=", ["delay", "needs a value"]),
+    ("record=/nonexistent/dir/rec", ["record", "/nonexistent/dir", "not an existing"]),
+    ("inject=data:99999999999999999999", ["inject count"]),
 ]
 
 
@@ -346,11 +354,14 @@ def test_fsck_not_atomicfs_is_2(tmp_path: Path, kind: str) -> None:
 
 
 def test_fsck_corrupted_snapshot_is_1(used_image: tuple[str, int], mp: str) -> None:
+    """Both kept snapshots unreadable: nothing to fall back to (one: test_reliability)."""
     img, _ = used_image
     sb = newest_superblock(img)
-    with open(img, "r+b") as f:  # flip bytes inside the record stream
-        f.seek((sb.snap_block + 1) * sb.block_size + 40)
-        f.write(b"\xff\xfe\xfd\xfc")
+    assert sb.prev_snap_block
+    with open(img, "r+b") as f:  # flip bytes inside both record streams
+        for block in (sb.snap_block, sb.prev_snap_block):
+            f.seek((block + 1) * sb.block_size + 40)
+            f.write(b"\xff\xfe\xfd\xfc")
     res = fsck(img)
     assert res.returncode == 1, res.stdout + res.stderr
     assert "damage: metadata snapshot" in res.stdout and "checksum" in res.stdout

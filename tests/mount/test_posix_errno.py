@@ -11,7 +11,8 @@ import stat
 from typing import Any
 
 from tests.conftest import Mount
-from tests.mount.posix_helpers import (RENAME_EXCHANGE, RENAME_NOREPLACE, Step, afs, backing,
+from tests.mount.posix_helpers import (RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Step,
+                                       afs, backing,
                                        compare_steps, ext4_dir, ext4_root, outcome, renameat2,
                                        run_steps)
 
@@ -134,8 +135,27 @@ STEPS: list[Step] = [
     ("trailing slash on a file", lambda r: os.rename(f"{r}/d/g", f"{r}/d/g2/")),
     ("write to a directory fd", lambda r: _write_dir(f"{r}/f")),
     ("in a removed directory", lambda r: _in_removed_dir(f"{r}/gone")),
+    ("whiteout", lambda r: _touch(f"{r}/wo", b"w") or
+     renameat2(f"{r}/wo", f"{r}/wo2", RENAME_WHITEOUT) or
+     (_whiteout(f"{r}/wo"), _read(f"{r}/wo2"))),
+    ("whiteout over a file", lambda r: _touch(f"{r}/wo3", b"3") or
+     renameat2(f"{r}/wo3", f"{r}/wo2", RENAME_WHITEOUT) or
+     (_whiteout(f"{r}/wo3"), _read(f"{r}/wo2"))),
+    ("whiteout noreplace onto existing", lambda r: _touch(f"{r}/wo4") or
+     renameat2(f"{r}/wo4", f"{r}/wo2", RENAME_WHITEOUT | RENAME_NOREPLACE)),
+    ("whiteout with exchange", lambda r: renameat2(f"{r}/wo4", f"{r}/wo2",
+                                                   RENAME_WHITEOUT | RENAME_EXCHANGE)),
+    ("whiteout of a directory", lambda r: os.mkdir(f"{r}/wod") or
+     renameat2(f"{r}/wod", f"{r}/wod2", RENAME_WHITEOUT) or
+     (_whiteout(f"{r}/wod"), _kind(f"{r}/wod2"))),
     ("final listing", lambda r: sorted(os.listdir(r))),
 ]
+
+
+def _whiteout(path: str) -> tuple[bool, int, int]:
+    """A whiteout: a character device numbered 0/0 (mode bits as the kernel leaves them)."""
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode), st.st_rdev, st.st_nlink
 
 
 def _write_dir(path: str) -> int:

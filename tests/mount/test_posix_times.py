@@ -38,6 +38,8 @@ OPS: list[Op] = [
     ("open O_TRUNC", lambda r: _open_trunc(f"{r}/d/f")),
     ("chmod", lambda r: os.chmod(f"{r}/d/f", 0o600)),
     ("chown", lambda r: os.chown(f"{r}/d/f", 5, 5)),
+    ("chown -1 -1", lambda r: os.chown(f"{r}/d/f", -1, -1)),  # ctime moves on ext4
+    ("chown -1 -1 of a directory", lambda r: os.chown(f"{r}/e", -1, -1)),
     ("setxattr", lambda r: os.setxattr(f"{r}/d/f", "user.k", b"v")),
     ("removexattr", lambda r: os.removexattr(f"{r}/d/f", "user.k")),
     ("link", lambda r: os.link(f"{r}/d/f", f"{r}/e/g")),

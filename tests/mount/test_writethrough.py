@@ -119,7 +119,7 @@ def test_writethroughs_to_different_files_overlap(image: str, mounter: MountFact
     """With every device write taking 300 ms, two write-throughs of data that has a home
     (written in place) to different files take about 300 ms, not 600; and the daemon
     serves other requests meanwhile."""
-    m = mounter(image)
+    m = mounter(image, "testing")  # the delay= control below
     for i in range(2):  # homes for the data: more than a small sync write, so in place
         with open(m / f"f{i}", "wb") as f:
             f.write(b"x" * (1 << 20))
@@ -275,7 +275,7 @@ def test_fsync_during_a_home_copy_still_writes_the_folios_other_blocks(
     """A checkpoint copying a folio's logged blocks home holds the folio (as writeback of
     no dirty blocks). An fsync meanwhile must wait and write the folio's other dirty
     blocks; it used to skip the busy folio and return without them."""
-    m = mounter(image)
+    m = mounter(image, "testing")  # the delay= control below
     path = m / "f"
     fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_DSYNC, 0o644)
     os.pwrite(fd, b"a" * 4096, 0)  # small new data with O_DSYNC: into the log

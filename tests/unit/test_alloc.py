@@ -123,8 +123,8 @@ def test_meta_reserve_is_for_metadata_only() -> None:
 def test_set_snapshot_estimate_grows_the_reserve() -> None:
     a = Allocator(100_000, 100)
     base = a.meta_reserve
-    a.set_snapshot_estimate(10 << 20, 4096)  # room for two 10 MiB snapshots
-    assert a.meta_reserve == 2 * 2560 + 16
+    a.set_snapshot_estimate(10 << 20, 4096)  # room for three 10 MiB snapshots
+    assert a.meta_reserve == 3 * 2560 + 16
     a.set_snapshot_estimate(100, 4096)  # never below the minimum
     assert a.meta_reserve == base
 
@@ -276,3 +276,27 @@ def test_randomized_against_a_set_model() -> None:
             assert a.reserved_blocks == reserved
             assert a.available_blocks == max(0, a.free_blocks - reserved - meta)
             assert a.is_used(data_start, total - data_start) == len(used)
+
+
+def test_blocks_freed_after_the_fallback_checkpoint_are_held() -> None:
+    """A block freed by batch s stays in use until the fallback checkpoint covers s."""
+    a = make_alloc(total=100, data_start=0)
+    a.fallback_boundary = 4  # the kept previous checkpoint covers batches up to 4
+    start, _ = a.allocate(20)
+    a.free_after(3, [(start, 5)])  # before the fallback's boundary: freed when durable
+    a.free_after(6, [(start + 10, 5)])  # after it: the fallback may map these
+    assert a.release_durable(6) == 5
+    assert a.held_blocks == 5 and a.pending_blocks == 5
+    assert a.is_used(start + 10, 5) == 5
+    assert a.checkpointed(5) == 0  # the next fallback covers batch 5 only
+    assert a.checkpointed(7) == 5 and a.held_blocks == 0
+    assert a.is_used(start + 10, 5) == 0
+
+
+def test_hold_marks_blocks_used_until_a_checkpoint_covers_them() -> None:
+    a = make_alloc(total=100, data_start=0)
+    a.fallback_boundary = 0
+    a.hold(9, [(40, 4)])
+    assert a.is_used(40, 4) == 4 and a.held_blocks == 4
+    assert a.checkpointed(8) == 0
+    assert a.checkpointed(9) == 4 and a.is_used(40, 4) == 0

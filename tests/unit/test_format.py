@@ -16,6 +16,7 @@ from atomicfs.device import Device
 from atomicfs.errors import CorruptFilesystem, NotAtomicfs
 from atomicfs.journal import read_superblock, superblock_offset, write_superblock_sync
 from atomicfs.mkfs import mkfs
+from atomicfs.native import crc32c
 from tests.unit.fsutil import scribble
 
 
@@ -39,7 +40,7 @@ def test_superblock_round_trip() -> None:
 
 def test_superblock_every_byte_of_the_body_is_checksummed() -> None:
     raw = make_sb().pack()
-    body_end = fmt._SB.size + 4  # fields, then the CRC
+    body_end = fmt.SB_SIZE + 4  # fields, then the CRC
     for pos in range(body_end):
         damaged = bytearray(raw)
         damaged[pos] ^= 0x01
@@ -78,7 +79,32 @@ def test_superblock_geometry_validation(changes: dict[str, int]) -> None:
         fmt.Superblock.unpack(sb.pack())
 
 
+def test_superblock_of_the_older_shorter_layout_still_reads() -> None:
+    """Images formatted before the previous-checkpoint fields existed still mount."""
+    sb = make_sb()
+    body = sb.pack()[: fmt.SB_SIZE_OLD]
+    body = body[:12] + struct.pack("<I", fmt.SB_SIZE_OLD) + body[16:]
+    raw = body + struct.pack("<I", crc32c(body))
+    old = fmt.Superblock.unpack(raw + bytes(fmt.MIN_BLOCK_SIZE - len(raw)))
+    assert old == sb and old.prev_snap_block == 0
+
+
+@pytest.mark.parametrize("changes", [
+    {"atomic_unit": 12288},  # not a power of two
+    {"atomic_unit": 2 << 20},
+    {"next_ino": 1},
+    {"log_seq": 0},
+    {"prev_snap_block": 5},
+    {"prev_snap_block": 3000, "prev_snap_seq": 7, "prev_log_seq": 40},  # not older
+    {"prev_snap_block": 3000, "prev_snap_seq": 6, "prev_log_seq": 43},
+])
+def test_superblock_field_validation(changes: dict[str, int]) -> None:
+    with pytest.raises(CorruptFilesystem):
+        fmt.Superblock.unpack(make_sb(**changes).pack())
+
+
 def test_superblock_valid_edges() -> None:
+    make_sb(prev_snap_block=3000, prev_snap_seq=6, prev_log_seq=42).validate()
     make_sb(snap_block=0).validate()  # no snapshot yet
     make_sb(log_tail=2047 * 4096).validate()
     make_sb(block_size=65536, log_tail=0).validate()

@@ -373,8 +373,10 @@ async def test_checkpoint_moves_the_tail_and_frees_log_space(fs_image: str) -> N
         assert j.used == 0 and j.tail_pos == j.head_pos and j.tail_seq == 4
         assert not j.is_resident(f.ino, 0)
         assert j.sb.seq == 2 and j.sb.log_tail == j.tail_pos and j.sb.log_seq == 4
-        # the old snapshot's blocks are free again, the new one's in use
-        assert all(o.alloc.is_used(s, c) == 0 for s, c in old_snap)
+        # the old snapshot is kept as the fallback, the new one is in use
+        assert j.previous_snapshot_extents == old_snap
+        assert j.sb.prev_snap_block == old_snap[0][0] and j.sb.prev_log_seq == 1
+        assert all(o.alloc.is_used(s, c) == c for s, c in old_snap)
         assert all(o.alloc.is_used(s, c) == c for s, c in j.snapshot_extents)
         # more changes after the checkpoint
         g = create_file(o.md, b"g")
