@@ -430,7 +430,7 @@ def test_xattrs_match_ext4(afs: Mount, ext4_dir: str) -> None:
 @pytest.mark.parametrize("name,value", [
     ("user.atomicfs.atomic_unit", b"3000"),
     ("user.atomicfs.atomic_unit", b"2048"),
-    ("user.atomicfs.atomic_unit", b"16k"),
+    ("user.atomicfs.atomic_unit", b"16KB"),  # 16k is valid (size grammar), 16KB is not
     ("user.atomicfs.atomic_unit", b"4194304"),
     ("user.atomicfs.atomic_unit", b"lots"),
     ("user.atomicfs.writethrough", b"2"),
