@@ -120,9 +120,14 @@ class Allocator:
         """
         if min_len is None:
             min_len = want
-        limit = self.free_blocks - self._reserved + reserved  # pending: not in free_blocks
+        # Reserved blocks were promised when they fitted beside the metadata reserve; a
+        # snapshot written since may have used part of that reserve (that is what it is
+        # for), so the promise is kept without it: only blocks beyond the reservation must
+        # leave the reserve alone. Pending frees are not in free_blocks.
+        room = self.free_blocks - self._reserved
         if not metadata:
-            limit -= self.meta_reserve
+            room -= self.meta_reserve
+        limit = reserved + max(0, room)
         if min_len > limit:
             raise NoSpace(f"no room for {min_len} blocks")
         want = min(want, max(limit, min_len))
