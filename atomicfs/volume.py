@@ -60,7 +60,7 @@ class Volume:
         self.counters = counters
         self.bs = sb.block_size
         self.cache = PageCache(self.bs, opts.cache_size, max(opts.folio_size, self.bs),
-                               counters)
+                               counters, align=dev.caps.dio_mem_align)
         self.wb = Writeback(dev, md, alloc, journal, self.cache, counters,
                             WritebackPolicy(opts.atomic_path, opts.dirty_expire, opts.debug,
                                             opts.unsafe_atomic))
@@ -196,6 +196,7 @@ class Volume:
             "pid": os.getpid(),
             "cache": {"bytes": c.bytes, "limit": c.limit, "dirty_bytes": c.dirty_bytes,
                       "writeback_bytes": c.writeback_bytes, "logged_bytes": c.logged_bytes,
+                      "pinned_bytes": c.pinned_bytes, "spare_bytes": c.spare_bytes,
                       "folios": sum(len(m.folios) for m in c.mappings.values()),
                       "mappings": len(c.mappings)},
             "device": {"path": self.dev.path, "size": self.dev.caps.size,
@@ -225,7 +226,7 @@ class Volume:
         unit = self.effective_unit(inode)
         m = self.cache.mappings.get(inode.ino)
         folios = m.counts() if m is not None else {
-            "cached": 0, "dirty": 0, "writeback": 0, "atomic": 0, "logged": 0,
+            "cached": 0, "bytes": 0, "dirty": 0, "writeback": 0, "atomic": 0, "logged": 0,
             "writethrough_inflight": 0, "stable": 0}
         return {
             "ino": inode.ino,
