@@ -40,6 +40,11 @@ class Allocator:
         self._pending_blocks = 0
         self._goal = data_start
         self.meta_reserve = self._minimum_meta_reserve()
+        # Each reserved block may become an extent of its own when it is allocated, and the
+        # snapshot grows by an extent record (twice over in the reserve): that room is kept
+        # with the reservation, so that neither the data nor the next snapshot lacks it.
+        self.extent_record_bytes = 0  # set by the mount; 0: no allowance
+        self.block_size = 4096
 
     # ----------------------------------------------------------------------- accounting
 
@@ -55,14 +60,18 @@ class Allocator:
         """Blocks neither in use nor waiting for a commit to be freed."""
         return self.total_blocks - self._used
 
+    def _extent_allowance(self, reserved: int) -> int:
+        return -(-2 * self.extent_record_bytes * reserved // self.block_size)
+
     @property
     def available_blocks(self) -> int:
         """What new file data may still claim (statfs f_bavail)."""
-        return max(0, self.free_blocks - self._reserved - self.meta_reserve)
+        return max(0, self.free_blocks - self.reserved_blocks - self.meta_reserve)
 
     @property
     def reserved_blocks(self) -> int:
-        return self._reserved
+        """Blocks promised to dirty data, and to the extent records that will map them."""
+        return self._reserved + self._extent_allowance(self._reserved)
 
     @property
     def pending_blocks(self) -> int:
@@ -80,7 +89,8 @@ class Allocator:
         """Promise count blocks to dirty data; NoSpace when they are not there."""
         if count <= 0:
             return
-        if count > self.available_blocks:
+        after = self._reserved + count
+        if self.free_blocks - after - self._extent_allowance(after) - self.meta_reserve < 0:
             raise NoSpace(f"cannot reserve {count} blocks")
         self._reserved += count
 
@@ -126,7 +136,7 @@ class Allocator:
         # leave the reserve alone. Pending frees are not in free_blocks.
         room = self.free_blocks - self._reserved
         if not metadata:
-            room -= self.meta_reserve
+            room -= self.meta_reserve + self._extent_allowance(self._reserved)
         limit = reserved + max(0, room)
         if min_len > limit:
             raise NoSpace(f"no room for {min_len} blocks")

@@ -21,7 +21,7 @@ from atomicfs.device import Device, DeviceOptions
 from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace, UserError
 from atomicfs.journal import (Journal, ReplayResult, read_snapshot, read_superblock,
                               replay)
-from atomicfs.metadata import Inode, Metadata
+from atomicfs.metadata import EXTENT_SNAP, Inode, Metadata
 from atomicfs.options import MountOptions
 from atomicfs.pagecache import Mapping, PageCache
 from atomicfs.stats import Counters
@@ -34,6 +34,8 @@ def build_allocator(sb: fmt.Superblock, md: Metadata,
                     snapshot_extents: list[tuple[int, int]]) -> Allocator:
     """Free space is whatever no file and no snapshot uses; overlaps are damage."""
     alloc = Allocator(sb.total_blocks, sb.data_start)
+    alloc.extent_record_bytes = EXTENT_SNAP
+    alloc.block_size = sb.block_size
     for dblock, count in snapshot_extents:
         alloc.mark_used(dblock, count)
     for inode in md.inodes.values():

@@ -182,6 +182,8 @@ class Writeback:
                 need.append((folio, unmapped))
                 total += popcount(unmapped)
         if total:
+            # extents mapped by writeback since the last estimate have grown the snapshot
+            self.alloc.set_snapshot_estimate(self.md.snapshot_bytes, self.bs)
             self.alloc.reserve(total)  # NoSpace propagates: nothing has changed yet
             for folio, mask in need:
                 self.cache.reserve_blocks(folio, mask)
