@@ -48,6 +48,11 @@ class Allocator:
         self.fallback_boundary = 1 << 62
         self._goal = data_start
         self.meta_reserve = self._minimum_meta_reserve()
+        # Each reserved block may become an extent of its own when it is allocated, and the
+        # snapshot grows by an extent record (twice over in the reserve): that room is kept
+        # with the reservation, so that neither the data nor the next snapshot lacks it.
+        self.extent_record_bytes = 0  # set by the mount; 0: no allowance
+        self.block_size = 4096
 
     # ----------------------------------------------------------------------- accounting
 
@@ -63,14 +68,18 @@ class Allocator:
         """Blocks neither in use nor waiting for a commit to be freed."""
         return self.total_blocks - self._used
 
+    def _extent_allowance(self, reserved: int) -> int:
+        return -(-2 * self.extent_record_bytes * reserved // self.block_size)
+
     @property
     def available_blocks(self) -> int:
         """What new file data may still claim (statfs f_bavail)."""
-        return max(0, self.free_blocks - self._reserved - self.meta_reserve)
+        return max(0, self.free_blocks - self.reserved_blocks - self.meta_reserve)
 
     @property
     def reserved_blocks(self) -> int:
-        return self._reserved
+        """Blocks promised to dirty data, and to the extent records that will map them."""
+        return self._reserved + self._extent_allowance(self._reserved)
 
     @property
     def pending_blocks(self) -> int:
@@ -94,7 +103,8 @@ class Allocator:
         """Promise count blocks to dirty data; NoSpace when they are not there."""
         if count <= 0:
             return
-        if count > self.available_blocks:
+        after = self._reserved + count
+        if self.free_blocks - after - self._extent_allowance(after) - self.meta_reserve < 0:
             raise NoSpace(f"cannot reserve {count} blocks")
         self._reserved += count
 
@@ -134,9 +144,14 @@ class Allocator:
         """
         if min_len is None:
             min_len = want
-        limit = self.free_blocks - self._reserved + reserved  # pending: not in free_blocks
+        # Reserved blocks were promised when they fitted beside the metadata reserve; a
+        # snapshot written since may have used part of that reserve (that is what it is
+        # for), so the promise is kept without it: only blocks beyond the reservation must
+        # leave the reserve alone. Pending frees are not in free_blocks.
+        room = self.free_blocks - self._reserved
         if not metadata:
-            limit -= self.meta_reserve
+            room -= self.meta_reserve + self._extent_allowance(self._reserved)
+        limit = reserved + max(0, room)
         if min_len > limit:
             raise NoSpace(f"no room for {min_len} blocks")
         want = min(want, max(limit, min_len))

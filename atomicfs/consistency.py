@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from atomicfs import format as fmt
 from atomicfs.alloc import Allocator
-from atomicfs.metadata import (XATTR_ATOMIC_STRICT, XATTR_ATOMIC_UNIT, XATTR_WRITETHROUGH,
-                               Extent, Inode, Metadata)
+from atomicfs.metadata import (EXTENT_SNAP, XATTR_ATOMIC_STRICT, XATTR_ATOMIC_UNIT,
+                               XATTR_WRITETHROUGH, Extent, Inode, Metadata)
 from atomicfs.options import check_atomic_unit
 
 VALID_TYPES = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK,
@@ -186,6 +186,9 @@ def _check_space(sb: fmt.Superblock, md: Metadata, snap_extents: list[Extent],
                  kept_extents: list[Extent], res: CheckResult) -> None:
     """Every extent inside the data area and claimed once; nothing mapped past EOF."""
     alloc = Allocator(sb.total_blocks, sb.data_start)
+    # a reservation also holds room for the extent records that will map its blocks
+    alloc.extent_record_bytes = EXTENT_SNAP
+    alloc.block_size = sb.block_size
     bs = sb.block_size
     owners: list[tuple[int, int, str]] = []  # only searched when a block is claimed twice
 

@@ -1,7 +1,11 @@
 """The daemon's page cache: folios with per-block state, mappings, dirty accounting, LRU.
 
 A *folio* is a folio_size-aligned piece of one file in an aligned native buffer. For a file
-with atomic unit U the folio size is U; other files use the mount's default folio size.
+with atomic unit U the folio size is U and its buffer always covers the whole unit; other
+files use the mount's default folio size, but the buffer covers only the first 2^k blocks
+that hold cached data and grows when more of the folio is wanted (as the kernel picks the
+order of a large folio), so that a 100-byte file pins 4 KiB, not 64 KiB. Blocks past the
+buffer are neither uptodate nor dirty.
 Its state, after iomap's per-folio state:
 
     uptodate   bitmap: blocks whose buffer content is valid
@@ -37,7 +41,7 @@ import trio
 
 from atomicfs import format as fmt
 from atomicfs.metadata import Inode
-from atomicfs.native import Buffer, copy_into
+from atomicfs.native import ALIGN, Buffer, copy_into
 from atomicfs.stats import Counters
 from atomicfs.watchdog import waiting
 
@@ -150,6 +154,11 @@ class Folio:
         return self.index * self.mapping.blocks_per_folio
 
     @property
+    def size(self) -> int:
+        """Bytes of memory it holds (its buffer: the whole folio or a prefix of it)."""
+        return self.buf.size
+
+    @property
     def evictable(self) -> bool:
         return not (self.dirty or self.writeback or self.locked or self.logged_seq
                     or self.pins)
@@ -225,6 +234,7 @@ class Mapping:
         folios = self.folios.values()
         return {
             "cached": len(self.folios),
+            "bytes": sum(f.size for f in folios),
             "dirty": len(self.dirty),
             "writeback": sum(1 for f in folios if f.writeback),
             "atomic": sum(1 for f in folios if f.atomic),
@@ -235,26 +245,43 @@ class Mapping:
 
 
 class PageCache:
-    """All mappings, the memory bound, dirty accounting and the LRU of clean folios."""
+    """All mappings, the memory bound, dirty accounting and the LRU of clean folios.
+
+    The bound: `bytes` (every folio's buffer) plus the spare buffers kept for reuse stay
+    within `limit` whenever anything can be evicted; clean folios are dropped as soon as
+    the limit is passed (`trim`), and writers are throttled while folios that cannot be
+    dropped (dirty, under I/O, logged, in use) hold more than half of it."""
 
     def __init__(self, block_size: int, limit: int, default_folio_size: int,
-                 counters: Counters) -> None:
+                 counters: Counters, align: int = ALIGN) -> None:
         self.block_size = block_size
+        self.align = align  # of folio buffers: what O_DIRECT on the device needs
         self.limit = limit
         self.default_folio_size = default_folio_size
         self.counters = counters
         self.mappings: dict[int, Mapping] = {}
         self.lru: OrderedDict[tuple[int, int], Folio] = OrderedDict()
         self.bytes = 0
+        self.lru_bytes = 0  # bytes of the folios on the LRU (clean, idle: evictable)
         self.dirty_bytes = 0
         self.writeback_bytes = 0
         self.logged_bytes = 0  # folios pinned until a checkpoint writes them home
         self.dirty_changed = trio.Event()
         # Buffers of dropped folios, reused for new ones: allocating and first touching
-        # fresh memory costs more than zeroing a buffer that is already mapped.
+        # fresh memory costs more than zeroing a buffer that is already mapped. They count
+        # against the limit too, and are freed first when room is needed.
         self._spare: dict[int, list[Buffer]] = {}
         self._spare_bytes = 0
         self._spare_limit = min(limit // 8, 32 << 20)
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of folios that eviction cannot drop now."""
+        return self.bytes - self.lru_bytes
+
+    @property
+    def spare_bytes(self) -> int:
+        return self._spare_bytes
 
     # ------------------------------------------------------------------ mappings
 
@@ -286,28 +313,65 @@ class PageCache:
             self.lru.move_to_end((m.ino, index))
         return folio
 
-    def get_folio(self, m: Mapping, index: int) -> Folio:
+    def _buffer_size(self, m: Mapping, nblocks: int) -> int:
+        """Buffer size for a folio whose first nblocks blocks are wanted: the whole folio
+        for an atomic unit, else the next power of two of blocks (the folio's order)."""
+        if m.atomic or nblocks >= m.blocks_per_folio:
+            return m.folio_size
+        return (1 << max(0, nblocks - 1).bit_length()) * self.block_size
+
+    def get_folio(self, m: Mapping, index: int, nblocks: int | None = None) -> Folio:
+        """The folio at index, created if missing with room for its first nblocks blocks
+        (default: all). An existing folio may be smaller: see `fit`."""
         folio = self.find_folio(m, index)
         if folio is not None:
             self.counters.cache_hits += 1
             return folio
         self.counters.cache_misses += 1
-        self.evict(m.folio_size)
-        folio = Folio(m, index, self._new_buffer(m.folio_size))
+        size = self._buffer_size(m, m.blocks_per_folio if nblocks is None else nblocks)
+        folio = Folio(m, index, self._new_buffer(size))
         m.folios[index] = folio
-        self.bytes += m.folio_size
+        self.bytes += size
         self._lru_add(folio)
         return folio
+
+    def fit(self, folio: Folio, nblocks: int) -> bool:
+        """Grow the folio's buffer to hold its first nblocks blocks (a named transition:
+        the content moves to a larger buffer). Not while a read fills it or a stable
+        writeback needs it unchanged: returns False, the caller waits and tries again. A
+        non-stable writeback keeps writing from the old buffer (its I/O holds it); the
+        blocks it writes are copied, and stay dirty if it fails."""
+        m = folio.mapping
+        size = self._buffer_size(m, nblocks)
+        old = folio.buf
+        if size <= old.size:
+            return True
+        if folio.locked or (folio.writeback and (folio.wb_stable or m.stable)):
+            return False
+        buf = self._new_buffer(size, keep=old.size)
+        buf.copy_from(0, old, 0, old.size)
+        folio.buf = buf
+        grown = size - old.size
+        self.bytes += grown
+        if folio.in_lru:
+            self.lru_bytes += grown
+        if folio.logged_seq:
+            self.logged_bytes += grown
+        if not folio.writeback:  # else the I/O still reads it; it is freed after
+            self._recycle(old)
+        return True
 
     def _lru_add(self, folio: Folio) -> None:
         if not folio.in_lru and folio.evictable:
             self.lru[(folio.mapping.ino, folio.index)] = folio
             folio.in_lru = True
+            self.lru_bytes += folio.size
 
     def _lru_remove(self, folio: Folio) -> None:
         if folio.in_lru:
             del self.lru[(folio.mapping.ino, folio.index)]
             folio.in_lru = False
+            self.lru_bytes -= folio.size
 
     def _refresh_lru(self, folio: Folio) -> None:
         if folio.evictable:
@@ -321,40 +385,68 @@ class PageCache:
         self.leave_group(folio)
         if folio.logged_seq:
             folio.logged_seq = 0
-            self.logged_bytes -= m.folio_size
+            self.logged_bytes -= folio.size
         if folio.dirty:
             self.dirty_bytes -= popcount(folio.dirty) * self.block_size
             m.dirty.pop(folio.index, None)
         del m.folios[folio.index]
-        self.bytes -= m.folio_size
+        self.bytes -= folio.size
         self._recycle(folio.buf)
 
-    def _new_buffer(self, size: int) -> Buffer:
+    def _new_buffer(self, size: int, keep: int = 0) -> Buffer:
+        """A zeroed buffer: a spare one of that size, else fresh memory, for which clean
+        folios and spare buffers make room first (keep: bytes of the caller's folio that
+        are about to be released, already in `bytes`)."""
         spare = self._spare.get(size)
         if spare:
             buf = spare.pop()
             self._spare_bytes -= size
             buf.zero()
             return buf
-        return Buffer(size)
+        self.evict(size - keep)
+        return Buffer(size, self.align)
 
     def _recycle(self, buf: Buffer) -> None:
-        """Keep the buffer of a dropped folio for the next new one. Nothing else uses it:
-        a folio is dropped only when no I/O, lock or request holds it."""
-        if self._spare_bytes + buf.size <= self._spare_limit:
-            self._spare.setdefault(buf.size, []).append(buf)
-            self._spare_bytes += buf.size
+        """Keep the buffer of a dropped folio for the next new one, while the folios and
+        the spares together stay within the limit. Nothing else uses it: a folio is
+        dropped only when no I/O, lock or request holds it."""
+        size = buf.size
+        if self._spare_bytes + size <= self._spare_limit and \
+                self.bytes + self._spare_bytes + size <= self.limit:
+            self._spare.setdefault(size, []).append(buf)
+            self._spare_bytes += size
+
+    def _free_spares(self, room: int) -> None:
+        """Free spare buffers until folios, spares and `room` more bytes fit the limit."""
+        for size in sorted(self._spare, reverse=True):
+            spare = self._spare[size]
+            while spare and self.bytes + self._spare_bytes + room > self.limit:
+                spare.pop()
+                self._spare_bytes -= size
 
     def evict(self, room: int = 0) -> int:
-        """Drop clean folios, least recently used first, until `room` more bytes fit."""
+        """Free spare buffers, then drop clean folios, least recently used first, until
+        `room` more bytes fit within the limit."""
         evicted = 0
-        while self.lru and self.bytes + room > self.limit:
+        while True:
+            self._free_spares(room)  # including the buffer of a folio just dropped
+            if not self.lru or self.bytes + self._spare_bytes + room <= self.limit:
+                break
             _, folio = self.lru.popitem(last=False)
             folio.in_lru = False
+            self.lru_bytes -= folio.size
             self._remove_folio(folio)
             evicted += 1
         self.counters.cache_evictions += evicted
         return evicted
+
+    def trim(self) -> int:
+        """Back within the limit as soon as folios became clean: called where writeback,
+        a checkpoint or a request has just released folios (not inside the transitions,
+        whose callers may still hold the folios they pass)."""
+        if self.bytes + self._spare_bytes <= self.limit:
+            return 0
+        return self.evict()
 
     # --------------------------------------------------------- state transitions
 
@@ -454,7 +546,7 @@ class PageCache:
     def set_logged(self, folio: Folio, seq: int) -> None:
         """Its newest copy is in log batch seq: keep it in memory until it is home."""
         if not folio.logged_seq:
-            self.logged_bytes += folio.mapping.folio_size
+            self.logged_bytes += folio.size
         folio.logged_seq = seq
         self._lru_remove(folio)
 
@@ -462,8 +554,17 @@ class PageCache:
         """A checkpoint covering batch upto_seq wrote the folio home."""
         if folio.logged_seq and folio.logged_seq <= upto_seq:
             folio.logged_seq = 0
-            self.logged_bytes -= folio.mapping.folio_size
+            self.logged_bytes -= folio.size
             self._refresh_lru(folio)
+
+    def checkpointed(self, upto_seq: int) -> None:
+        """A checkpoint wrote home everything logged up to batch upto_seq: those folios
+        may go, and writers throttled on them may go on."""
+        for m in self.mappings.values():
+            for folio in m.folios.values():
+                self.clear_logged(folio, upto_seq)
+        self.trim()
+        self._dirty_changed()
 
     def lock(self, folio: Folio) -> None:
         if folio.locked:
@@ -515,7 +616,8 @@ class PageCache:
         if folio.writeback or folio.locked:
             raise InvalidTransition(f"discarding blocks of a busy folio: {folio.state()}")
         bs = self.block_size
-        for first, count in mask_runs(mask):
+        held = mask_range(0, folio.size // bs)  # blocks past the buffer are zeros already
+        for first, count in mask_runs(mask & held):
             folio.buf.zero(first * bs, count * bs)
         self._clear_dirty(folio, mask)
         folio.uptodate &= ~mask
@@ -550,10 +652,11 @@ class PageCache:
             self.counters.stable_waits += 1
             self.counters.stable_wait_ns += time.monotonic_ns() - t0
 
-    def _pinned_folio(self, m: Mapping, index: int, pinned: dict[int, Folio]) -> Folio:
+    def _pinned_folio(self, m: Mapping, index: int, pinned: dict[int, Folio],
+                      nblocks: int | None = None) -> Folio:
         folio = pinned.get(index)
         if folio is None:
-            folio = self.get_folio(m, index)
+            folio = self.get_folio(m, index, nblocks)
             self.pin(folio)
             pinned[index] = folio
         return folio
@@ -579,15 +682,16 @@ class PageCache:
                 needs: list[tuple[Folio, int]] = []
                 waited = False
                 for index in range(first, (ra_end - 1) // fs + 1):
-                    folio = self._pinned_folio(m, index, pinned)
-                    if folio.locked:
+                    lo = max(off, index * fs) - index * fs
+                    hi = min(ra_end, (index + 1) * fs) - index * fs
+                    nblocks = (hi + bs - 1) // bs
+                    folio = self._pinned_folio(m, index, pinned, nblocks)
+                    if folio.locked or not self.fit(folio, nblocks):
                         if index <= last:
                             await self.wait_folio(folio)
                             waited = True
                             break
                         continue
-                    lo = max(off, index * fs) - index * fs
-                    hi = min(ra_end, (index + 1) * fs) - index * fs
                     want = mask_range(lo // bs, (hi + bs - 1) // bs - lo // bs)
                     missing = want & ~folio.uptodate & ~folio.dirty
                     if missing:
@@ -668,6 +772,7 @@ class PageCache:
             if writethrough:
                 m.writethrough_end()
             self._unpin_all(pinned)
+            self.trim()
         return n
 
     async def _prepare_write(self, io: FolioIO, inode: Inode, m: Mapping, off: int,
@@ -684,12 +789,16 @@ class PageCache:
             needs: list[tuple[Folio, int]] = []
             waited = False
             for index in range(first, last + 1):
-                folio = self._pinned_folio(m, index, pinned)
                 base = index * fs
+                lo = max(off, base) - base
+                hi = min(end, base + fs) - base
+                b0, b1 = lo // bs, (hi + bs - 1) // bs
+                folio = self._pinned_folio(m, index, pinned, b1)
                 # A write that makes the folio atomic must not change it under a writeback
                 # that started before (an in-place one would send part of it out torn).
                 becomes_atomic = grouped or (m.atomic and off <= base and end >= base + fs)
-                if m.must_wait(folio) or (becomes_atomic and folio.writeback):
+                if m.must_wait(folio) or (becomes_atomic and folio.writeback) or \
+                        not self.fit(folio, b1):
                     await self.wait_folio(folio)
                     waited = True
                     break
@@ -699,9 +808,6 @@ class PageCache:
                     await io.write_group(inode, m, folio.group)
                     waited = True
                     break
-                lo = max(off, base) - base
-                hi = min(end, base + fs) - base
-                b0, b1 = lo // bs, (hi + bs - 1) // bs
                 items.append((folio, mask_range(b0, b1 - b0)))
                 partial = (1 << b0 if lo % bs else 0) | (1 << (b1 - 1) if hi % bs else 0)
                 partial &= ~folio.uptodate & ~folio.dirty
@@ -770,9 +876,11 @@ class PageCache:
             return released
         pinned: dict[int, Folio] = {}
         try:
-            last = self._pinned_folio(m, index, pinned)
+            last = self._pinned_folio(m, index, pinned, first_gone)
             gone = mask_range(first_gone, m.blocks_per_folio - first_gone)
             released += self.discard_blocks(last, gone)
+            if not self.fit(last, first_gone):  # it is idle: the wait above covered it
+                raise InvalidTransition(f"cannot grow {last.state()}")
             if start % bs:
                 if not (last.uptodate | last.dirty) >> b & 1:
                     await io.read_folios(inode, m, [(last, 1 << b)])
@@ -783,4 +891,5 @@ class PageCache:
                     self.mark_dirty(last, 1 << b)  # the zeros must reach the device
         finally:
             self._unpin_all(pinned)
+            self.trim()
         return released

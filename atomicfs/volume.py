@@ -22,7 +22,7 @@ from atomicfs.device import Device, DeviceOptions
 from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace, UserError
 from atomicfs.journal import (Journal, ReplayResult, read_superblock, surviving_data,
                               write_data_home)
-from atomicfs.metadata import Inode, Metadata
+from atomicfs.metadata import EXTENT_SNAP, Inode, Metadata
 from atomicfs.options import MountOptions
 from atomicfs.pagecache import Mapping, PageCache
 from atomicfs.recovery import LogOverlay, Recovered, hold_kept_blocks, recover
@@ -35,8 +35,12 @@ log = logging.getLogger(__name__)
 
 def build_allocator(sb: fmt.Superblock, md: Metadata,
                     snapshot_extents: list[tuple[int, int]]) -> Allocator:
-    """Free space is whatever no file and no snapshot uses; overlaps are damage."""
+    """Free space is whatever no file and no snapshot uses; overlaps are damage. (Mount
+    and fsck get theirs from consistency.check_metadata; this one serves tools and tests
+    that have metadata without a recovery.)"""
     alloc = Allocator(sb.total_blocks, sb.data_start)
+    alloc.extent_record_bytes = EXTENT_SNAP
+    alloc.block_size = sb.block_size
     for dblock, count in snapshot_extents:
         alloc.mark_used(dblock, count)
     for inode in md.inodes.values():
@@ -63,7 +67,7 @@ class Volume:
         self.counters = counters
         self.bs = sb.block_size
         self.cache = PageCache(self.bs, opts.cache_size, max(opts.folio_size, self.bs),
-                               counters)
+                               counters, align=dev.caps.dio_mem_align)
         self.watchdog = Watchdog()
         self.wb = Writeback(dev, md, alloc, journal, self.cache, counters,
                             WritebackPolicy(opts.atomic_path, opts.dirty_expire, opts.debug,
@@ -246,6 +250,7 @@ class Volume:
             "pid": os.getpid(),
             "cache": {"bytes": c.bytes, "limit": c.limit, "dirty_bytes": c.dirty_bytes,
                       "writeback_bytes": c.writeback_bytes, "logged_bytes": c.logged_bytes,
+                      "pinned_bytes": c.pinned_bytes, "spare_bytes": c.spare_bytes,
                       "folios": sum(len(m.folios) for m in c.mappings.values()),
                       "mappings": len(c.mappings)},
             "device": {"path": self.dev.path, "size": self.dev.caps.size,
@@ -286,7 +291,7 @@ class Volume:
         unit = self.effective_unit(inode)
         m = self.cache.mappings.get(inode.ino)
         folios = m.counts() if m is not None else {
-            "cached": 0, "dirty": 0, "writeback": 0, "atomic": 0, "logged": 0,
+            "cached": 0, "bytes": 0, "dirty": 0, "writeback": 0, "atomic": 0, "logged": 0,
             "writethrough_inflight": 0, "stable": 0}
         return {
             "ino": inode.ino,

@@ -187,6 +187,8 @@ class Writeback:
                 need.append((folio, unmapped))
                 total += popcount(unmapped)
         if total:
+            # extents mapped by writeback since the last estimate have grown the snapshot
+            self.alloc.set_snapshot_estimate(self.md.snapshot_bytes, self.bs)
             self.alloc.reserve(total)  # NoSpace propagates: nothing has changed yet
             for folio, mask in need:
                 self.cache.reserve_blocks(folio, mask)
@@ -205,12 +207,21 @@ class Writeback:
             await self.checkpoint()
         return True
 
+    def _over_dirty_limit(self) -> bool:
+        """Dirty data, or memory that eviction cannot drop (dirty, under I/O, logged
+        folios: a folio's buffer may be larger than its dirty blocks), past the limit."""
+        c = self.cache
+        return c.dirty_bytes + c.writeback_bytes > self.dirty_limit or \
+            c.pinned_bytes > self.dirty_limit
+
     async def balance_dirty(self) -> None:
         """Throttle writers at the dirty limit; never fail them."""
-        while self.cache.dirty_bytes + self.cache.writeback_bytes > self.dirty_limit:
+        while self._over_dirty_limit():
             if self.journal.failed is not None:  # nothing will be written back: no wait
                 raise OSError(errno.EIO, "the log cannot be written")
             self.counters.throttle_waits += 1
+            if self.cache.logged_bytes > self.cache.limit // 4:
+                self.journal.want_checkpoint.set()  # only a checkpoint releases those
             self.kick_flusher()
             ev = self.cache.dirty_changed
             with trio.move_on_after(1.0):
@@ -299,6 +310,7 @@ class Writeback:
                 failed = out.failed and self.journal.failed is not None
                 self.cache.end_writeback(folio, folio.wb_mask if failed else 0,
                                          restore_atomic=was_atomic and failed)
+            self.cache.trim()  # what went out clean may go now if the cache is over
         return out
 
     @staticmethod
@@ -926,7 +938,7 @@ class Writeback:
         (or everything, as background writeback: failures go to errseq)."""
         now = time.monotonic()
         expire = self.policy.dirty_expire
-        over = everything or self.cache.dirty_bytes > self.background_bytes
+        over = everything or self._over_background()
         for ino, m in sorted(self.cache.mappings.items(),
                              key=lambda kv: min((f.dirty_since for f in kv[1].dirty.values()),
                                                 default=now)):
@@ -942,7 +954,15 @@ class Writeback:
                          if now - f.dirty_since >= expire]
             if items:
                 await self.write_folios(inode, m, items)
-            over = everything or self.cache.dirty_bytes > self.background_bytes
+            over = everything or self._over_background()
+        self.cache.trim()
+
+    def _over_background(self) -> bool:
+        """Enough dirty data, or enough memory held by folios that cannot be dropped, to
+        write back before it expires (so that the cache can evict and stay in bounds)."""
+        c = self.cache
+        return c.dirty_bytes > self.background_bytes or \
+            c.pinned_bytes - c.logged_bytes > self.background_bytes  # logged: checkpoints
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -986,9 +1006,7 @@ class Writeback:
             if absorbed:  # their data is nowhere else durable: stop, as a log failure does
                 self.journal.fail(exc)
             raise
-        for m in self.cache.mappings.values():
-            for folio in m.folios.values():
-                self.cache.clear_logged(folio, boundary)
+        self.cache.checkpointed(boundary)
         self.counters.checkpoints += 1
 
     async def _write_home(self, runs: list[tuple[int, int, DataRun]]) -> None:

@@ -120,6 +120,22 @@ def test_meta_reserve_is_for_metadata_only() -> None:
         a.allocate(1, metadata=True)
 
 
+def test_reservations_survive_a_snapshot_taken_from_the_reserve() -> None:
+    """A snapshot written after reservations were granted may use the metadata reserve;
+    the reserved blocks must still be allocatable (else writeback hits ENOSPC after the
+    write was accepted), and nothing beyond them may take the rest of the reserve."""
+    a = make_alloc(total=200, data_start=0, meta_reserve=20)
+    a.reserve(180)
+    assert a.available_blocks == 0
+    a.allocate(15, metadata=True)  # the snapshot
+    assert a.free_blocks - a.reserved_blocks == 5
+    with pytest.raises(NoSpace):
+        a.allocate(1)  # unreserved data: not out of the reserve
+    start, count = a.allocate(180, min_len=180, reserved=180)
+    a.unreserve(180)
+    assert count == 180 and a.free_blocks == 5 and a.reserved_blocks == 0
+
+
 def test_set_snapshot_estimate_grows_the_reserve() -> None:
     a = Allocator(100_000, 100)
     base = a.meta_reserve
@@ -210,8 +226,9 @@ def test_randomized_against_a_set_model() -> None:
                 metadata = rng.random() < 0.1
                 use_res = rng.randrange(0, min(reserved, want) + 1)
                 goal = rng.choice((0, rng.randrange(0, total + 10)))
-                # blocks awaiting a commit are still in use: not part of `free`
-                limit = free - reserved + use_res - (0 if metadata else meta)
+                # blocks awaiting a commit are still in use: not part of `free`; reserved
+                # blocks are granted whatever became of the metadata reserve since
+                limit = use_res + max(0, free - reserved - (0 if metadata else meta))
                 try:
                     start, count = a.allocate(want, goal=goal, align=align, min_len=min_len,
                                               reserved=use_res, metadata=metadata)

@@ -79,11 +79,16 @@ def atomic_mapping(cache: PageCache, ino: int = 10) -> tuple[Inode, Mapping]:
 def check_accounting(cache: PageCache) -> None:
     """Every total the cache keeps equals what its folios say."""
     folios = [f for m in cache.mappings.values() for f in m.folios.values()]
-    assert cache.bytes == sum(f.mapping.folio_size for f in folios)
+    assert cache.bytes == sum(f.size for f in folios)
+    assert cache.lru_bytes == sum(f.size for f in folios if f.in_lru)
+    assert all(f.size <= f.mapping.folio_size for f in folios)
+    assert all(f.size == f.mapping.folio_size for f in folios if f.mapping.atomic)
+    for f in folios:  # blocks past a small buffer are neither valid nor dirty
+        assert (f.uptodate | f.dirty | f.reserved) >> (f.size // BS) == 0
     assert cache.dirty_bytes == sum(popcount(f.dirty) for f in folios) * BS
     assert cache.writeback_bytes == sum(popcount(f.wb_mask) for f in folios
                                         if f.writeback) * BS
-    assert cache.logged_bytes == sum(f.mapping.folio_size for f in folios if f.logged_seq)
+    assert cache.logged_bytes == sum(f.size for f in folios if f.logged_seq)
     for m in cache.mappings.values():
         assert {i: id(f) for i, f in m.dirty.items()} == \
             {i: id(f) for i, f in m.folios.items() if f.dirty}
@@ -826,4 +831,87 @@ async def test_truncate_takes_folios_out_of_their_group() -> None:
     await cache.truncate(io, inode, m, 2 * UNIT)
     inode.size = 2 * UNIT
     assert sorted(f.index for f in group.folios) == [0, 1]
+
+
+# ------------------------------------------------------------- folio sizes and bound
+
+
+def plain_mapping(cache: PageCache, ino: int = 20) -> tuple[Inode, Mapping]:
+    inode = make_inode(ino, unit=0)
+    m = cache.mapping(inode, DEFAULT_FOLIO)
+    assert not m.atomic and m.blocks_per_folio == 16
+    return inode, m
+
+
+def test_a_plain_folio_holds_what_is_cached_and_grows_by_powers_of_two() -> None:
+    cache = make_cache()
+    _, m = plain_mapping(cache)
+    folio = cache.get_folio(m, 0, nblocks=1)
+    assert folio.size == BS and cache.bytes == BS
+    cache.pin(folio)
+    cache.mark_uptodate(folio, 1)
+    folio.buf.write(0, b"hello")
+    cache.mark_dirty(folio, 1)
+    assert cache.fit(folio, 3)
+    assert folio.size == 4 * BS and cache.bytes == 4 * BS
+    assert folio.buf.bytes(0, 5) == b"hello" and folio.buf.is_zero(5)
+    assert cache.fit(folio, 2) and folio.size == 4 * BS  # never shrinks
+    assert cache.fit(folio, 16) and folio.size == DEFAULT_FOLIO
+    cache.unpin(folio)
+    check_accounting(cache)
+    # an atomic unit fixes the size whatever is asked
+    _, ma = atomic_mapping(cache)
+    assert cache.get_folio(ma, 0, nblocks=1).size == UNIT
+    check_accounting(cache)
+
+
+def test_fit_waits_for_reads_and_stable_writeback_not_for_plain_writeback() -> None:
+    cache = make_cache()
+    _, m = plain_mapping(cache)
+    folio = cache.get_folio(m, 0, nblocks=1)
+    cache.mark_uptodate(folio, 1)
+    cache.lock(folio)
+    assert not cache.fit(folio, 2) and folio.size == BS
+    cache.unlock(folio)
+    cache.mark_dirty(folio, 1)
+    cache.start_writeback(folio, 1, stable=True)
+    assert not cache.fit(folio, 2)
+    cache.end_writeback(folio)
+    cache.mark_dirty(folio, 1)
+    cache.start_writeback(folio, 1, stable=False)
+    old = folio.buf
+    assert cache.fit(folio, 2) and folio.buf is not old  # the I/O keeps the old buffer
+    assert cache.spare_bytes == 0  # which is not reused while the I/O reads it
+    cache.end_writeback(folio)
+    check_accounting(cache)
+
+
+def test_spare_buffers_count_against_the_limit() -> None:
+    cache = make_cache(limit=8 * BS)
+    inode, m = plain_mapping(cache)
+    for i in range(8):
+        cache.get_folio(m, i, nblocks=1)
+    cache.drop_mapping(inode.ino)
+    assert cache.bytes == 0 and 0 < cache.spare_bytes <= 8 * BS
+    _, m2 = plain_mapping(cache, 21)
+    big = cache.get_folio(m2, 0)  # 64 KiB: spares of other sizes are freed for it
+    assert big.size == DEFAULT_FOLIO
+    assert cache.spare_bytes == 0
+    check_accounting(cache)
+
+
+def test_trim_evicts_as_soon_as_folios_come_back_clean() -> None:
+    cache = make_cache(limit=4 * UNIT)
+    _, m = atomic_mapping(cache)
+    folios = []
+    for i in range(6):  # dirty at once: nothing evictable, the cache goes over its limit
+        folios.append(uptodate_folio(cache, m, i))
+        cache.mark_dirty(folios[-1], FULL)
+    assert cache.bytes == 6 * UNIT and cache.pinned_bytes == 6 * UNIT
+    for f in folios:
+        cache.start_writeback(f, FULL, stable=False)
+        cache.end_writeback(f)
+    assert cache.bytes == 6 * UNIT and cache.pinned_bytes == 0
+    assert cache.trim() == 2 and cache.bytes == 4 * UNIT
+    assert cache.trim() == 0
     check_accounting(cache)
