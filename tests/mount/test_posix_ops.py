@@ -433,7 +433,7 @@ def test_xattrs_match_ext4(afs: Mount, ext4_dir: str) -> None:
     ("user.atomicfs.atomic_unit", b"16KB"),  # 16k is valid (size grammar), 16KB is not
     ("user.atomicfs.atomic_unit", b"4194304"),
     ("user.atomicfs.atomic_unit", b"lots"),
-    ("user.atomicfs.writethrough", b"2"),
+    ("user.atomicfs.writethrough", b"3"),  # 2 is the RFC write-through (issue 15)
     ("user.atomicfs.atomic_strict", b"yes"),
 ])
 def test_invalid_atomicfs_xattr_changes_nothing(mnt: Mount, name: str, value: bytes) -> None:
