@@ -456,10 +456,7 @@ class Journal:
             log.error("the log cannot be written, the filesystem stops accepting changes: "
                       "%s", exc)
         self.failed = exc
-        for b in self._sealed + self._boundaries + [self._pending]:
-            b.error = exc
-            b.attempt.set()
-        for b in self._absorbed:
+        for b in self._sealed + self._boundaries + self._absorbed + [self._pending]:
             b.error = exc
             b.attempt.set()
         self._rewrite_started.set()  # waiters look again and find the log failed

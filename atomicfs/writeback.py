@@ -221,7 +221,7 @@ class Writeback:
                 raise OSError(errno.EIO, "the log cannot be written")
             self.counters.throttle_waits += 1
             if self.cache.logged_bytes > self.cache.limit // 4:
-                self.journal.want_checkpoint.set()  # only a checkpoint releases those
+                self.journal.request_checkpoint()  # only a checkpoint releases those
             self.kick_flusher()
             ev = self.cache.dirty_changed
             with trio.move_on_after(1.0):
@@ -994,7 +994,7 @@ class Writeback:
         snapshot = self.md.serialize()
         next_ino = self.md.next_ino
         # The runs themselves, not copies: those in the boundary batch learn their log
-        # position (or, if absorbed, their buffer) only in settle_for_checkpoint.
+        # position only when it is placed (settle_for_checkpoint waits for that).
         runs = [(res.ino, res.index, r) for res in self.journal.resident.values()
                 for r in res.runs if r.seq <= boundary]
         absorbed = await self.journal.settle_for_checkpoint(boundary)

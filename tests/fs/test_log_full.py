@@ -6,6 +6,7 @@ fails it, nothing asserts a time."""
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -210,7 +211,7 @@ async def test_log_filled_again_and_again_by_concurrent_fsyncs_and_checkpoints(
             data = expect[name] = bytearray(os.urandom(size))
             await fs.write(fh, 0, bytes(data))
             await fs.fsync(fh, False)
-            rnd = __import__("random").Random(k)
+            rnd = random.Random(k)
             while vol.counters.log_bytes < 6 * vol.journal.log_size:
                 for _ in range(rnd.randint(1, 40)):
                     off = rnd.randrange(size // 8192) * 8192
@@ -222,7 +223,7 @@ async def test_log_filled_again_and_again_by_concurrent_fsyncs_and_checkpoints(
             await fs.release(fh)
 
         async def checkpoints() -> None:
-            rnd = __import__("random").Random(99)
+            rnd = random.Random(99)
             while vol.counters.log_bytes < 6 * vol.journal.log_size:
                 await trio.sleep(rnd.random() * 0.3)
                 await vol.wb.checkpoint()
