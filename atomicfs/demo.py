@@ -1,8 +1,8 @@
 """`make demo`: why atomicfs exists, then how it works.
 
 1. Power cuts: the same 16 KiB page-write workload on kernel ext4 and on atomicfs, each on
-   a loop device over the recording device (atomicfs.crashtest.blockdev), the explorer's
-   power-loss states drawn from each recording and judged by the same oracle
+   a loop device over the recording device (atomicfs.crashtest.blockdev), the crash
+   explorer's power-loss states drawn from each recording and judged by the same oracle
    (atomicfs.crashtest.compare); a side-by-side table and a PNG of the pages (demo_png).
 2. A short look: format an image, mount it, atomic folios and write-through at work,
    unmount and check it.
