@@ -32,7 +32,8 @@ from atomicfs.crashtest.check import CheckResult, check_with_mount, check_with_v
     fsck_problem, read_tree
 from atomicfs.crashtest.env import DEVICES, Env, Mount, mounted
 from atomicfs.crashtest.recording import Recording
-from atomicfs.crashtest.states import CrashState, StateBuilder, choose_states, sparse_copy
+from atomicfs.crashtest.states import CrashState, StateBuilder, choose_states, sparse_copy, \
+    unlink_quietly
 from atomicfs.crashtest.workloads import WORKLOADS, make_workload
 from atomicfs.crashtest.workloads.base import History, Workload, WorkloadError
 from atomicfs.crashtest.workloads.rwf import preload_active
@@ -265,16 +266,9 @@ def power_loss_round(env: Env, cfg: CrashConfig, wl: Workload, rnd: int,
                                        f"{rnd} {st.describe()}")
     finally:
         if not cfg.keep:
-            _unlink_quietly(rec_path)
-            _unlink_quietly(base)
+            unlink_quietly(rec_path)
+            unlink_quietly(base)
     return totals
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def record_workload(env: Env, cfg: CrashConfig, wl: Workload, base: str, rec_path: str,
@@ -291,7 +285,7 @@ def record_workload(env: Env, cfg: CrashConfig, wl: Workload, base: str, rec_pat
                 raise WorkloadError(f"unmount after the {wl.name} workload failed")
     finally:
         if not cfg.keep:
-            _unlink_quietly(image)
+            unlink_quietly(image)
     return history, stats
 
 

@@ -186,7 +186,7 @@ class StateBuilder:
         if self._prefix_fd >= 0:
             os.close(self._prefix_fd)
             self._prefix_fd = -1
-        _unlink_quietly(self.prefix)
+        unlink_quietly(self.prefix)
 
     def __enter__(self) -> "StateBuilder":
         return self
@@ -236,7 +236,7 @@ class StateBuilder:
         return path
 
 
-def _unlink_quietly(path: str) -> None:
+def unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
