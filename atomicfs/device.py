@@ -14,7 +14,7 @@ test-only layers, also in C, can aim at it:
   write in flight;
 * recording (`record=`): every write's submission and completion (offset, flags, data)
   and every flush start and end, in the order they happen, for the crash explorer (see
-  atomicfs.crash_record).
+  Recorder and atomicfs.crashtest.recording).
 
 Concurrent flush requests share device flushes (group flush): a flush that starts after a
 caller asked covers it, however many asked.
@@ -25,6 +25,7 @@ import errno
 import logging
 import os
 import stat
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -98,19 +99,22 @@ class DeviceOptions:
 
 
 class Recorder:
-    """The recording format (written by the native I/O queue, read by
-    atomicfs.crash_record and atomicfs.recording): MAGIC, then events of EVENT_FORMAT
-    (type, seq, offset, length, flags, time ns, ref); a completed write's data follows its
-    event. Each write is recorded when submitted (WRITE_SUBMIT, no data) and when completed
-    (WRITE, ref = the submit's seq); each flush when it starts and when it ends (FLUSH_END,
-    ref = the start's seq): the crash explorer needs both to know what was in flight at
-    any point and which flush covered which writes."""
+    """The writer's side of the recording format (`record=`), whose one description is
+    native/atomicfs_native.h (AFS_REC_*): the constants below come from there. The native
+    I/O queue writes the records of this filesystem's requests; `open` gives it the file,
+    and `pack` makes records for writers in Python (the crash explorer's recording block
+    device, tests). The reader is atomicfs.crashtest.recording."""
 
-    MAGIC = b"AFSREC02"
-    EVENT_FORMAT = "<cQQIIQQ"
-    WRITE_SUBMIT, WRITE, FLUSH_START, FLUSH_END = b"B", b"W", b"S", b"F"
-    FLAG_ATOMIC, FLAG_DSYNC = 1, 2
-    KIND_FLAGS = {"super": 0x10, "log": 0x20, "snapshot": 0x40, "data": 0x80}
+    MAGIC = struct.pack("<Q", lib.AFS_REC_MAGIC)
+    # type, seq, offset, length, flags, time ns, ref: little-endian, packed
+    EVENT = struct.Struct("<cQqIIqQ")
+    WRITE_SUBMIT = bytes([lib.AFS_REC_WRITE_SUBMIT])
+    WRITE = bytes([lib.AFS_REC_WRITE])
+    FLUSH_START = bytes([lib.AFS_REC_FLUSH_START])
+    FLUSH_END = bytes([lib.AFS_REC_FLUSH_END])
+    FLAG_ATOMIC, FLAG_DSYNC = lib.AFS_REC_FLAG_ATOMIC, lib.AFS_REC_FLAG_DSYNC
+    KIND_FLAGS = {"super": lib.AFS_REC_FLAG_SUPER, "log": lib.AFS_REC_FLAG_LOG,
+                  "snapshot": lib.AFS_REC_FLAG_SNAPSHOT, "data": lib.AFS_REC_FLAG_DATA}
 
     @classmethod
     def open(cls, path: str) -> int:
@@ -120,6 +124,25 @@ class Recorder:
         if os.fstat(fd).st_size == 0:
             os.write(fd, cls.MAGIC)
         return fd
+
+    @classmethod
+    def pack(cls, rtype: bytes, seq: int, offset: int = 0, length: int = 0, flags: int = 0,
+             time_ns: int = 0, ref: int = 0) -> bytes:
+        """One record's header (a completed write's data follows it)."""
+        return cls.EVENT.pack(rtype, seq, offset, length, flags, time_ns, ref)
+
+
+def _field_offsets(fmt: str) -> list[int]:
+    """Where each field of a packed little-endian struct format starts."""
+    return [struct.calcsize(fmt[: i + 1]) for i in range(len(fmt) - 1)]
+
+
+# The header's layout is the C header's: fail at import, not in a recording, if they part.
+if _field_offsets(Recorder.EVENT.format) + [Recorder.EVENT.size, len(Recorder.MAGIC)] != [
+        lib.AFS_REC_OFF_TYPE, lib.AFS_REC_OFF_SEQ, lib.AFS_REC_OFF_OFFSET,
+        lib.AFS_REC_OFF_LENGTH, lib.AFS_REC_OFF_FLAGS, lib.AFS_REC_OFF_TIME, lib.AFS_REC_OFF_REF,
+        lib.AFS_REC_HEADER_SIZE, lib.AFS_REC_MAGIC_SIZE]:
+    raise ImportError("device.Recorder.EVENT does not match AFS_REC_* of atomicfs_native.h")
 
 
 def _in_use(path: str, detail: str) -> UserError:
