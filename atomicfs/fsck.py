@@ -25,12 +25,13 @@ from atomicfs import format as fmt
 from atomicfs.consistency import NAME_MAX, PATH_MAX, VALID_TYPES, check_metadata, reachable
 from atomicfs.device import Device
 from atomicfs.errors import CorruptFilesystem, DeviceError, NotAtomicfs, UserError
-from atomicfs.journal import read_superblock, write_data_home
 from atomicfs.metadata import (XATTR_ATOMIC_STRICT, XATTR_ATOMIC_UNIT, XATTR_WRITETHROUGH,
                                Inode, Metadata)
 from atomicfs.mkfs import too_small
 from atomicfs.options import MountOptions, check_atomic_unit
 from atomicfs.recovery import Recovered, recover, when
+from atomicfs.replay import write_data_home
+from atomicfs.superblock import read_superblock
 
 log = logging.getLogger(__name__)
 

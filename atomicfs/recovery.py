@@ -26,8 +26,9 @@ from atomicfs.alloc import Allocator
 from atomicfs.consistency import CheckResult, check_metadata
 from atomicfs.device import Device
 from atomicfs.errors import CorruptFilesystem
-from atomicfs.journal import (ReplayResult, fallback_superblock, read_previous_snapshot,
-                              read_snapshot, replay, scan_log, superblock_slot_problems)
+from atomicfs.replay import ReplayResult, replay, scan_log
+from atomicfs.superblock import (fallback_superblock, read_previous_snapshot, read_snapshot,
+                                 superblock_slot_problems)
 from atomicfs.metadata import Extent, Metadata
 from atomicfs.native import Segment
 

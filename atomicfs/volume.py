@@ -20,13 +20,14 @@ from atomicfs import owner
 from atomicfs.alloc import Allocator
 from atomicfs.device import Device, DeviceOptions
 from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace, UserError
-from atomicfs.journal import (Journal, ReplayResult, read_superblock, surviving_data,
-                              write_data_home)
+from atomicfs.journal import Journal
 from atomicfs.metadata import EXTENT_SNAP, Inode, Metadata
 from atomicfs.options import MountOptions
 from atomicfs.pagecache import Mapping, PageCache
 from atomicfs.recovery import LogOverlay, Recovered, hold_kept_blocks, recover
+from atomicfs.replay import ReplayResult, surviving_data, write_data_home
 from atomicfs.stats import Counters
+from atomicfs.superblock import read_superblock
 from atomicfs.watchdog import Watchdog
 from atomicfs.writeback import Writeback, WritebackPolicy
 

@@ -13,8 +13,9 @@ import trio
 from atomicfs import format as fmt
 from atomicfs.alloc import Allocator
 from atomicfs.device import Device, DeviceOptions
-from atomicfs.journal import (Journal, ReplayResult, read_snapshot, read_superblock,
-                              replay)
+from atomicfs.journal import Journal
+from atomicfs.replay import ReplayResult, replay
+from atomicfs.superblock import read_snapshot, read_superblock
 from atomicfs.metadata import Extent, Inode, Metadata
 from atomicfs.native import Buffer
 from atomicfs.stats import Counters

@@ -11,7 +11,9 @@ import trio.testing
 
 from atomicfs import format as fmt
 from atomicfs.device import Device, parse_inject
-from atomicfs.journal import Journal, LogFailed, ScannedBatch, read_superblock, scan_log
+from atomicfs.journal import Journal, LogFailed
+from atomicfs.replay import ScannedBatch, scan_log
+from atomicfs.superblock import read_superblock
 from atomicfs.mkfs import mkfs
 from tests.unit.fsutil import (Opened, canonical, create_file, open_fs, pattern, payload,
                                read_blocks, reopen, running, scribble)
