@@ -162,8 +162,8 @@ async def _write_checkpoint(dev: Device, rec: Recovered) -> None:
         await vol.start(nursery)
         # Twice: the first checkpoint's predecessor (the damaged snapshot) would otherwise
         # stay on as the fallback; after the second both kept snapshots are repaired ones.
-        await vol.wb.checkpoint()
-        await vol.wb.checkpoint()
+        await vol.checkpointer.checkpoint()
+        await vol.checkpointer.checkpoint()
         if not await vol.shutdown():
             raise UserError(f"{dev.path}: cannot write the repaired metadata")
         nursery.cancel_scope.cancel()

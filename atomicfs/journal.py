@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import trio
 
 from atomicfs import format as fmt
 from atomicfs.alloc import Allocator
 from atomicfs.device import Device
-from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace
+from atomicfs.errors import CorruptFilesystem, DeviceError
 from atomicfs.metadata import Extent, Metadata
 from atomicfs.native import Buffer, Segment
 from atomicfs.stats import Counters
-from atomicfs.superblock import next_checkpoint_superblock, write_superblock
 from atomicfs.watchdog import waiting
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class PendingBatch:
 
     __slots__ = ("seq", "meta", "payloads", "data_runs", "barrier_gen", "payload_bytes",
                  "sealed", "checkpoint", "pos", "total", "placed_after", "segments",
-                 "done", "attempt", "error", "written", "inflight", "pieces", "absorbed")
+                 "done", "attempt", "error", "written", "pieces", "absorbed")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
@@ -88,7 +88,6 @@ class PendingBatch:
         self.attempt = trio.Event()  # the current write attempt ended (see error)
         self.error: BaseException | None = None
         self.written = False
-        self.inflight = False
         self.pieces: list[tuple[DataRun, DataRun, int]] = []  # piece, its run, block offset
         self.absorbed = False  # taken by a checkpoint instead of being written to the log
 
@@ -106,18 +105,20 @@ class LogFailed(DeviceError):
 
 
 class Journal:
-    """Owns the log region: appends, the writer task, space, and resident units."""
+    """Owns the log region: batches and their appends, the writer task, log space, and
+    resident units. Checkpoints (checkpoint.py) drive it through the methods at the end."""
 
     def __init__(self, dev: Device, sb: fmt.Superblock, metadata: Metadata, alloc: Allocator,
                  counters: Counters, head_pos: int, head_seq: int,
                  commit_interval: float = 5.0) -> None:
         self.dev = dev
-        self.sb = sb
         self.md = metadata
         self.alloc = alloc
         self.counters = counters
         self.bs = sb.block_size
         self.log_size = sb.log_bytes
+        self.log_offset = sb.log_offset  # of the log region on the device, in bytes
+        self.uuid_tag = sb.uuid_tag
         # A batch holds at least one largest atomic unit; the last part of the log is kept
         # for the batches a checkpoint must write before it can free any space.
         self.max_batch = max(fmt.MAX_ATOMIC_UNIT + 64 * self.bs, min(8 << 20,
@@ -141,16 +142,12 @@ class Journal:
         self._failures = 0  # consecutive failed attempts
         self.durable_seq = head_seq - 1
         self._batch_end: dict[int, tuple[int, int]] = {head_seq - 1: (head_pos, self._placed)}
-        self.resident: dict[tuple[int, int], Resident] = {}
+        self._resident: dict[tuple[int, int], Resident] = {}
         self.failed: BaseException | None = None
-        self.snapshot_extents: list[Extent] = []
-        self.previous_snapshot_extents: list[Extent] = []  # the fallback (see recovery.py)
         self._wakeup = trio.Event()
         self._room = trio.Event()
-        # Set when a checkpoint is wanted; replaced only once set, so the checkpointer,
-        # which may be waiting on it, is never left waiting on an event nobody sets.
-        self.want_checkpoint = trio.Event()
         self._absorbed: list[PendingBatch] = []  # a running checkpoint writes these home
+        self._request_checkpoint: Callable[[], None] = lambda: None  # attach_checkpointer
 
     # ------------------------------------------------------------ MetadataSink
 
@@ -176,7 +173,7 @@ class Journal:
         """Keep the pending batch below max_batch: seal it first if this would overflow."""
         while not self._pending.empty and \
                 self._pending.payload_bytes + len(self._pending.meta) + nbytes > self.max_batch:
-            self._check_failed()
+            self.check_failed()
             pending = self._pending
             self._wakeup.set()
             with waiting(f"log batch {pending.seq} to be sealed"):
@@ -186,7 +183,7 @@ class Journal:
                     payload: Buffer, nblocks: int) -> int:
         """Append a DATA record whose payload (already a private copy) holds nblocks blocks
         of file block fblock, to land at device block dblock. Returns the batch seq."""
-        self._check_failed()
+        self.check_failed()
         batch = self._pending
         run = DataRun(fblock, dblock, nblocks, -1, batch.seq)
         batch.meta += fmt.rec_data(ino, fblock, dblock, nblocks, batch.payload_bytes)
@@ -195,12 +192,12 @@ class Journal:
         batch.payload_bytes += length
         batch.data_runs.append(run)
         key = (ino, index)
-        res = self.resident.get(key)
+        res = self._resident.get(key)
         # the blocks of older records not overwritten now keep their older log copy
         kept = self._trim_runs(res.runs, fblock, nblocks) if res is not None else []
         if res is None or res.seq != batch.seq:
             res = Resident(ino, index, batch.seq, kept)
-            self.resident[key] = res
+            self._resident[key] = res
         else:
             res.runs = kept
         res.runs.append(run)
@@ -234,11 +231,11 @@ class Journal:
         return piece
 
     def is_resident(self, ino: int, index: int) -> bool:
-        return (ino, index) in self.resident
+        return (ino, index) in self._resident
 
     # ------------------------------------------------------------------- commit
 
-    def _check_failed(self) -> None:
+    def check_failed(self) -> None:
         if self.failed is not None:
             raise LogFailed(5, f"the log cannot be written: {self.failed}")
 
@@ -256,12 +253,12 @@ class Journal:
         """Wait until every batch up to seq (default: everything appended so far, including
         dirty inode attributes) is durable. LogFailed if a write of it failed meanwhile
         (it is rewritten later; a later commit may succeed)."""
-        self._check_failed()
+        self.check_failed()
         if seq is None:
             open_batch = not self._pending.empty or self.md.any_dirty
             seq = self._pending.seq if open_batch else self._pending.seq - 1
         while self.durable_seq < seq:
-            self._check_failed()
+            self.check_failed()
             batch = self._batch(seq)
             self._wakeup.set()
             if self._retrying and (batch is self._pending or batch in self._boundaries):
@@ -279,19 +276,14 @@ class Journal:
             if batch.error is not None and not batch.done.is_set():
                 raise LogFailed(5, f"log write failed: {batch.error}")
 
-    def kick(self) -> None:
-        self._wakeup.set()
-
     # ------------------------------------------------------------------- writer
 
-    # One batch in flight: the next gathers every commit that arrives meanwhile (group
-    # commit), which on flush-bound devices beats writing batches in parallel (measured:
-    # at 2 or 4 in flight four O_DSYNC writers hardly shared a batch).
-    MAX_INFLIGHT = 1
-
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The writer: seals pending batches and writes up to MAX_INFLIGHT of them at once;
-        they become durable strictly in order, and a failed one is rewritten in place."""
+        """The writer: seals the pending batch and writes it; batches become durable
+        strictly in order, and a failed one is rewritten in place. One batch is in flight:
+        the next gathers every commit that arrives meanwhile (group commit), which on
+        flush-bound devices beats writing batches in parallel (measured: at 2 or 4 in
+        flight four O_DSYNC writers hardly shared a batch)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._tick)
             task_status.started()
@@ -306,23 +298,17 @@ class Journal:
                     # behind it) or now and then for background durability: a rewrite
                     # started behind the back of the failed attempt's waiters would hide
                     # the failure from them.
-                    if (self._rewrite_wanted or timed_out) and \
-                            not any(b.inflight for b in self._sealed):
+                    if self._rewrite_wanted or timed_out:
                         self._rewrite_wanted = False
                         await self._rewrite_sealed()
                     continue
                 # Nothing new is placed while a checkpoint holds absorbed batches: they
                 # come first in the order in which batches become durable.
-                while self.has_pending() and len(self._sealed) < self.MAX_INFLIGHT \
-                        and not self._absorbed:
+                while self.has_pending() and not self._sealed and not self._absorbed:
                     batch = await self._seal_and_place()
                     if batch is None or self._retrying or self.failed is not None:
                         break
-                    batch.inflight = True
-                    if self.MAX_INFLIGHT == 1:
-                        await self._write_batch(batch)  # no task per batch for one in flight
-                    else:
-                        nursery.start_soon(self._write_batch, batch)
+                    await self._write_batch(batch)
 
     async def _tick(self) -> None:
         """Wake the writer every commit interval: changes nobody commits become durable
@@ -367,8 +353,6 @@ class Journal:
             batch.error = exc
             self.counters.writeback_errors += 1
             log.error("log write of batch %d failed: %s", batch.seq, exc)
-        finally:
-            batch.inflight = False
         self._finish_attempt(batch)
 
     async def _write_placed(self, batch: PendingBatch) -> None:
@@ -380,9 +364,9 @@ class Journal:
             # The last write carries the flush (one request; not RWF_DSYNC, which on
             # devices without FUA, such as loop devices, costs a flush before and after).
             if i == len(chunks) - 1:
-                await self.dev.writev_flush(self.sb.log_offset + off, chunk, "log")
+                await self.dev.writev_flush(self.log_offset + off, chunk, "log")
             else:
-                await self.dev.writev(self.sb.log_offset + off, chunk, "log")
+                await self.dev.writev(self.log_offset + off, chunk, "log")
             off += sum(n for _, _, n in chunk)
 
     def _finish_attempt(self, batch: PendingBatch) -> None:
@@ -400,7 +384,7 @@ class Journal:
         else:
             failure = batch.error or next((b.error for b in self._sealed if b.error), None)
             for b in self._sealed:
-                if not b.inflight and not b.done.is_set():
+                if not b.done.is_set():
                     b.error = b.error or failure
                     b.attempt.set()
         batch.attempt.set()
@@ -460,7 +444,7 @@ class Journal:
         meta = bytes(batch.meta)
         hdr_area = fmt.header_area_size(len(meta), self.bs)
         total = hdr_area + batch.payload_bytes
-        header = fmt.BatchHeader(self.sb.uuid_tag, batch.seq, pos, total, len(meta),
+        header = fmt.BatchHeader(self.uuid_tag, batch.seq, pos, total, len(meta),
                                  len(batch.payloads))
         hbuf = Buffer(hdr_area)
         hbuf.write(0, header.pack(0))
@@ -516,28 +500,25 @@ class Journal:
 
     # --------------------------------------------------------------- checkpoints
     #
-    # Progress, by construction: a checkpoint never needs log space. When it seals its
-    # boundary, the batches up to it that are not placed yet (the one the writer may be
-    # waiting with, and the boundary) either fit into what is left of the log, the
-    # reserve included, or are *absorbed*: they are never written to the log. Their data
-    # goes to new blocks (out of place, so that a crash before the checkpoint's
-    # superblock leaves every home as it was: nothing is torn, and the blocks were free
-    # in the durable state), the remap is metadata of the snapshot, and they become
-    # durable with the superblock. So a checkpoint waits only for device I/O and for
-    # batches already placed, never for a request or for log space; and whatever waits
-    # for log space waits for a checkpoint.
+    # What a checkpoint (checkpoint.py) needs of the log. It never needs log space: when it
+    # seals its boundary, the batches up to it that are not placed yet either fit into what
+    # is left of the log, the reserve included (open_reserve), or are *absorbed* (absorb):
+    # taken from the writer and never written to the log; they become durable with the
+    # checkpoint's superblock (acknowledge_absorbed). Until then nothing new is placed:
+    # the absorbed batches come first in the order in which batches become durable.
+
+    def attach_checkpointer(self, request: Callable[[], None]) -> None:
+        """request (which must not await) is called whenever the log wants a checkpoint."""
+        self._request_checkpoint = request
 
     def request_checkpoint(self) -> None:
-        self.want_checkpoint.set()
+        """Ask for a checkpoint: log space or memory held by logged folios runs short."""
+        self._request_checkpoint()
 
-    def seal_for_checkpoint(self) -> int:
-        """Seal the current pending batch (if any) as the checkpoint boundary; returns the
-        sequence number of the last batch the checkpoint covers. Batches before it that
-        wait for log space may now use the reserve (they are what frees it); if they and
-        the boundary do not fit even so, they are absorbed. Nothing here awaits: the
-        caller takes its snapshot of the metadata in the same step."""
-        self._check_failed()
-        self.md.flush_dirty()
+    def open_reserve(self) -> list[PendingBatch]:
+        """A checkpoint seals its boundary: the batches sealed so far may use the reserve
+        (they are what frees it). Returns those of them not placed yet, and the pending
+        batch if it holds anything, in order."""
         for batch in self._sealed:
             batch.checkpoint = True
         room, self._room = self._room, trio.Event()
@@ -545,54 +526,12 @@ class Journal:
         unplaced = [b for b in self._sealed if b.pos < 0]
         if not self._pending.empty:
             unplaced.append(self._pending)
-        absorb = bool(unplaced) and not self._fits(unplaced)
-        if absorb:
-            self._absorb(unplaced)  # remaps: records into the pending batch, absorbed too
-        if self._pending.empty:
-            return self._pending.seq - 1
-        # Seal it now, not when the writer gets to it: whatever is appended from here on
-        # is not in the checkpoint's snapshot, so it must go into the next batch.
-        batch = self._pending
-        batch.checkpoint = True
-        batch.sealed.set()
-        self._pending = PendingBatch(batch.seq + 1)
-        if absorb:
-            batch.absorbed = True
-            self._absorbed.append(batch)
-        else:
-            self._boundaries.append(batch)
-        self._wakeup.set()
-        return batch.seq
+        return unplaced
 
-    def _fits(self, batches: list[PendingBatch]) -> bool:
-        """Would these batches, placed in order after the head, fit into the log with the
-        reserve (as _place places a checkpoint's batches)?"""
-        used, head = self.used, self.head_pos
-        for b in batches:
-            size = fmt.header_area_size(len(b.meta), self.bs) + b.payload_bytes
-            waste = self.log_size - head if head + size > self.log_size else 0
-            head = (0 if waste else head) + size
-            used += waste + size
-            if used > self.log_size - self.bs:
-                return False
-            if head + self.bs > self.log_size:
-                head = 0
-        return True
-
-    def _absorb(self, batches: list[PendingBatch]) -> None:
+    def absorb(self, batches: list[PendingBatch]) -> None:
         """Take these batches (not placed, in order, the last maybe the pending one) away
-        from the writer: give each resident run they hold a new home out of place, with
-        its payload to write from; they become durable with the checkpoint."""
-        seqs = {b.seq for b in batches}
-        for b in batches:
-            for run, (buf, _) in zip(b.data_runs, b.payloads):
-                run.buf, run.buf_off = buf, 0
-            for piece, run, off in b.pieces:
-                piece.buf, piece.buf_off = run.buf, run.buf_off + off * self.bs
-        for res in self.resident.values():
-            for run in res.runs:
-                if run.seq in seqs:
-                    self._move_run(res.ino, run)
+        from the writer: the checkpoint writes their resident runs home, and they become
+        durable with it (the pending one is absorbed when seal_boundary seals it)."""
         for b in batches:
             if b is not self._pending:
                 b.absorbed = True
@@ -602,22 +541,25 @@ class Journal:
         log.info("log full: checkpoint takes batches %d-%d out of place instead of logging "
                  "them", batches[0].seq, batches[-1].seq)
 
-    def _move_run(self, ino: int, run: DataRun) -> None:
-        """A new home for an absorbed run whose blocks the file still maps there."""
-        inode = self.md.inodes.get(ino)
-        if inode is None or inode.extents is None:
-            return
-        if list(inode.extents.runs(run.fblock, run.nblocks)) != \
-                [(run.fblock, run.dblock, run.nblocks)]:
-            return  # remapped or freed since: the run is revoked, nothing to write
-        try:
-            new, _ = self.alloc.allocate(run.nblocks, goal=run.dblock, metadata=True)
-        except NoSpace as exc:
-            # Neither log space nor free space: refuse changes (EIO), never tear a unit.
-            self.fail(exc)
-            raise LogFailed(5, f"no room to checkpoint a full log: {exc}") from exc
-        self.md.map_extent(inode, run.fblock, new, run.nblocks)  # old home: freed when durable
-        run.dblock = new
+    def seal_boundary(self, absorbed: bool) -> int:
+        """Seal the pending batch (if it holds anything) as a checkpoint's boundary, to be
+        absorbed too if absorbed; returns the sequence number of the last batch the
+        checkpoint covers. Sealed now, not when the writer gets to it: whatever is appended
+        from here on is not in the checkpoint's snapshot, so it must go into the next
+        batch."""
+        if self._pending.empty:
+            return self._pending.seq - 1
+        batch = self._pending
+        batch.checkpoint = True
+        batch.sealed.set()
+        self._pending = PendingBatch(batch.seq + 1)
+        if absorbed:
+            batch.absorbed = True
+            self._absorbed.append(batch)
+        else:
+            self._boundaries.append(batch)
+        self._wakeup.set()
+        return batch.seq
 
     async def settle_for_checkpoint(self, boundary: int) -> list[PendingBatch]:
         """Wait until every batch up to boundary is durable, except the absorbed ones
@@ -633,7 +575,7 @@ class Journal:
             self._batch_end[b.seq] = (self.head_pos, self._placed)
         return list(self._absorbed)
 
-    def _acknowledge_absorbed(self) -> None:
+    def acknowledge_absorbed(self) -> None:
         """The checkpoint's superblock is durable: so are the batches it absorbed."""
         for b in self._absorbed:
             self.durable_seq = b.seq
@@ -648,6 +590,21 @@ class Journal:
         self._absorbed = []
         self._wakeup.set()
 
+    def resident_runs(self, upto_seq: int | None = None) -> list[tuple[int, int, DataRun]]:
+        """(ino, folio index, run) of every resident run (up to batch upto_seq): the runs
+        themselves, not copies, so that those of a batch not placed yet learn their log
+        position when it is."""
+        return [(res.ino, res.index, r) for res in self._resident.values() for r in res.runs
+                if upto_seq is None or r.seq <= upto_seq]
+
+    def file_is_resident(self, ino: int) -> bool:
+        return any(key[0] == ino for key in self._resident)
+
+    @property
+    def resident_count(self) -> int:
+        """Folios whose newest version lives only in the log."""
+        return len(self._resident)
+
     def batch_end(self, seq: int) -> int:
         """Log position just after batch seq (where replay continues)."""
         return self._batch_end[seq][0]
@@ -661,80 +618,13 @@ class Journal:
         self._tail_mark = placed
         for s in [s for s in self._batch_end if s < seq]:
             del self._batch_end[s]
-        for key, res in list(self.resident.items()):
+        for key, res in list(self._resident.items()):
             # runs up to seq are home now; later records of the same folio stay resident
             res.runs = [r for r in res.runs if r.seq > seq]
             if not res.runs:
-                del self.resident[key]
+                del self._resident[key]
         room, self._room = self._room, trio.Event()
         room.set()
-        if self.want_checkpoint.is_set():
-            self.want_checkpoint = trio.Event()
-        if self.used > self.log_size // 2:
-            self.request_checkpoint()
-
-
-    async def write_checkpoint(self, snapshot: bytes, boundary_seq: int,
-                               next_ino: int) -> None:
-        """Write a snapshot of the metadata as of batch boundary_seq (durable already),
-        then the superblock pointing at it and at the log after that batch. Only then is
-        the old snapshot freed and the log space before the boundary reclaimed."""
-        bs = self.bs
-        sb = self.sb
-        extents, payload_blocks = self._allocate_snapshot(len(snapshot))
-        buf = Buffer((1 + payload_blocks) * bs)
-        buf.write(bs, snapshot)
-        header = fmt.SnapshotHeader(sb.uuid, sb.seq + 1, len(snapshot), next_ino,
-                                    buf.crc32c(bs, len(snapshot)), extents)
-        buf.write(0, header.pack(bs))
-        try:
-            off = 0
-            for dblock, count in extents:
-                await self.dev.writev(dblock * bs, [(buf, off, count * bs)], "snapshot")
-                off += count * bs
-            await self.dev.flush()
-            new_sb = next_checkpoint_superblock(sb, extents[0][0],
-                                                self.batch_end(boundary_seq),
-                                                boundary_seq + 1, next_ino)
-            await write_superblock(self.dev, new_sb)
-            self._acknowledge_absorbed()
-        except BaseException:
-            for dblock, count in extents:
-                self.alloc.free_now(dblock, count)
-            raise
-        self._retire_snapshot(extents, sb)
-        self.sb = new_sb
-        self.advance_tail(boundary_seq)
-        self.alloc.set_snapshot_estimate(len(snapshot), bs)
-
-    def _retire_snapshot(self, extents: list[Extent], old_sb: fmt.Superblock) -> None:
-        """A new checkpoint is durable: the one before it becomes the fallback, and only
-        the one before that is freed; blocks released since the fallback's boundary stay
-        held (its files may still map them)."""
-        for dblock, count in self.previous_snapshot_extents:
-            self.alloc.free_now(dblock, count)
-        self.previous_snapshot_extents = self.snapshot_extents
-        self.snapshot_extents = extents
-        self.alloc.checkpointed(old_sb.log_seq - 1 if old_sb.snap_block else 0)
-
-    def _allocate_snapshot(self, length: int) -> tuple[list[Extent], int]:
-        bs = self.bs
-        payload_blocks = (length + bs - 1) // bs
-        need = 1 + payload_blocks
-        extents: list[Extent] = []
-        limit = fmt.SnapshotHeader.max_extents(bs)
-        try:
-            while need > 0:
-                if len(extents) == limit:
-                    raise NoSpace("free space too fragmented for the metadata snapshot")
-                start, count = self.alloc.allocate(need, min_len=1, metadata=True)
-                extents.append((start, count))
-                need -= count
-        except NoSpace:
-            for dblock, count in extents:
-                self.alloc.free_now(dblock, count)
-            raise
-        return extents, payload_blocks
 
 
 def _overlaps(run: DataRun, fblock: int, nblocks: int) -> bool:
