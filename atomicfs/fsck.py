@@ -13,7 +13,6 @@ report's `clean` is the state after the repair.
 """
 from __future__ import annotations
 
-import logging
 import stat
 import time
 from dataclasses import dataclass, field
@@ -32,8 +31,6 @@ from atomicfs.options import MountOptions, check_atomic_unit
 from atomicfs.recovery import Recovered, recover, when
 from atomicfs.replay import write_data_home
 from atomicfs.superblock import read_superblock
-
-log = logging.getLogger(__name__)
 
 LOST_FOUND = b"lost+found"
 
