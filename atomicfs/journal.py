@@ -321,7 +321,7 @@ class Journal:
 
     async def _seal_and_place(self) -> PendingBatch | None:
         if self._boundaries:
-            batch = self._boundaries.pop(0)  # sealed by seal_for_checkpoint already
+            batch = self._boundaries.pop(0)  # sealed by seal_boundary already
         else:
             self.md.flush_dirty()
             batch = self._pending
@@ -472,7 +472,7 @@ class Journal:
         """Find the log position for a batch of this size, waiting for a checkpoint to
         free space when the log is too full. Batches up to a checkpoint's boundary may use
         the reserve at the end, which other batches leave free for them (and what does not
-        fit even there, the checkpoint absorbs: then -1, see seal_for_checkpoint)."""
+        fit even there, the checkpoint absorbs: then -1, see checkpoint.py)."""
         if size > self.log_size - self.reserve:
             raise CorruptFilesystem(f"log batch of {size} bytes exceeds the log")
         while True:
