@@ -222,8 +222,7 @@ class AtomicFS(pyfuse3.Operations):
         a = self.vol.alloc
         bs = self.vol.bs
         nxt = 1 + (self.md.snapshot_bytes + growth + bs - 1) // bs + SNAPSHOT_SLACK
-        journal = self.vol.journal
-        kept = sum(c for _, c in journal.snapshot_extents + journal.previous_snapshot_extents)
+        kept = self.vol.checkpointer.kept_snapshot_blocks
         return 3 * nxt - kept <= a.free_blocks - a.reserved_blocks
 
     async def _make_metadata_room(self, growth: int) -> None:
@@ -950,8 +949,8 @@ class AtomicFS(pyfuse3.Operations):
             out = await self.wb.writeback_mapping(node, m, wait=True)
             if out.failed or m.dirty:
                 raise pyfuse3.FUSEError(errno.EIO)
-            if any(k[0] == node.ino for k in self.vol.journal.resident):
-                await self.wb.checkpoint()
+            if self.vol.journal.file_is_resident(node.ino):
+                await self.vol.checkpointer.checkpoint()
             while any(f.pins or f.writeback or f.locked for f in m.folios.values()):
                 await trio.sleep(0.001)
             self.wb.settle_size(node, m)
@@ -985,11 +984,11 @@ class AtomicFS(pyfuse3.Operations):
         elif cmd == "sync":
             ok = await self.wb.sync_all()
             if self.vol.journal.failed is None:
-                await self.wb.checkpoint()
+                await self.vol.checkpointer.checkpoint()
             if not ok or self.vol.journal.failed is not None:
                 raise pyfuse3.FUSEError(errno.EIO)
         elif cmd == "checkpoint":
-            await self.wb.checkpoint()
+            await self.vol.checkpointer.checkpoint()
         elif cmd == "commit":  # make everything logged so far durable
             await self.vol.journal.commit()
         elif cmd == "flush":  # background writeback of all dirty data, now
