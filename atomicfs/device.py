@@ -18,6 +18,10 @@ test-only layers, also in C, can aim at it:
 
 Concurrent flush requests share device flushes (group flush): a flush that starts after a
 caller asked covers it, however many asked.
+
+Every request is timed into a latency histogram of its request kind (`latency`, see
+request_kind): from submission until the reaper hands its completion over, plus
+`completion_wakeup`, from then until the waiting task runs again (a trio hop).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import logging
 import os
 import stat
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -35,7 +40,8 @@ from atomicfs import locks, native
 from atomicfs.errors import DeviceError, UserError
 from atomicfs.locks import HostLock
 from atomicfs.native import Buffer, Segment, ffi, lib
-from atomicfs.watchdog import waiting
+from atomicfs.stats import Histograms
+from atomicfs.watchdog import current_kind, waiting
 
 if TYPE_CHECKING:
     from atomicfs.owner import Owner
@@ -48,6 +54,31 @@ KIND_BITS = {"super": lib.AFS_KIND_SUPER, "log": lib.AFS_KIND_LOG,
 KINDS = ("super", "log", "snapshot", "data")
 INJECT_TARGETS = KINDS + ("write", "flush", "read")
 IO_THREADS = 4
+_KIND_NAMES = {bit: name for name, bit in KIND_BITS.items()}
+_request_kinds: dict[tuple[int, int, int], str] = {}
+
+
+def request_kind(io: Any) -> str:
+    """The latency histogram of a request: read, flush, or KIND[_atomic]_write[_dsync] or
+    KIND[_atomic]_write_flush (a write with its flush in one request); a data write of the
+    checkpoint (a logged unit copied home) is home_write."""
+    key = (int(io.op), int(io.kind), int(io.flags))
+    name = _request_kinds.get(key)
+    if name is None:
+        op, kind, flags = key
+        if op == lib.AFS_OP_READ:
+            name = "read"
+        elif op == lib.AFS_OP_FLUSH:
+            name = "flush"
+        else:
+            name = _KIND_NAMES.get(kind, str(kind)) + (
+                "_atomic" if flags & native.RWF_ATOMIC else "") + "_write" + (
+                "_flush" if op == lib.AFS_OP_WRITE_FLUSH else
+                "_dsync" if flags & native.RWF_DSYNC else "")
+        _request_kinds[key] = name
+    if name == "data_write" and current_kind() == "checkpoint":
+        return "home_write"
+    return name
 
 
 @dataclass
@@ -187,7 +218,9 @@ class Device:
             lib.afs_ioq_set_record(q, self._record_fd)
         self.set_inject(self.options.inject)
         self.set_delay(self.options.delay_s)
-        self._pending: dict[int, tuple[Any, Any, Any, trio.Event]] = {}
+        # id -> [io, bufs, lens, done, kind, submitted ns, reaped ns]
+        self._pending: dict[int, list[Any]] = {}
+        self.latency = Histograms()  # by request kind, see request_kind
         self._next_id = 1
         self._reaper_running = False
         # group flush state
@@ -319,7 +352,9 @@ class Device:
         return rc
 
     def _execute(self, io: Any, what: str) -> int:
+        t0 = time.perf_counter_ns()
         lib.afs_ioq_execute(self._q, io)
+        self.latency.add(request_kind(io), time.perf_counter_ns() - t0)
         return self._check(io, what)
 
     async def _submit(self, req: tuple[Any, Any, Any], what: str) -> int:
@@ -330,7 +365,8 @@ class Device:
         self._next_id += 1
         io.id = ident
         done = trio.Event()
-        self._pending[ident] = (*req, done)
+        entry = [*req, done, request_kind(io), time.perf_counter_ns(), 0]
+        self._pending[ident] = entry
         lib.afs_ioq_submit(self._q, io)
         try:
             with waiting(f"device {what}"):
@@ -338,8 +374,9 @@ class Device:
         except BaseException:
             # the request is in a C thread and will complete; keep its memory alive
             if ident in self._pending:
-                self._pending[ident] = (*req, trio.Event())
+                entry[3] = trio.Event()
             raise
+        self.latency.add("completion_wakeup", time.perf_counter_ns() - entry[6])
         return self._check(io, what)
 
     async def run_reaper(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -353,9 +390,12 @@ class Device:
             while True:
                 await trio.lowlevel.wait_readable(efd)
                 n = lib.afs_ioq_reap(self._q, out, 256)
+                now = time.perf_counter_ns()
                 for i in range(n):
                     entry = self._pending.pop(int(out[i].id), None)
                     if entry is not None:
+                        entry[6] = now
+                        self.latency.add(entry[4], now - entry[5])
                         entry[3].set()
         finally:
             self._reaper_running = False

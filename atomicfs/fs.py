@@ -125,7 +125,7 @@ def fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(self: "AtomicFS", *args: Any, **kwargs: Any) -> Any:
         try:
             # tracked by the watchdog: a request that hangs says what it waits for
-            with self.vol.watchdog.track(name, str(args[0]) if args else ""):
+            with self.vol.watchdog.track(name, str(args[0]) if args else "", fuse=True):
                 if self.fault_next_request:
                     self.fault_next_request = False
                     raise InjectedFault(f"fault injection in {name}")

@@ -268,6 +268,7 @@ class Volume:
             "folio_states": self._folio_states(),
             "counters": self.counters.as_dict(),
             "requests": self.watchdog.stats(),
+            "latency": self.watchdog.latency(self.dev.latency),
             "log": {"size": self.journal.log_size, "used": self.journal.used,
                     "durable_seq": self.journal.durable_seq,
                     "tail_seq": self.journal.tail_seq,
