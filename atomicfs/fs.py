@@ -12,8 +12,9 @@ cannot go stale, because every change to a file's data passes through the kernel
 Permissions are checked by the kernel (default_permissions); this layer keeps owners,
 modes and times as ext4 does, and returns ext4's errno values.
 
-The user.atomicfs.* attributes (settings, statistics, control) are control.py's; open
-handles are handles.py's; every other layer is reached through the Volume's facade.
+Name operations and the life of inodes are namespace.py's, the user.atomicfs.* attributes
+(settings, statistics, control) control.py's, open handles handles.py's; every other layer
+is reached through the Volume's facade.
 
 A request handler that fails unexpectedly fails only its request (EIO, logged with the
 traceback); the daemon goes on serving.
@@ -34,26 +35,18 @@ from atomicfs.control import PREFIX, SETTINGS, Control, InjectedDaemonFault
 from atomicfs.errors import DeviceError, NoSpace
 from atomicfs.handles import Handles
 from atomicfs.journal import LogFailed
-from atomicfs.metadata import DIRENT_SNAP, INHERITED_XATTRS, INODE_SNAP, SYMLINK_SNAP, \
-    XATTR_SNAP, Inode
+from atomicfs.metadata import DIRENT_SNAP, SYMLINK_SNAP, XATTR_SNAP, Inode
+from atomicfs.namespace import NAME_MAX, NEW_INODE_SNAP, Namespace
 from atomicfs.volume import LOG_ROOM, Volume
 
 log = logging.getLogger(__name__)
 
-NAME_MAX = 255
 PATH_MAX = 4096
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 MAX_FILE_BLOCKS = fmt.MAX_FILE_BLOCKS
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-RENAME_WHITEOUT = 4  # leave a whiteout (a 0/0 character device) at the old name: overlayfs
-# Snapshot bytes a new inode adds besides its name: inode, entry, inherited attributes.
-NEW_INODE_SNAP = INODE_SNAP + DIRENT_SNAP + len(INHERITED_XATTRS) * (XATTR_SNAP + 32)
 ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 1.0
-
-
 SETATTR_FIELDS = ("update_size", "update_mode", "update_uid", "update_gid", "update_atime",
                   "update_mtime", "update_ctime")
 
@@ -98,6 +91,7 @@ class AtomicFS(pyfuse3.Operations):
         self.wb = vol.wb  # what those calls take
         self.handles = Handles(vol)
         self.control = Control(vol, self.handles, os.getuid())
+        self.ns = Namespace(vol, self.control)
         self.max_file_size = MAX_FILE_BLOCKS * vol.bs
         vol.update_meta_reserve()  # the loaded metadata may be larger than the minimum
         self._on_ready = on_ready
@@ -119,22 +113,6 @@ class AtomicFS(pyfuse3.Operations):
         if not inode.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
-
-    def _child(self, parent: Inode, name: bytes) -> Inode:
-        """The inode parent/name names; ENAMETOOLONG before ENOENT, as ext4 answers."""
-        if len(name) > NAME_MAX:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-        found = self.md.lookup(parent, name)
-        if found is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return found
-
-    @staticmethod
-    def _check_name(name: bytes) -> None:
-        if len(name) > NAME_MAX:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-        if not name or b"/" in name or b"\0" in name:
-            raise pyfuse3.FUSEError(errno.EINVAL)
 
     def _attr(self, inode: Inode) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -169,40 +147,6 @@ class AtomicFS(pyfuse3.Operations):
         e.st_birthtime_ns = inode.btime_ns
         return e
 
-    def _now(self) -> int:
-        return time.time_ns()
-
-    def _new_inode(self, parent: Inode, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
-                   rdev: int = 0, target: bytes | None = None) -> Inode:
-        """Create an inode and link it under parent/name (the name must be free)."""
-        self.vol.check_writable()
-        self._check_name(name)
-        if parent.nlink == 0:
-            raise pyfuse3.FUSEError(errno.ENOENT)  # the directory was removed
-        if name in (parent.entries or {}):
-            raise pyfuse3.FUSEError(errno.EEXIST)
-        self.vol.metadata_room(NEW_INODE_SNAP + len(name) +
-                               (SYMLINK_SNAP + len(target) if target is not None else 0))
-        now = self._now()
-        gid = ctx.gid
-        if parent.mode & stat.S_ISGID:  # BSD group semantics of setgid directories
-            gid = parent.gid
-            if stat.S_ISDIR(mode):
-                mode |= stat.S_ISGID
-        inode = self.md.new_inode(mode, ctx.uid, gid, now, rdev)
-        if target is not None:
-            self.md.set_symlink(inode, target)
-        self.control.inherit(parent, inode)
-        self.md.add_entry(parent, name, inode, now)
-        inode.lookups += 1
-        return inode
-
-    async def _maybe_delete(self, inode: Inode) -> None:
-        """Remove an inode nobody references any more (no name, no lookups, no opens)."""
-        if inode.nlink == 0 and inode.lookups <= 0 and inode.opens <= 0 and \
-                inode.ino in self.md.inodes and inode.ino != fmt.ROOT_INO:
-            await self.vol.delete_inode(inode)
-
     # ------------------------------------------------------------------ namespace
 
     @fuse_errors
@@ -214,7 +158,7 @@ class AtomicFS(pyfuse3.Operations):
         elif name == b"..":
             inode = self._get(parent.parent)
         else:
-            inode = self._child(parent, name)
+            inode = self.ns.child(parent, name)
         inode.lookups += 1
         return self._attr(inode)
 
@@ -226,7 +170,7 @@ class AtomicFS(pyfuse3.Operations):
             inode.lookups -= n
             if inode.lookups <= 0 and inode.nlink == 0:
                 try:
-                    await self._maybe_delete(inode)
+                    await self.ns.maybe_delete(inode)
                 except (DeviceError, LogFailed, OSError) as exc:
                     log.error("cannot remove inode %d: %s", ino, exc)
                 except Exception:  # forget has no reply to fail: log, keep serving
@@ -244,7 +188,7 @@ class AtomicFS(pyfuse3.Operations):
         await self.vol.prepare_change()
         node = self._get(inode)
         self.vol.check_writable()
-        now = self._now()
+        now = time.time_ns()
         if fields.update_size:
             if not node.is_reg:
                 raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
@@ -302,7 +246,7 @@ class AtomicFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         if kind not in (stat.S_IFCHR, stat.S_IFBLK):
             rdev = 0
-        inode = self._new_inode(parent, name, mode, ctx, rdev=rdev)
+        inode = self.ns.new_inode(parent, name, mode, ctx, rdev=rdev)
         return self._attr(inode)
 
     @fuse_errors
@@ -310,7 +254,7 @@ class AtomicFS(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         await self.vol.prepare_change(growth=NEW_INODE_SNAP + len(name))
         parent = self._dir(parent_inode)
-        inode = self._new_inode(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
+        inode = self.ns.new_inode(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
         return self._attr(inode)
 
     @fuse_errors
@@ -321,7 +265,7 @@ class AtomicFS(pyfuse3.Operations):
         parent = self._dir(parent_inode)
         if len(target) >= PATH_MAX:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-        inode = self._new_inode(parent, name, stat.S_IFLNK | 0o777, ctx, target=target)
+        inode = self.ns.new_inode(parent, name, stat.S_IFLNK | 0o777, ctx, target=target)
         return self._attr(inode)
 
     @fuse_errors
@@ -329,64 +273,20 @@ class AtomicFS(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         await self.vol.prepare_change(growth=DIRENT_SNAP + len(new_name))
         node = self._get(inode)
-        parent = self._dir(new_parent_inode)
-        self.vol.check_writable()
-        self._check_name(new_name)
-        if node.is_dir:
-            raise pyfuse3.FUSEError(errno.EPERM)
-        if node.nlink == 0:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        if node.nlink >= 65000:
-            raise pyfuse3.FUSEError(errno.EMLINK)
-        if new_name in (parent.entries or {}):
-            raise pyfuse3.FUSEError(errno.EEXIST)
-        self.vol.metadata_room(DIRENT_SNAP + len(new_name))
-        now = self._now()
-        node.nlink += 1
-        node.ctime_ns = now
-        self.md.log_inode(node)
-        self.md.add_entry(parent, new_name, node, now)
-        node.lookups += 1
+        self.ns.link(node, self._dir(new_parent_inode), new_name)
         return self._attr(node)
-
-    async def _drop_link(self, inode: Inode, now: int) -> None:
-        """One name of inode is gone."""
-        inode.nlink = 0 if inode.is_dir else inode.nlink - 1
-        inode.ctime_ns = now
-        self.md.log_inode(inode)
-        await self._maybe_delete(inode)
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> None:
         await self.vol.prepare_change()
-        parent = self._dir(parent_inode)
-        self.vol.check_writable()
-        child = self._child(parent, name)
-        if child.is_dir:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        now = self._now()
-        self.md.remove_entry(parent, name, now)
-        await self._drop_link(child, now)
+        await self.ns.unlink(self._dir(parent_inode), name)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes,
                     ctx: pyfuse3.RequestContext) -> None:
         await self.vol.prepare_change()
-        parent = self._dir(parent_inode)
-        self.vol.check_writable()
-        if name == b".":
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        if name == b"..":
-            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
-        child = self._child(parent, name)
-        if not child.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        if child.entries:
-            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
-        now = self._now()
-        self.md.remove_entry(parent, name, now)
-        await self._drop_link(child, now)
+        await self.ns.rmdir(self._dir(parent_inode), name)
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -394,66 +294,7 @@ class AtomicFS(pyfuse3.Operations):
         await self.vol.prepare_change(2 * LOG_ROOM, len(name_new) - len(name_old))
         old_dir = self._dir(parent_inode_old)
         new_dir = self._dir(parent_inode_new)
-        self.vol.check_writable()
-        self._check_name(name_new)
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or \
-                flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT):
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        src = self._child(old_dir, name_old)
-        dst = self.md.lookup(new_dir, name_new)
-        if flags & RENAME_EXCHANGE:
-            if dst is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            self._check_move(src, new_dir)
-            self._check_move(dst, old_dir)
-            now = self._now()
-            self._exchange(old_dir, name_old, src, new_dir, name_new, dst, now)
-            return
-        if dst is not None:
-            if flags & RENAME_NOREPLACE:
-                raise pyfuse3.FUSEError(errno.EEXIST)
-            if dst.ino == src.ino:
-                return  # both names are links to one inode: nothing to do (POSIX)
-            if src.is_dir and not dst.is_dir:
-                raise pyfuse3.FUSEError(errno.ENOTDIR)
-            if dst.is_dir and not src.is_dir:
-                raise pyfuse3.FUSEError(errno.EISDIR)
-            if dst.is_dir and dst.entries:
-                raise pyfuse3.FUSEError(errno.ENOTEMPTY)
-        self._check_move(src, new_dir)
-        # a longer name takes more room, replacing an entry frees some; a whiteout needs a
-        # new inode: all checked before anything changes
-        if dst is None or flags & RENAME_WHITEOUT:
-            self.vol.metadata_room((len(name_new) - len(name_old) if dst is None else 0) +
-                                   (NEW_INODE_SNAP + len(name_old) if flags & RENAME_WHITEOUT
-                                    else 0))
-        now = self._now()
-        self.md.remove_entry(old_dir, name_old, now)
-        if dst is not None:
-            self.md.remove_entry(new_dir, name_new, now)
-        self.md.add_entry(new_dir, name_new, src, now)
-        src.ctime_ns = now
-        self.md.log_inode(src)
-        if flags & RENAME_WHITEOUT:
-            whiteout = self._new_inode(old_dir, name_old, stat.S_IFCHR, ctx, rdev=0)
-            whiteout.lookups -= 1  # the kernel gets no entry for it
-        if dst is not None:
-            await self._drop_link(dst, now)
-
-    def _check_move(self, inode: Inode, new_parent: Inode) -> None:
-        """A directory cannot move below itself."""
-        if inode.is_dir and self.md.is_ancestor(inode, new_parent):
-            raise pyfuse3.FUSEError(errno.EINVAL)
-
-    def _exchange(self, d1: Inode, n1: bytes, i1: Inode, d2: Inode, n2: bytes, i2: Inode,
-                  now: int) -> None:
-        self.md.remove_entry(d1, n1, now)
-        self.md.remove_entry(d2, n2, now)
-        self.md.add_entry(d1, n1, i2, now)
-        self.md.add_entry(d2, n2, i1, now)
-        for inode in (i1, i2):
-            inode.ctime_ns = now
-            self.md.log_inode(inode)
+        await self.ns.rename(old_dir, name_old, new_dir, name_new, flags, ctx)
 
     # -------------------------------------------------------------------- files
 
@@ -468,7 +309,7 @@ class AtomicFS(pyfuse3.Operations):
         if flags & os.O_TRUNC and node.is_reg and node.size:
             await self.vol.prepare_change()
             await self._truncate(node, 0)
-            node.mtime_ns = node.ctime_ns = self._now()
+            node.mtime_ns = node.ctime_ns = time.time_ns()
             self.md.log_inode(node)
         return pyfuse3.FileInfo(fh=self.handles.open(node, flags), keep_cache=True,
                                 direct_io=False)
@@ -482,7 +323,7 @@ class AtomicFS(pyfuse3.Operations):
         existing = self.md.lookup(parent, name) if len(name) <= NAME_MAX else None
         if existing is not None:  # the kernel sends create only for missing names
             raise pyfuse3.FUSEError(errno.EEXIST)
-        inode = self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        inode = self.ns.new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
         fi = pyfuse3.FileInfo(fh=self.handles.open(inode, flags), keep_cache=True,
                               direct_io=False)
         return fi, self._attr(inode)
@@ -503,7 +344,7 @@ class AtomicFS(pyfuse3.Operations):
         opts = self.vol.opts
         if opts.atime == "noatime" or (opts.nodiratime and inode.is_dir):
             return
-        now = self._now()
+        now = time.time_ns()
         if inode.atime_ns <= max(inode.mtime_ns, inode.ctime_ns) or \
                 now - inode.atime_ns > 86400 * 10**9:
             inode.atime_ns = now
@@ -545,7 +386,7 @@ class AtomicFS(pyfuse3.Operations):
         self.control.closed(h.inode)
         if h.inode.nlink == 0:
             try:
-                await self._maybe_delete(h.inode)
+                await self.ns.maybe_delete(h.inode)
             except (DeviceError, LogFailed, OSError) as exc:
                 log.error("cannot remove inode %d: %s", h.inode.ino, exc)
 
@@ -667,7 +508,7 @@ class AtomicFS(pyfuse3.Operations):
         if setting:
             await self.control.apply_setting(node, name, value)
         self.md.set_xattr(node, name, value)
-        node.ctime_ns = self._now()
+        node.ctime_ns = time.time_ns()
         self.md.log_inode(node)
 
     @fuse_errors
@@ -682,5 +523,5 @@ class AtomicFS(pyfuse3.Operations):
         if name in SETTINGS:
             await self.control.apply_setting(node, name, None)
         self.md.del_xattr(node, name)
-        node.ctime_ns = self._now()
+        node.ctime_ns = time.time_ns()
         self.md.log_inode(node)
