@@ -34,7 +34,6 @@ from atomicfs import format as fmt
 from atomicfs.control import PREFIX, SETTINGS, Control, InjectedDaemonFault
 from atomicfs.errors import DeviceError, NoSpace
 from atomicfs.handles import Handles
-from atomicfs.journal import LogFailed
 from atomicfs.metadata import DIRENT_SNAP, SYMLINK_SNAP, XATTR_SNAP, Inode
 from atomicfs.namespace import NAME_MAX, NEW_INODE_SNAP, Namespace
 from atomicfs.volume import LOG_ROOM, Volume
@@ -67,7 +66,7 @@ def fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except NoSpace:
             raise pyfuse3.FUSEError(errno.ENOSPC) from None
-        except (DeviceError, LogFailed) as exc:
+        except DeviceError as exc:  # LogFailed too
             log.error("%s: I/O error: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except OSError as exc:
@@ -171,7 +170,7 @@ class AtomicFS(pyfuse3.Operations):
             if inode.lookups <= 0 and inode.nlink == 0:
                 try:
                     await self.ns.maybe_delete(inode)
-                except (DeviceError, LogFailed, OSError) as exc:
+                except OSError as exc:  # DeviceError, LogFailed too
                     log.error("cannot remove inode %d: %s", ino, exc)
                 except Exception:  # forget has no reply to fail: log, keep serving
                     log.exception("cannot remove inode %d", ino)
@@ -387,7 +386,7 @@ class AtomicFS(pyfuse3.Operations):
         if h.inode.nlink == 0:
             try:
                 await self.ns.maybe_delete(h.inode)
-            except (DeviceError, LogFailed, OSError) as exc:
+            except OSError as exc:  # DeviceError, LogFailed too
                 log.error("cannot remove inode %d: %s", h.inode.ino, exc)
 
     @fuse_errors
@@ -398,7 +397,7 @@ class AtomicFS(pyfuse3.Operations):
         failed = False
         try:
             await self.vol.fsync(inode, datasync)
-        except (DeviceError, LogFailed) as exc:
+        except DeviceError as exc:  # LogFailed too
             log.warning("fsync of inode %d failed: %s", inode.ino, exc)
             failed = True
         if self.handles.new_error(h):
