@@ -248,7 +248,7 @@ class Volume:
 
     def update_meta_reserve(self) -> None:
         """Keep file data out of the room the next snapshot needs (it grows between
-        checkpoints; the journal only sizes the reserve at each checkpoint)."""
+        checkpoints; the checkpointer sizes it only at each checkpoint)."""
         self.alloc.set_snapshot_estimate(self.md.snapshot_bytes, self.bs)
 
     def _metadata_fits(self, growth: int) -> bool:
