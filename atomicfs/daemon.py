@@ -24,14 +24,14 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable
 
 import pyfuse3
 import trio
 
 from atomicfs import daemonlog, runtime
 from atomicfs.errors import UserError
-from atomicfs.fs import XATTR_CONTROL, XATTR_STAT, AtomicFS
+from atomicfs.control import XATTR_CONTROL, XATTR_STAT
+from atomicfs.fs import AtomicFS
 from atomicfs.mkfs import too_small
 from atomicfs.options import MountOptions
 from atomicfs.volume import Volume
@@ -213,7 +213,6 @@ def tune_gc() -> None:
 async def _main(vol: Volume, fs: AtomicFS, mountpoint: str) -> bool:
     async with trio.open_nursery() as nursery:
         await vol.start(nursery)
-        fs.nursery = nursery
         nursery.start_soon(_handle_signals, mountpoint)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         log.info("unmounted; writing back")
@@ -318,6 +317,3 @@ def _read_status(pid: int) -> int:
         return int(text.strip() or 1) if text is not None else 1
     except (OSError, ValueError, UserError):
         return 1
-
-
-ReadyFn = Callable[[str], None]

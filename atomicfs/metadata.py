@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import logging
 import stat
-from typing import Callable, Iterator, Protocol
+from typing import Iterator, Protocol
 
 from atomicfs import format as fmt
 from atomicfs.errors import CorruptFilesystem
@@ -565,6 +565,3 @@ def iter_tree(md: Metadata) -> Iterator[tuple[bytes, Inode]]:
                 if child is not None:
                     sep = b"" if path == b"/" else b"/"
                     stack.append((path + sep + name, child))
-
-
-NowFn = Callable[[], int]

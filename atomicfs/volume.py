@@ -3,11 +3,13 @@
 `Volume.open` opens the target, reads the newest superblock and the metadata snapshot,
 replays the log (writing logged atomic data home) and rebuilds free space. `start` runs the
 journal writer, the flusher and the checkpointer in a nursery; `shutdown` writes everything
-back and leaves a clean checkpoint. fs.py drives a Volume from FUSE requests; the tests in
-tests/fs drive it directly.
+back and leaves a clean checkpoint. fs.py and control.py drive a Volume from FUSE requests
+through its facade (the metadata-space rule, fsync, errseq, sync and the other commands),
+never through the layers behind it; the tests in tests/fs drive it directly.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -33,6 +35,9 @@ from atomicfs.watchdog import Watchdog
 from atomicfs.writeback import Writeback, WritebackPolicy
 
 log = logging.getLogger(__name__)
+
+LOG_ROOM = 2048  # log bytes a namespace change may add (inode and dirent records, names)
+SNAPSHOT_SLACK = 16  # blocks, for extents that writeback maps before the next checkpoint
 
 
 def build_allocator(sb: fmt.Superblock, md: Metadata,
@@ -212,6 +217,148 @@ class Volume:
 
     def close(self) -> None:
         self.dev.close()
+
+    # ------------------------------------------------------- metadata space (facade)
+
+    def check_writable(self) -> None:
+        """OSError(EIO) once the log has failed: the filesystem accepts no more changes."""
+        if self.journal.failed is not None:
+            raise OSError(errno.EIO, "the log failed; no changes are accepted")
+
+    async def prepare_change(self, nbytes: int = LOG_ROOM, growth: int = 0) -> None:
+        """Before a metadata change: refuse when the log failed, keep the pending log batch
+        within its size limit (a burst of changes would otherwise grow one batch past what
+        the log can hold), and make room for `growth` more bytes of metadata. Call before
+        any lookup the change depends on: this may wait."""
+        self.check_writable()
+        await self.journal.wait_for_room(nbytes)
+        if not self._metadata_fits(growth):
+            # commit the log so that blocks of recent deletes become free (the check
+            # itself, metadata_room, follows without an await before the change)
+            await self.wb.make_room()
+        self.check_writable()
+
+    def metadata_room(self, growth: int) -> None:
+        """NoSpace unless the metadata can grow by `growth` bytes (see `_metadata_fits`);
+        file data may not use the room the metadata needs (the allocator's reserve
+        follows its size). Call right before the change, with no await in between."""
+        if not self._metadata_fits(growth):
+            raise NoSpace(f"no room for {growth} more bytes of metadata")
+        self.update_meta_reserve()
+
+    def update_meta_reserve(self) -> None:
+        """Keep file data out of the room the next snapshot needs (it grows between
+        checkpoints; the checkpointer sizes it only at each checkpoint)."""
+        self.alloc.set_snapshot_estimate(self.md.snapshot_bytes, self.bs)
+
+    def _metadata_fits(self, growth: int) -> bool:
+        """Whether the metadata, grown by `growth` bytes, can still be checkpointed, now and
+        ever after: a checkpoint writes the new snapshot while the current and the
+        previous one (the fallback) live, and then frees only the previous one, so free
+        space must hold the next snapshot three times less the two that will be freed
+        (3 * next - current - previous). Without this the log fills and the filesystem
+        stops."""
+        if growth <= 0:
+            return True
+        a = self.alloc
+        nxt = 1 + (self.md.snapshot_bytes + growth + self.bs - 1) // self.bs + SNAPSHOT_SLACK
+        kept = self.checkpointer.kept_snapshot_blocks
+        return 3 * nxt - kept <= a.free_blocks - a.reserved_blocks
+
+    async def make_room(self) -> bool:
+        """After NoSpace from a write: free what recent deletes and the fallback checkpoint
+        hold; whether anything could help."""
+        return await self.wb.make_room()
+
+    def unreserve(self, blocks: int) -> None:
+        """Give back delayed-allocation reservations a truncate released."""
+        if blocks:
+            self.alloc.unreserve(blocks)
+
+    def space(self) -> tuple[int, int, int]:
+        """statfs's data blocks, free blocks and blocks available to users. Blocks held for
+        the fallback checkpoint count as free: a write that needs them gets them after
+        the checkpoints make_room runs."""
+        a = self.alloc
+        return (a.data_blocks,
+                max(0, a.free_blocks - a.reserved_blocks - a.meta_reserve) + a.held_blocks,
+                a.available_blocks + a.held_blocks)
+
+    # ---------------------------------------------------- files and commands (facade)
+
+    async def delete_inode(self, inode: Inode) -> None:
+        """Remove an inode nobody references: its cached data and I/O first."""
+        await self.wb.drop_inode(inode)
+        if inode.ino in self.md.inodes:
+            self.md.delete_inode(inode)
+
+    async def fsync(self, inode: Inode, datasync: bool) -> None:
+        """Write back a file and commit (DeviceError/LogFailed for failures of this call;
+        errors of earlier background writeback are reported by `errseq_check`)."""
+        await self.wb.fsync(inode, datasync)
+
+    def errseq_sample(self, inode: Inode) -> int:
+        """The writeback-error sequence a new descriptor of a regular file starts from: it
+        sees errors recorded after it opened, and also the latest one if nobody has seen
+        it yet (Linux errseq_sample)."""
+        m = self.mapping(inode)
+        return m.err_seq if m.err_seen else m.err_seq - 1
+
+    def errseq_check(self, inode: Inode, since: int) -> int | None:
+        """The newer error sequence if a writeback error was recorded after `since`, now
+        seen (file_check_and_advance_wb_err); None if there was none."""
+        m = self.cache.mappings.get(inode.ino)
+        if m is None or since >= m.err_seq:
+            return None
+        m.err_seen = True
+        return m.err_seq
+
+    def reserved_blocks(self, inode: Inode) -> int:
+        """Blocks of the file's dirty data not yet allocated (delayed allocation)."""
+        m = self.cache.mappings.get(inode.ino)
+        return sum(f.reserved.bit_count() for f in m.folios.values()) if m is not None else 0
+
+    async def change_folio_size(self, inode: Inode) -> None:
+        """Before a file's atomic unit changes: its dirty data goes out and its logged units
+        are made home, so that no log state refers to the old folio layout; then its
+        folios are dropped (OSError EIO if its data could not be written)."""
+        m = self.cache.mappings.get(inode.ino)
+        if m is None:
+            return
+        out = await self.wb.writeback_mapping(inode, m, wait=True)
+        if out.failed or m.dirty:
+            raise OSError(errno.EIO, f"cannot write back inode {inode.ino}")
+        if self.journal.file_is_resident(inode.ino):
+            await self.checkpointer.checkpoint()
+        while any(f.pins or f.writeback or f.locked for f in m.folios.values()):
+            await trio.sleep(0.001)
+        self.wb.settle_size(inode, m)
+        self.cache.drop_mapping(inode.ino)
+
+    def hardware_ok(self, unit: int) -> bool:
+        """Whether the device writes units of this size atomically."""
+        return self.wb.hardware_ok(unit)
+
+    async def sync(self) -> bool:
+        """Write back everything, commit and checkpoint; False if anything failed."""
+        ok = await self.wb.sync_all()
+        if self.journal.failed is None:
+            await self.checkpointer.checkpoint()
+        return ok and self.journal.failed is None
+
+    async def checkpoint(self) -> None:
+        await self.checkpointer.checkpoint()
+
+    async def commit(self) -> None:
+        """Make everything logged so far durable."""
+        await self.journal.commit()
+
+    async def flush(self) -> None:
+        """Background writeback of all dirty data, now."""
+        await self.wb.flush_some(everything=True)
+
+    def drop_caches(self) -> None:
+        self.cache.evict(self.cache.limit)
 
     # ----------------------------------------------------------------- file policy
 

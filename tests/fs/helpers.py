@@ -56,7 +56,6 @@ async def open_fs(image: str, opts: MountOptions | None = None) -> AsyncIterator
         async with trio.open_nursery() as nursery:
             await vol.start(nursery)
             fs = AtomicFS(vol)
-            fs.nursery = nursery
             yield Driver(fs)
             assert await vol.shutdown()
             nursery.cancel_scope.cancel()

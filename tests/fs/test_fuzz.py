@@ -56,7 +56,6 @@ async def _crash_with_log(image: str) -> None:
         async with trio.open_nursery() as nursery:
             await vol.start(nursery)
             fs = AtomicFS(vol)
-            fs.nursery = nursery
             d = Driver(fs)
             await d.create("late", os.urandom(5000))
             await d.rename("d0/small", "d1/moved")
@@ -116,7 +115,6 @@ def _open_ro(image: str) -> tuple[str | None, list[str]]:
         async with trio.open_nursery() as nursery:
             await vol.start(nursery)
             fs = AtomicFS(vol)
-            fs.nursery = nursery
             ctx = Ctx()
             for inode in list(vol.md.inodes.values()):
                 await fs.getattr(inode.ino, ctx)

@@ -9,7 +9,7 @@ import stat
 import pyfuse3
 import pytest
 
-from atomicfs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE
+from atomicfs.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE
 from tests.fs.helpers import ROOT, Driver, expect_errno, open_fs
 
 LONG = "n" * 256
