@@ -156,6 +156,7 @@ class AtomicFS(pyfuse3.Operations):
         self.md = vol.md
         self.cache = vol.cache
         self.wb = vol.wb
+        self.filemap = vol.filemap
         self.handles: dict[int, Handle] = {}
         self.announced: dict[int, dict[str, Announced]] = {}  # ino -> token -> write
         self.dirs: dict[int, DirHandle] = {}
@@ -231,7 +232,7 @@ class AtomicFS(pyfuse3.Operations):
         that blocks of recent deletes become free (the check itself follows, without an
         await between it and the change)."""
         if not self._metadata_fits(growth):
-            await self.wb.make_room()
+            await self.vol.flusher.make_room()
 
     def _metadata_room(self, growth: int) -> None:
         """ENOSPC unless the growth fits (see `_metadata_fits`); file data may not use the
@@ -334,7 +335,7 @@ class AtomicFS(pyfuse3.Operations):
         """Remove an inode nobody references any more (no name, no lookups, no opens)."""
         if inode.nlink == 0 and inode.lookups <= 0 and inode.opens <= 0 and \
                 inode.ino in self.md.inodes and inode.ino != fmt.ROOT_INO:
-            await self.wb.drop_inode(inode)
+            await self.filemap.drop_inode(inode)
             if inode.ino in self.md.inodes:
                 self.md.delete_inode(inode)
 
@@ -413,9 +414,7 @@ class AtomicFS(pyfuse3.Operations):
         if size == inode.size:
             return
         m = self.vol.mapping(inode)
-        released = await self.cache.truncate(self.wb, inode, m, size)
-        if released:
-            self.vol.alloc.unreserve(released)
+        await self.filemap.truncate(inode, m, size)
         bs = self.vol.bs
         if size < inode.size:
             self.md.truncate_extents(inode, (size + bs - 1) // bs)
@@ -642,7 +641,7 @@ class AtomicFS(pyfuse3.Operations):
         h = self.handles[fh]
         inode = h.inode
         m = self.vol.mapping(inode)
-        data = await self.cache.read(self.wb, inode, m, off, size)
+        data = await self.filemap.read(inode, m, off, size)
         self._touch_atime(inode)
         return data
 
@@ -673,13 +672,13 @@ class AtomicFS(pyfuse3.Operations):
         strict = self.vol.strict_of(inode)
         for attempt in (0, 1):
             try:
-                n = await self.cache.write(self.wb, inode, m, off, buf,
-                                           writethrough=mode is not None,
-                                           durable=mode == "durable", strict=strict,
-                                           atomic=atomic)
+                n = await self.filemap.write(inode, m, off, buf,
+                                             writethrough=mode is not None,
+                                             durable=mode == "durable", strict=strict,
+                                             atomic=atomic)
                 break
             except NoSpace:
-                if attempt or not await self.wb.make_room():
+                if attempt or not await self.vol.flusher.make_room():
                     raise pyfuse3.FUSEError(errno.ENOSPC) from None
         self._update_meta_reserve()
         return n
@@ -952,8 +951,7 @@ class AtomicFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EIO)
             if any(k[0] == node.ino for k in self.vol.journal.resident):
                 await self.wb.checkpoint()
-            while any(f.pins or f.writeback or f.locked for f in m.folios.values()):
-                await trio.sleep(0.001)
+            await self.cache.wait_unused(m)
             self.wb.settle_size(node, m)
             self.cache.drop_mapping(node.ino)
 
@@ -993,7 +991,7 @@ class AtomicFS(pyfuse3.Operations):
         elif cmd == "commit":  # make everything logged so far durable
             await self.vol.journal.commit()
         elif cmd == "flush":  # background writeback of all dirty data, now
-            await self.wb.flush_some(everything=True)
+            await self.vol.flusher.flush_some(everything=True)
         elif cmd == "drop_caches":
             self.cache.evict(self.cache.limit)
         else:

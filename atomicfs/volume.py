@@ -18,8 +18,11 @@ import trio
 from atomicfs import format as fmt
 from atomicfs import owner
 from atomicfs.alloc import Allocator
+from atomicfs.delalloc import Delalloc
 from atomicfs.device import Device, DeviceOptions
 from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace, UserError
+from atomicfs.filemap import FileMap
+from atomicfs.flusher import Flusher
 from atomicfs.journal import (Journal, ReplayResult, read_superblock, surviving_data,
                               write_data_home)
 from atomicfs.metadata import EXTENT_SNAP, Inode, Metadata
@@ -69,9 +72,14 @@ class Volume:
         self.cache = PageCache(self.bs, opts.cache_size, max(opts.folio_size, self.bs),
                                counters, align=dev.caps.dio_mem_align)
         self.watchdog = Watchdog()
-        self.wb = Writeback(dev, md, alloc, journal, self.cache, counters,
-                            WritebackPolicy(opts.atomic_path, opts.dirty_expire, opts.debug,
-                                            opts.unsafe_atomic), self.watchdog)
+        self.delalloc = Delalloc(alloc, md, self.cache)
+        self.wb = Writeback(dev, md, journal, self.cache, self.delalloc, counters,
+                            WritebackPolicy(opts.atomic_path, opts.debug, opts.unsafe_atomic),
+                            self.watchdog)
+        self.flusher = Flusher(md, alloc, journal, self.cache, self.wb, counters,
+                               opts.dirty_expire)
+        self.filemap = FileMap(dev, md, self.cache, self.delalloc, self.flusher, self.wb,
+                               counters)
         self.needs_checkpoint = needs_checkpoint
         self.replayed: ReplayResult | None = None
         self.recovered: Recovered | None = None
@@ -154,7 +162,7 @@ class Volume:
             # Reads see the replayed atomic data where it lies in the log.
             overlay = LogOverlay(dev, sb.block_size,
                                  surviving_data(sb, md, result.data))
-            vol.wb.dev = overlay  # type: ignore[assignment]
+            vol.filemap.dev = overlay  # type: ignore[assignment]
         return vol
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -164,7 +172,7 @@ class Volume:
         if self.ro:
             return  # no writer, no flusher, no checkpoint, no orphan removal
         await nursery.start(self.journal.run)
-        await nursery.start(self.wb.run_flusher)
+        await nursery.start(self.flusher.run_flusher)
         await nursery.start(self.wb.run_checkpointer)
         if self.dev.owner is not None:
             await nursery.start(self.dev.owner.run, self.journal.fail)
