@@ -3,9 +3,9 @@
 Writers are throttled while dirty data (or memory eviction cannot drop) is past half of
 the cache; they wait for the page cache's room event, which every transition that frees
 room sets (end of writeback, blocks cleaned, folios made evictable or dropped, logged
-folios checkpointed). The flusher writes back expired dirty data every few seconds (a
-quarter of dirty_expire, at most one), and everything dirty while the cache is over the
-background threshold; writers kick it when they are throttled.
+folios checkpointed). The flusher wakes every quarter of dirty_expire (at least once a
+second) to write back expired dirty data, and everything dirty while the cache is over the
+background threshold; throttled writers kick it.
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ from atomicfs.pagecache import Mapping, PageCache
 from atomicfs.recovery import LogOverlay, Recovered, hold_kept_blocks, recover
 from atomicfs.stats import Counters
 from atomicfs.watchdog import Watchdog
-from atomicfs.writeback import Writeback, WritebackPolicy
+from atomicfs.submit import WritebackPolicy
+from atomicfs.writeback import Writeback
 
 log = logging.getLogger(__name__)
 

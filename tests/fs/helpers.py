@@ -58,6 +58,7 @@ async def open_fs(image: str, opts: MountOptions | None = None) -> AsyncIterator
             fs = AtomicFS(vol)
             fs.nursery = nursery
             yield Driver(fs)
+            vol.delalloc.check()  # no reservation leaked by what the test did
             assert await vol.shutdown()
             nursery.cancel_scope.cancel()
     finally:
