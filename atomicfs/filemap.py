@@ -23,7 +23,7 @@ from atomicfs.flusher import Flusher
 from atomicfs.metadata import Inode, Metadata
 from atomicfs.native import MAX_IOV, Segment, copy_into
 from atomicfs.pagecache import (MAX_GROUP_BYTES, Folio, InvalidTransition, Mapping,
-                                PageCache, WriteGroup, mask_range, mask_runs)
+                                PageCache, mask_range, mask_runs)
 from atomicfs.stats import Counters
 from atomicfs.writeback import Writeback
 
@@ -280,7 +280,7 @@ class FileMap:
                 elif cache.clear_atomic(folio):
                     self.counters.atomic_cleared_partial += 1
         if grouped:
-            WriteGroup([f for f, _ in items])
+            cache.form_group([f for f, _ in items])
             self.counters.atomic_group_writes += 1
         size_grew = end > inode.size
         if size_grew:

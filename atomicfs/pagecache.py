@@ -27,245 +27,27 @@ outside this module assigns a folio's state.
 The *mapping* of a file holds its folios and two pieces of RFC state: the number of
 write-throughs in flight and the stable flag (set by the first, cleared by the last). While
 a mapping is stable, nobody modifies a folio under writeback; they wait (stable_waits).
-The buffered read and write paths that use all this are in filemap.py.
+The objects themselves are in folio.py; the buffered read and write paths that use all
+this are in filemap.py.
 """
 from __future__ import annotations
 
-import enum
 import time
 from collections import OrderedDict
-from typing import Callable, Iterator
+from typing import Callable
 
 import trio
 
-from atomicfs import format as fmt
+from atomicfs.folio import (DATA_IO, MAX_GROUP_BYTES, STABLE_IO, Folio, InvalidTransition,
+                            IOKind, Mapping, WriteGroup, mask_range, mask_runs, popcount)
 from atomicfs.metadata import Inode
 from atomicfs.native import ALIGN, Buffer
 from atomicfs.stats import Counters
 from atomicfs.watchdog import waiting
 
-# The largest write group: what FUSE sends in one request; a log batch holds it whole.
-MAX_GROUP_BYTES = fmt.MAX_ATOMIC_UNIT
-
-
-class InvalidTransition(AssertionError):
-    """A folio state change that the state machine does not allow."""
-
-
-class IOKind(enum.Enum):
-    """The one I/O a folio's buffer may be under."""
-
-    NONE = "none"
-    IN_PLACE = "in place"  # dirty blocks to their homes; writers may change the buffer
-    STABLE_IN_PLACE = "stable in place"  # the same, for a write-through or stable mapping
-    ATOMIC = "atomic"  # one RWF_ATOMIC write of the whole unit
-    LOG_HELD = "log-held"  # copied into the log; a write-through holds it until durable
-    HOME = "home copy"  # a checkpoint copies logged, clean blocks home (io_mask 0)
-
-
-# I/O that needs the buffer unchanged until it ends: writers wait (stable pages).
-STABLE_IO = frozenset({IOKind.STABLE_IN_PLACE, IOKind.ATOMIC, IOKind.LOG_HELD, IOKind.HOME})
-# I/O of dirty blocks (what fsync waits for; a home copy is of data durable in the log).
-DATA_IO = frozenset({IOKind.IN_PLACE, IOKind.STABLE_IN_PLACE, IOKind.ATOMIC,
-                     IOKind.LOG_HELD})
-
-
-def mask_range(first: int, count: int) -> int:
-    """Bitmask of blocks first..first+count-1."""
-    return ((1 << count) - 1) << first
-
-
-def mask_runs(mask: int) -> Iterator[tuple[int, int]]:
-    """(first block, count) of each run of set bits, in order."""
-    i = 0
-    while mask:
-        if mask & 1:
-            start = i
-            while mask & 1:
-                mask >>= 1
-                i += 1
-            yield start, i - start
-        else:
-            low = (mask & -mask).bit_length() - 1
-            mask >>= low
-            i += low
-
-
-def popcount(mask: int) -> int:
-    return mask.bit_count()
-
-
-class WriteGroup:
-    """The folios of one write request that must be untorn as a whole. Writeback logs all
-    their dirty blocks in one batch (`Writeback.write_group`); until then a later write to
-    any member first sends the group out, so that no crash can show that later write
-    without the whole group. `seq` is the log batch that took it (-1 while pending)."""
-
-    __slots__ = ("folios", "seq")
-
-    def __init__(self, folios: list["Folio"]) -> None:
-        for folio in folios:
-            if folio.group is not None:
-                raise InvalidTransition(f"already in a write group: {folio.state()}")
-        self.folios = folios
-        self.seq = -1
-        for folio in folios:
-            folio.group = self
-
-    @property
-    def pending(self) -> bool:
-        return self.seq < 0
-
-    def dissolve(self, seq: int) -> None:
-        """The group went out (in batch seq), or its protection was given up (seq 0)."""
-        self.seq = seq
-        for folio in self.folios:
-            folio.group = None
-
-    def rejoin(self, folios: list["Folio"]) -> None:
-        """A hardware write of the dissolved group did not happen: it is pending again,
-        with the members that are still wholly dirty."""
-        self.seq = -1
-        for folio in folios:
-            folio.group = self
-
-
-class Folio:
-    __slots__ = ("mapping", "index", "buf", "uptodate", "dirty", "reserved", "atomic",
-                 "io", "io_mask", "locked", "logged_seq", "dirty_since", "_event", "in_lru",
-                 "pins", "group")
-
-    def __init__(self, mapping: "Mapping", index: int, buf: Buffer) -> None:
-        self.mapping = mapping
-        self.index = index
-        self.buf = buf  # zeroed: blocks that are not uptodate always hold zeros
-        self.uptodate = 0
-        self.dirty = 0
-        self.reserved = 0
-        self.atomic = False
-        self.io = IOKind.NONE
-        self.io_mask = 0  # the dirty blocks the I/O took (0 for a home copy)
-        self.locked = False
-        self.logged_seq = 0
-        self.dirty_since = 0.0
-        self._event: trio.Event | None = None
-        self.in_lru = False
-        self.pins = 0  # requests using the folio right now
-        self.group: WriteGroup | None = None
-
-    @property
-    def fblock(self) -> int:
-        """First file block of this folio."""
-        return self.index * self.mapping.blocks_per_folio
-
-    @property
-    def full(self) -> int:
-        """The mask of all its blocks."""
-        return mask_range(0, self.mapping.blocks_per_folio)
-
-    @property
-    def size(self) -> int:
-        """Bytes of memory it holds (its buffer: the whole folio or a prefix of it)."""
-        return self.buf.size
-
-    @property
-    def writeback(self) -> bool:
-        """An I/O from this buffer is in flight."""
-        return self.io is not IOKind.NONE
-
-    @property
-    def busy(self) -> bool:
-        return self.locked or self.io is not IOKind.NONE
-
-    @property
-    def evictable(self) -> bool:
-        return not (self.dirty or self.io is not IOKind.NONE or self.locked
-                    or self.logged_seq or self.pins)
-
-    def state(self) -> str:
-        return (f"folio {self.mapping.ino}:{self.index} uptodate={self.uptodate:#x} "
-                f"dirty={self.dirty:#x} atomic={self.atomic} io={self.io.value}"
-                f"({self.io_mask:#x}) locked={self.locked} logged={self.logged_seq}")
-
-    async def wait_unlocked_or_written(self) -> None:
-        """Wait for the next end of its lock, its I/O or its last pin."""
-        if self._event is None:
-            self._event = trio.Event()
-        with waiting(f"folio {self.mapping.ino}:{self.index} (locked={self.locked}, "
-                     f"io={self.io.value}, pins={self.pins})"):
-            await self._event.wait()
-
-    def _wake(self) -> None:
-        if self._event is not None:
-            self._event.set()
-            self._event = None
-
-
-class Mapping:
-    """The page-cache side of one file."""
-
-    __slots__ = ("cache", "ino", "folio_size", "blocks_per_folio", "folios", "dirty",
-                 "stable", "wt_inflight", "err_seq", "err_seen", "flush_gen", "meta_seq",
-                 "atomic", "ra_next", "ra_window", "busy")
-
-    def __init__(self, cache: "PageCache", ino: int, folio_size: int, atomic: bool) -> None:
-        self.cache = cache
-        self.ino = ino
-        self.folio_size = folio_size
-        self.blocks_per_folio = folio_size // cache.block_size
-        self.folios: dict[int, Folio] = {}
-        self.dirty: dict[int, Folio] = {}  # folios with dirty blocks
-        self.stable = False
-        self.wt_inflight = 0
-        self.err_seq = 0  # writeback errors recorded (errseq counter)
-        self.err_seen = True  # has any descriptor seen the latest error?
-        self.flush_gen = -1  # device flush generation covering its last in-place write
-        self.meta_seq = -1  # newest log batch holding this file's extents or data
-        self.busy: dict[int, Folio] = {}  # folios under writeback or locked
-        self.atomic = atomic
-        self.ra_next = -1
-        self.ra_window = 0
-
-    # ---------------------------------------------------------------- RFC state
-
-    def writethrough_begin(self) -> None:
-        """A write-through starts: the first one makes the mapping stable."""
-        self.wt_inflight += 1
-        self.stable = True
-
-    def writethrough_end(self) -> None:
-        if self.wt_inflight <= 0:
-            raise InvalidTransition(f"write-through end without begin on {self.ino}")
-        self.wt_inflight -= 1
-        if self.wt_inflight == 0:
-            self.stable = False
-
-    def record_error(self) -> None:
-        """A background writeback of this file failed (errseq_set)."""
-        self.err_seq += 1
-        self.err_seen = False
-
-    def stable_io(self, folio: Folio) -> bool:
-        """Is the folio under I/O that needs its buffer unchanged?"""
-        return folio.io in STABLE_IO or (self.stable and folio.io is not IOKind.NONE)
-
-    def must_wait(self, folio: Folio) -> bool:
-        """May folio be modified now? Not while its I/O needs it stable."""
-        return folio.locked or self.stable_io(folio)
-
-    def counts(self) -> dict[str, int]:
-        folios = self.folios.values()
-        return {
-            "cached": len(self.folios),
-            "bytes": sum(f.size for f in folios),
-            "dirty": len(self.dirty),
-            "writeback": sum(1 for f in folios if f.writeback),
-            "atomic": sum(1 for f in folios if f.atomic),
-            "logged": sum(1 for f in folios if f.logged_seq),
-            "writethrough_inflight": self.wt_inflight,
-            "stable": int(self.stable),
-        }
-
+__all__ = ["DATA_IO", "MAX_GROUP_BYTES", "STABLE_IO", "TRANSITIONS", "Folio", "IOKind",
+           "InvalidTransition", "Mapping", "PageCache", "WriteGroup", "mask_range",
+           "mask_runs", "popcount"]
 
 # ------------------------------------------------------------ legal transitions
 # Each transition of PageCache, and when it is legal for folio f and the blocks `mask` it
@@ -278,7 +60,7 @@ def _idle(f: Folio) -> bool:
 
 
 def _in_buffer(f: Folio, mask: int) -> bool:
-    return mask >= 0 and mask >> (f.size // f.mapping.cache.block_size) == 0
+    return mask >= 0 and mask >> (f.size // f.mapping.block_size) == 0
 
 
 TRANSITIONS: dict[str, Callable[[Folio, int], bool]] = {
@@ -346,175 +128,6 @@ class PageCache:
     @property
     def spare_bytes(self) -> int:
         return self._spare_bytes
-
-    # ------------------------------------------------------------------ mappings
-
-    def mapping(self, inode: Inode, folio_size: int) -> Mapping:
-        m = self.mappings.get(inode.ino)
-        if m is None:
-            m = Mapping(self, inode.ino, folio_size, folio_size != self.default_folio_size
-                        or inode.atomic_unit > 0)
-            self.mappings[inode.ino] = m
-        return m
-
-    def drop_mapping(self, ino: int) -> None:
-        """Forget a file's folios (it was deleted or is being re-shaped); none may be busy
-        or hold reservations (the caller released them)."""
-        m = self.mappings.get(ino)
-        if m is None:
-            return
-        for folio in m.folios.values():
-            if folio.busy or folio.reserved:
-                raise InvalidTransition(f"dropping busy or reserved {folio.state()}")
-        del self.mappings[ino]
-        for folio in list(m.folios.values()):
-            self._remove_folio(folio)
-
-    # -------------------------------------------------------------------- folios
-
-    def find_folio(self, m: Mapping, index: int) -> Folio | None:
-        folio = m.folios.get(index)
-        if folio is not None and folio.in_lru:
-            self.lru.move_to_end((m.ino, index))
-        return folio
-
-    def _buffer_size(self, m: Mapping, nblocks: int) -> int:
-        """Buffer size for a folio whose first nblocks blocks are wanted: the whole folio
-        for an atomic unit, else the next power of two of blocks (the folio's order)."""
-        if m.atomic or nblocks >= m.blocks_per_folio:
-            return m.folio_size
-        return (1 << max(0, nblocks - 1).bit_length()) * self.block_size
-
-    def get_folio(self, m: Mapping, index: int, nblocks: int | None = None) -> Folio:
-        """The folio at index, created if missing with room for its first nblocks blocks
-        (default: all). An existing folio may be smaller: see `fit`."""
-        folio = self.find_folio(m, index)
-        if folio is not None:
-            self.counters.cache_hits += 1
-            return folio
-        self.counters.cache_misses += 1
-        size = self._buffer_size(m, m.blocks_per_folio if nblocks is None else nblocks)
-        folio = Folio(m, index, self._new_buffer(size))
-        m.folios[index] = folio
-        self.bytes += size
-        self._lru_add(folio)
-        return folio
-
-    def fit(self, folio: Folio, nblocks: int) -> bool:
-        """Grow the folio's buffer to hold its first nblocks blocks (a named transition:
-        the content moves to a larger buffer). Not while a read fills it or a stable
-        writeback needs it unchanged: returns False, the caller waits and tries again. A
-        non-stable writeback keeps writing from the old buffer (its I/O holds it); the
-        blocks it writes are copied, and stay dirty if it fails."""
-        m = folio.mapping
-        size = self._buffer_size(m, nblocks)
-        old = folio.buf
-        if size <= old.size:
-            return True
-        if m.must_wait(folio):
-            return False
-        buf = self._new_buffer(size, keep=old.size)
-        buf.copy_from(0, old, 0, old.size)
-        folio.buf = buf
-        grown = size - old.size
-        self.bytes += grown
-        if folio.in_lru:
-            self.lru_bytes += grown
-        if folio.logged_seq:
-            self.logged_bytes += grown
-        if not folio.writeback:  # else the I/O still reads it; it is freed after
-            self._recycle(old)
-        return True
-
-    def _lru_add(self, folio: Folio) -> None:
-        if not folio.in_lru and folio.evictable:
-            self.lru[(folio.mapping.ino, folio.index)] = folio
-            folio.in_lru = True
-            self.lru_bytes += folio.size
-            self._room_freed()
-
-    def _lru_remove(self, folio: Folio) -> None:
-        if folio.in_lru:
-            del self.lru[(folio.mapping.ino, folio.index)]
-            folio.in_lru = False
-            self.lru_bytes -= folio.size
-
-    def _refresh_lru(self, folio: Folio) -> None:
-        if folio.evictable:
-            self._lru_add(folio)
-        else:
-            self._lru_remove(folio)
-
-    def _remove_folio(self, folio: Folio) -> None:
-        m = folio.mapping
-        if not folio.in_lru:
-            self._room_freed()  # it held memory eviction could not take
-        self._lru_remove(folio)
-        self.leave_group(folio)
-        if folio.logged_seq:
-            folio.logged_seq = 0
-            self.logged_bytes -= folio.size
-        if folio.dirty:
-            self.dirty_bytes -= popcount(folio.dirty) * self.block_size
-            m.dirty.pop(folio.index, None)
-        del m.folios[folio.index]
-        self.bytes -= folio.size
-        self._recycle(folio.buf)
-
-    def _new_buffer(self, size: int, keep: int = 0) -> Buffer:
-        """A zeroed buffer: a spare one of that size, else fresh memory, for which clean
-        folios and spare buffers make room first (keep: bytes of the caller's folio that
-        are about to be released, already in `bytes`)."""
-        spare = self._spare.get(size)
-        if spare:
-            buf = spare.pop()
-            self._spare_bytes -= size
-            buf.zero()
-            return buf
-        self.evict(size - keep)
-        return Buffer(size, self.align)
-
-    def _recycle(self, buf: Buffer) -> None:
-        """Keep the buffer of a dropped folio for the next new one, while the folios and
-        the spares together stay within the limit. Nothing else uses it: a folio is
-        dropped only when no I/O, lock or request holds it."""
-        size = buf.size
-        if self._spare_bytes + size <= self._spare_limit and \
-                self.bytes + self._spare_bytes + size <= self.limit:
-            self._spare.setdefault(size, []).append(buf)
-            self._spare_bytes += size
-
-    def _free_spares(self, room: int) -> None:
-        """Free spare buffers until folios, spares and `room` more bytes fit the limit."""
-        for size in sorted(self._spare, reverse=True):
-            spare = self._spare[size]
-            while spare and self.bytes + self._spare_bytes + room > self.limit:
-                spare.pop()
-                self._spare_bytes -= size
-
-    def evict(self, room: int = 0) -> int:
-        """Free spare buffers, then drop clean folios, least recently used first, until
-        `room` more bytes fit within the limit."""
-        evicted = 0
-        while True:
-            self._free_spares(room)  # including the buffer of a folio just dropped
-            if not self.lru or self.bytes + self._spare_bytes + room <= self.limit:
-                break
-            _, folio = self.lru.popitem(last=False)
-            folio.in_lru = False
-            self.lru_bytes -= folio.size
-            self._remove_folio(folio)
-            evicted += 1
-        self.counters.cache_evictions += evicted
-        return evicted
-
-    def trim(self) -> int:
-        """Back within the limit as soon as folios became clean: called where writeback,
-        a checkpoint or a request has just released folios (not inside the transitions,
-        whose callers may still hold the folios they pass)."""
-        if self.bytes + self._spare_bytes <= self.limit:
-            return 0
-        return self.evict()
 
     # --------------------------------------------------------- state transitions
 
@@ -696,6 +309,33 @@ class PageCache:
         return released
 
     @staticmethod
+    def form_group(folios: list[Folio]) -> WriteGroup:
+        """The folios of one write request become a write group (none is in one: a write
+        sends a pending group out before it changes a member)."""
+        for folio in folios:
+            if folio.group is not None:
+                raise InvalidTransition(f"already in a write group: {folio.state()}")
+        group = WriteGroup(folios)
+        for folio in folios:
+            folio.group = group
+        return group
+
+    @staticmethod
+    def dissolve_group(group: WriteGroup, seq: int) -> None:
+        """The group went out (in batch seq), or its protection was given up (seq 0)."""
+        group.seq = seq
+        for folio in group.folios:
+            folio.group = None
+
+    @staticmethod
+    def rejoin_group(group: WriteGroup, folios: list[Folio]) -> None:
+        """A hardware write of the dissolved group did not happen: it is pending again,
+        with the members that are still wholly dirty."""
+        group.seq = -1
+        for folio in folios:
+            folio.group = group
+
+    @staticmethod
     def leave_group(folio: Folio) -> None:
         """The folio's grouped blocks are gone (truncated): the rest of the group stays."""
         group = folio.group
@@ -708,6 +348,175 @@ class PageCache:
         if folio.busy or folio.pins or folio.reserved:
             raise InvalidTransition(f"dropping a folio in use: {folio.state()}")
         self._remove_folio(folio)
+
+    # ------------------------------------------------------------------ mappings
+
+    def mapping(self, inode: Inode, folio_size: int) -> Mapping:
+        m = self.mappings.get(inode.ino)
+        if m is None:
+            atomic = folio_size != self.default_folio_size or inode.atomic_unit > 0
+            m = Mapping(self.block_size, inode.ino, folio_size, atomic)
+            self.mappings[inode.ino] = m
+        return m
+
+    def drop_mapping(self, ino: int) -> None:
+        """Forget a file's folios (it was deleted or is being re-shaped); none may be busy
+        or hold reservations (the caller released them)."""
+        m = self.mappings.get(ino)
+        if m is None:
+            return
+        for folio in m.folios.values():
+            if folio.busy or folio.reserved:
+                raise InvalidTransition(f"dropping busy or reserved {folio.state()}")
+        del self.mappings[ino]
+        for folio in list(m.folios.values()):
+            self._remove_folio(folio)
+
+    # -------------------------------------------------------------------- folios
+
+    def find_folio(self, m: Mapping, index: int) -> Folio | None:
+        folio = m.folios.get(index)
+        if folio is not None and folio.in_lru:
+            self.lru.move_to_end((m.ino, index))
+        return folio
+
+    def _buffer_size(self, m: Mapping, nblocks: int) -> int:
+        """Buffer size for a folio whose first nblocks blocks are wanted: the whole folio
+        for an atomic unit, else the next power of two of blocks (the folio's order)."""
+        if m.atomic or nblocks >= m.blocks_per_folio:
+            return m.folio_size
+        return (1 << max(0, nblocks - 1).bit_length()) * self.block_size
+
+    def get_folio(self, m: Mapping, index: int, nblocks: int | None = None) -> Folio:
+        """The folio at index, created if missing with room for its first nblocks blocks
+        (default: all). An existing folio may be smaller: see `fit`."""
+        folio = self.find_folio(m, index)
+        if folio is not None:
+            self.counters.cache_hits += 1
+            return folio
+        self.counters.cache_misses += 1
+        size = self._buffer_size(m, m.blocks_per_folio if nblocks is None else nblocks)
+        folio = Folio(m, index, self._new_buffer(size))
+        m.folios[index] = folio
+        self.bytes += size
+        self._lru_add(folio)
+        return folio
+
+    def fit(self, folio: Folio, nblocks: int) -> bool:
+        """Grow the folio's buffer to hold its first nblocks blocks (a named transition:
+        the content moves to a larger buffer). Not while a read fills it or a stable
+        writeback needs it unchanged: returns False, the caller waits and tries again. A
+        non-stable writeback keeps writing from the old buffer (its I/O holds it); the
+        blocks it writes are copied, and stay dirty if it fails."""
+        m = folio.mapping
+        size = self._buffer_size(m, nblocks)
+        old = folio.buf
+        if size <= old.size:
+            return True
+        if m.must_wait(folio):
+            return False
+        buf = self._new_buffer(size, keep=old.size)
+        buf.copy_from(0, old, 0, old.size)
+        folio.buf = buf
+        grown = size - old.size
+        self.bytes += grown
+        if folio.in_lru:
+            self.lru_bytes += grown
+        if folio.logged_seq:
+            self.logged_bytes += grown
+        if not folio.writeback:  # else the I/O still reads it; it is freed after
+            self._recycle(old)
+        return True
+
+    def _lru_add(self, folio: Folio) -> None:
+        if not folio.in_lru and folio.evictable:
+            self.lru[(folio.mapping.ino, folio.index)] = folio
+            folio.in_lru = True
+            self.lru_bytes += folio.size
+            self._room_freed()
+
+    def _lru_remove(self, folio: Folio) -> None:
+        if folio.in_lru:
+            del self.lru[(folio.mapping.ino, folio.index)]
+            folio.in_lru = False
+            self.lru_bytes -= folio.size
+
+    def _refresh_lru(self, folio: Folio) -> None:
+        if folio.evictable:
+            self._lru_add(folio)
+        else:
+            self._lru_remove(folio)
+
+    def _remove_folio(self, folio: Folio) -> None:
+        m = folio.mapping
+        if not folio.in_lru:
+            self._room_freed()  # it held memory eviction could not take
+        self._lru_remove(folio)
+        self.leave_group(folio)
+        if folio.logged_seq:
+            folio.logged_seq = 0
+            self.logged_bytes -= folio.size
+        if folio.dirty:
+            self.dirty_bytes -= popcount(folio.dirty) * self.block_size
+            m.dirty.pop(folio.index, None)
+        del m.folios[folio.index]
+        self.bytes -= folio.size
+        self._recycle(folio.buf)
+
+    def _new_buffer(self, size: int, keep: int = 0) -> Buffer:
+        """A zeroed buffer: a spare one of that size, else fresh memory, for which clean
+        folios and spare buffers make room first (keep: bytes of the caller's folio that
+        are about to be released, already in `bytes`)."""
+        spare = self._spare.get(size)
+        if spare:
+            buf = spare.pop()
+            self._spare_bytes -= size
+            buf.zero()
+            return buf
+        self.evict(size - keep)
+        return Buffer(size, self.align)
+
+    def _recycle(self, buf: Buffer) -> None:
+        """Keep the buffer of a dropped folio for the next new one, while the folios and
+        the spares together stay within the limit. Nothing else uses it: a folio is
+        dropped only when no I/O, lock or request holds it."""
+        size = buf.size
+        if self._spare_bytes + size <= self._spare_limit and \
+                self.bytes + self._spare_bytes + size <= self.limit:
+            self._spare.setdefault(size, []).append(buf)
+            self._spare_bytes += size
+
+    def _free_spares(self, room: int) -> None:
+        """Free spare buffers until folios, spares and `room` more bytes fit the limit."""
+        for size in sorted(self._spare, reverse=True):
+            spare = self._spare[size]
+            while spare and self.bytes + self._spare_bytes + room > self.limit:
+                spare.pop()
+                self._spare_bytes -= size
+
+    def evict(self, room: int = 0) -> int:
+        """Free spare buffers, then drop clean folios, least recently used first, until
+        `room` more bytes fit within the limit."""
+        evicted = 0
+        while True:
+            self._free_spares(room)  # including the buffer of a folio just dropped
+            if not self.lru or self.bytes + self._spare_bytes + room <= self.limit:
+                break
+            _, folio = self.lru.popitem(last=False)
+            folio.in_lru = False
+            self.lru_bytes -= folio.size
+            self._remove_folio(folio)
+            evicted += 1
+        self.counters.cache_evictions += evicted
+        return evicted
+
+    def trim(self) -> int:
+        """Back within the limit as soon as folios became clean: called where writeback,
+        a checkpoint or a request has just released folios (not inside the transitions,
+        whose callers may still hold the folios they pass)."""
+        if self.bytes + self._spare_bytes <= self.limit:
+            return 0
+        return self.evict()
 
     # ------------------------------------------------------------------- waiting
 

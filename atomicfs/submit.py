@@ -212,7 +212,7 @@ class Submitter:
         """A write is about to change a member of a pending write group: the group goes
         into the log first (NoSpace if it cannot)."""
         if self.policy.unsafe_atomic:
-            group.dissolve(0)
+            self.cache.dissolve_group(group, 0)
             return
         out = WriteOutcome()
         with Held(self.cache) as held:
@@ -262,7 +262,7 @@ class Submitter:
         seq = self.journal.pending_seq
         for folio, _, homes in done:
             seq = self._log_now(inode, m, folio, folio.dirty, homes, out, hold, held)
-        group.dissolve(seq)
+        self.cache.dissolve_group(group, seq)
         self.counters.atomic_groups_logged += 1
 
     def _group_hardware_ok(self, m: Mapping, group: WriteGroup) -> bool:
@@ -291,13 +291,13 @@ class Submitter:
         if not self._group_hardware_ok(m, group):
             return False
         members = sorted(group.folios, key=lambda f: f.index)
-        group.dissolve(0)  # taken: nothing else may write its units meanwhile
+        self.cache.dissolve_group(group, 0)  # taken: nothing else may write its units meanwhile
         done = await self._write_units_hardware(inode, m, members, out, writethrough, held)
         if done:
             self.counters.atomic_groups_hardware += 1
             return True
         # not written (no room, or failed): still one write
-        group.rejoin([f for f in members if f.dirty == f.full])
+        self.cache.rejoin_group(group, [f for f in members if f.dirty == f.full])
         return done is not None
 
     # ------------------------------------------------------------------- log path

@@ -121,7 +121,7 @@ class Writeback(Submitter):
         if self.policy.unsafe_atomic:  # crash-test control: no protection
             for folio, _ in items:
                 if folio.group is not None:
-                    folio.group.dissolve(0)
+                    self.cache.dissolve_group(folio.group, 0)
         # Background writeback leaves a busy folio to whoever has it.
         todo = [(f, mask) for f, mask in items
                 if f.group is not None or (mask & f.dirty and not f.busy)]

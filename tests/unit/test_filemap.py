@@ -51,7 +51,7 @@ class Lower:
         self.groups.append(sorted(f.index for f in group.folios))
         for f in group.folios:
             self.cache.take_clean(f, f.dirty)
-        group.dissolve(1)
+        self.cache.dissolve_group(group, 1)
 
 
 class RecordingDelalloc(Delalloc):
