@@ -441,14 +441,17 @@ class Submitter:
 
     async def _device_write(self, dblock: int, segments: list[Segment], atomic: bool,
                             check: list[Folio], durable: bool = False) -> int:
-        """The device write, with the debug-mode check that stable data did not change.
-        durable: flush in the same request. Returns the flush generation that still has to
-        cover the write (-1 when it is durable already)."""
+        """The device write (shielded from cancellation), with the debug-mode check that
+        stable data did not change. durable: flush in the same request. Returns the flush
+        generation that still has to cover the write (-1 when it is durable already)."""
         before = [f.buf.crc32c() for f in check] if self.policy.debug and check else None
-        if durable:
-            await self.dev.writev_flush(dblock * self.bs, segments, "data", atomic=atomic)
-        else:
-            await self.dev.writev(dblock * self.bs, segments, "data", atomic=atomic)
+        # Not cancellable: once submitted the write lands anyway, and until it has, its
+        # buffer must not change nor its blocks be given to anyone else.
+        with trio.CancelScope(shield=True):
+            if durable:
+                await self.dev.writev_flush(dblock * self.bs, segments, "data", atomic=atomic)
+            else:
+                await self.dev.writev(dblock * self.bs, segments, "data", atomic=atomic)
         if before is not None:
             after = [f.buf.crc32c() for f in check]
             if after != before:

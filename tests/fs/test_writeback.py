@@ -109,19 +109,44 @@ async def test_write_through_holds_logged_folios_until_durable(tmp_path: Path) -
         assert m.folios[0].io is IOKind.NONE and not m.stable
 
 
-async def test_cancelled_writeback_leaves_the_blocks_dirty(tmp_path: Path) -> None:
+async def test_cancelled_writeback_ends_and_keeps_the_books(tmp_path: Path) -> None:
+    """Cancelling a writeback never leaves a folio under I/O: the device write, once
+    submitted, completes (its blocks and buffer are in use until then), and whatever the
+    writeback had not finished is dirty again."""
     async with volume(tmp_path, parse_mount_options(["delay=300"])) as vol:
         inode, m = new_file(vol)
         await vol.filemap.write(inode, m, 0, b"c" * 8192)
-        folio = m.folios[0]
-        with trio.move_on_after(0.1):
-            await vol.wb.write_folios(inode, m, [(folio, folio.dirty)])
-        assert folio.io is IOKind.NONE and not m.busy
-        assert folio.dirty == 0b11 and folio.reserved == 0b11  # to be written again
+        await vol.filemap.write(inode, m, 65536, b"d" * 4096)
+        items = [(f, f.dirty) for f in m.dirty.values()]
+        with trio.move_on_after(0.1):  # while the writes are in flight
+            await vol.wb.write_folios(inode, m, items)
+        assert not m.busy and all(f.io is IOKind.NONE for f, _ in items)
         vol.delalloc.check()
         vol.dev.set_delay(0)
-        out = await vol.wb.write_folios(inode, m, [(folio, folio.dirty)])
-        assert not out.failed and not folio.dirty and vol.alloc._reserved == 0
+        await vol.wb.sync_all()
+        assert not m.dirty and vol.alloc._reserved == 0
+        assert bytes(await vol.filemap.read(inode, m, 0, 8192)) == b"c" * 8192
+
+
+async def test_an_error_between_start_and_end_makes_the_blocks_dirty_again(
+        tmp_path: Path) -> None:
+    async with volume(tmp_path) as vol:
+        inode, m = new_file(vol)
+        await vol.filemap.write(inode, m, 0, b"e" * 8192)
+        folio = m.folios[0]
+
+        async def broken(*args: object, **kwargs: object) -> int:
+            raise RuntimeError("not a device error")
+
+        vol.wb._device_write = broken  # type: ignore[method-assign]
+        with pytest.raises(Exception, match="Trio nursery") as info:
+            await vol.wb.write_folios(inode, m, [(folio, folio.dirty)])
+        assert "not a device error" in repr(info.value.exceptions)  # type: ignore[attr-defined]
+        assert folio.io is IOKind.NONE and folio.dirty == 0b11 and folio.reserved == 0b11
+        vol.delalloc.check()
+        del vol.wb._device_write
+        await vol.wb.sync_all()
+        assert not folio.dirty
 
 
 async def test_truncate_and_unlink_release_reservations(tmp_path: Path) -> None:
