@@ -156,10 +156,13 @@ demo: run-setup
 	@$(MAKE) --no-print-directory apt-install APT_LIST="$(DEMO_PACKAGES)"
 	DEMO_IMG=$(DEMO_IMG) $(PY) -m atomicfs.demo $(DEMO_ARGS)
 
-# Benchmarks (as root): every target side by side on one loop device; see README "Performance".
-# BENCH_ARGS passes options, e.g. BENCH_ARGS="--rounds 5 --runtime 3" or "--targets xfs,nullfs".
+# Benchmarks (as root): every target side by side on one loop device, then the pgbench row
+# (PostgreSQL: BENCH_PACKAGES); see README "Performance". BENCH_ARGS passes options, e.g.
+# BENCH_ARGS="--rounds 5 --runtime 3", "--targets xfs,nullfs" or "--workloads pgbench".
 BENCH_ARGS ?=
+BENCH_PACKAGES := postgresql
 bench: setup test-deb-deps bench-deps
+	@$(MAKE) --no-print-directory apt-install APT_LIST="$(BENCH_PACKAGES)"
 	BENCH_COMMAND="make bench$(if $(BENCH_ARGS), BENCH_ARGS='$(BENCH_ARGS)')" $(PY) -m bench $(BENCH_ARGS)
 
 # Where the daemon's time goes (py-spy) on the 16K durable atomic and the cached 16K write.

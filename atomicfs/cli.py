@@ -292,8 +292,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_crashtest(args: argparse.Namespace) -> int:
-    from atomicfs.crash import run_crashtest
-    from atomicfs.crash_workloads import WORKLOADS, preload_active
+    from atomicfs.crashtest.explorer import run_crashtest
+    from atomicfs.crashtest.workloads import WORKLOADS
+    from atomicfs.crashtest.workloads.rwf import preload_active
     names = WORKLOADS if args.workload == "all" else args.workload.split(",")
     if "rwf" in names and not preload_active():
         # the rwf workload's RWF_ATOMIC writes go through the preload library: start again

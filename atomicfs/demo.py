@@ -1,9 +1,9 @@
 """`make demo`: why atomicfs exists, then how it works.
 
 1. Power cuts: the same 16 KiB page-write workload on kernel ext4 and on atomicfs, each on
-   a loop device over the recording device (atomicfs.crash_blockdev), the crash explorer's
-   power-loss states drawn from each recording and judged by the same oracle
-   (atomicfs.crash_compare); a side-by-side table and a PNG of the pages (demo_png).
+   a loop device over the recording device (atomicfs.crashtest.blockdev), the crash
+   explorer's power-loss states drawn from each recording and judged by the same oracle
+   (atomicfs.crashtest.compare); a side-by-side table and a PNG of the pages (demo_png).
 2. A short look: format an image, mount it, atomic folios and write-through at work,
    unmount and check it.
 
@@ -22,8 +22,8 @@ import tempfile
 import time
 from typing import NoReturn
 
-from atomicfs.crash_compare import compare, table
-from atomicfs.crash_workloads import WorkloadError
+from atomicfs.crashtest.compare import compare, table
+from atomicfs.crashtest.workloads.base import WorkloadError
 from atomicfs.demo_png import write_page_grid
 from atomicfs.errors import UserError
 

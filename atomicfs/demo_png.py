@@ -12,7 +12,7 @@ import struct
 import zlib
 from typing import Sequence
 
-from atomicfs.crash_compare import FsResult
+from atomicfs.crashtest.compare import FsResult
 
 WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)

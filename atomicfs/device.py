@@ -14,10 +14,14 @@ test-only layers, also in C, can aim at it:
   write in flight;
 * recording (`record=`): every write's submission and completion (offset, flags, data)
   and every flush start and end, in the order they happen, for the crash explorer (see
-  atomicfs.crash_record).
+  Recorder and atomicfs.crashtest.recording).
 
 Concurrent flush requests share device flushes (group flush): a flush that starts after a
 caller asked covers it, however many asked.
+
+Every request is timed into a latency histogram of its request kind (`latency`, see
+request_kind): from submission until the reaper hands its completion over, plus
+`completion_wakeup`, from then until the waiting task runs again (a trio hop).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import errno
 import logging
 import os
 import stat
+import struct
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -34,7 +40,8 @@ from atomicfs import locks, native
 from atomicfs.errors import DeviceError, UserError
 from atomicfs.locks import HostLock
 from atomicfs.native import Buffer, Segment, ffi, lib
-from atomicfs.watchdog import waiting
+from atomicfs.stats import Histograms
+from atomicfs.watchdog import current_kind, waiting
 
 if TYPE_CHECKING:
     from atomicfs.owner import Owner
@@ -47,6 +54,31 @@ KIND_BITS = {"super": lib.AFS_KIND_SUPER, "log": lib.AFS_KIND_LOG,
 KINDS = ("super", "log", "snapshot", "data")
 INJECT_TARGETS = KINDS + ("write", "flush", "read")
 IO_THREADS = 4
+_KIND_NAMES = {bit: name for name, bit in KIND_BITS.items()}
+_request_kinds: dict[tuple[int, int, int], str] = {}
+
+
+def request_kind(io: Any) -> str:
+    """The latency histogram of a request: read, flush, or KIND[_atomic]_write[_dsync] or
+    KIND[_atomic]_write_flush (a write with its flush in one request); a data write of the
+    checkpoint (a logged unit copied home) is home_write."""
+    key = (int(io.op), int(io.kind), int(io.flags))
+    name = _request_kinds.get(key)
+    if name is None:
+        op, kind, flags = key
+        if op == lib.AFS_OP_READ:
+            name = "read"
+        elif op == lib.AFS_OP_FLUSH:
+            name = "flush"
+        else:
+            name = _KIND_NAMES.get(kind, str(kind)) + (
+                "_atomic" if flags & native.RWF_ATOMIC else "") + "_write" + (
+                "_flush" if op == lib.AFS_OP_WRITE_FLUSH else
+                "_dsync" if flags & native.RWF_DSYNC else "")
+        _request_kinds[key] = name
+    if name == "data_write" and current_kind() == "checkpoint":
+        return "home_write"
+    return name
 
 
 @dataclass
@@ -98,19 +130,22 @@ class DeviceOptions:
 
 
 class Recorder:
-    """The recording format (written by the native I/O queue, read by
-    atomicfs.crash_record and atomicfs.recording): MAGIC, then events of EVENT_FORMAT
-    (type, seq, offset, length, flags, time ns, ref); a completed write's data follows its
-    event. Each write is recorded when submitted (WRITE_SUBMIT, no data) and when completed
-    (WRITE, ref = the submit's seq); each flush when it starts and when it ends (FLUSH_END,
-    ref = the start's seq): the crash explorer needs both to know what was in flight at
-    any point and which flush covered which writes."""
+    """The writer's side of the recording format (`record=`), whose one description is
+    native/atomicfs_native.h (AFS_REC_*): the constants below come from there. The native
+    I/O queue writes the records of this filesystem's requests; `open` gives it the file,
+    and `pack` makes records for writers in Python (the crash explorer's recording block
+    device, tests). The reader is atomicfs.crashtest.recording."""
 
-    MAGIC = b"AFSREC02"
-    EVENT_FORMAT = "<cQQIIQQ"
-    WRITE_SUBMIT, WRITE, FLUSH_START, FLUSH_END = b"B", b"W", b"S", b"F"
-    FLAG_ATOMIC, FLAG_DSYNC = 1, 2
-    KIND_FLAGS = {"super": 0x10, "log": 0x20, "snapshot": 0x40, "data": 0x80}
+    MAGIC = struct.pack("<Q", lib.AFS_REC_MAGIC)
+    # type, seq, offset, length, flags, time ns, ref: little-endian, packed
+    EVENT = struct.Struct("<cQqIIqQ")
+    WRITE_SUBMIT = bytes([lib.AFS_REC_WRITE_SUBMIT])
+    WRITE = bytes([lib.AFS_REC_WRITE])
+    FLUSH_START = bytes([lib.AFS_REC_FLUSH_START])
+    FLUSH_END = bytes([lib.AFS_REC_FLUSH_END])
+    FLAG_ATOMIC, FLAG_DSYNC = lib.AFS_REC_FLAG_ATOMIC, lib.AFS_REC_FLAG_DSYNC
+    KIND_FLAGS = {"super": lib.AFS_REC_FLAG_SUPER, "log": lib.AFS_REC_FLAG_LOG,
+                  "snapshot": lib.AFS_REC_FLAG_SNAPSHOT, "data": lib.AFS_REC_FLAG_DATA}
 
     @classmethod
     def open(cls, path: str) -> int:
@@ -120,6 +155,25 @@ class Recorder:
         if os.fstat(fd).st_size == 0:
             os.write(fd, cls.MAGIC)
         return fd
+
+    @classmethod
+    def pack(cls, rtype: bytes, seq: int, offset: int = 0, length: int = 0, flags: int = 0,
+             time_ns: int = 0, ref: int = 0) -> bytes:
+        """One record's header (a completed write's data follows it)."""
+        return cls.EVENT.pack(rtype, seq, offset, length, flags, time_ns, ref)
+
+
+def _field_offsets(fmt: str) -> list[int]:
+    """Where each field of a packed little-endian struct format starts."""
+    return [struct.calcsize(fmt[: i + 1]) for i in range(len(fmt) - 1)]
+
+
+# The header's layout is the C header's: fail at import, not in a recording, if they part.
+if _field_offsets(Recorder.EVENT.format) + [Recorder.EVENT.size, len(Recorder.MAGIC)] != [
+        lib.AFS_REC_OFF_TYPE, lib.AFS_REC_OFF_SEQ, lib.AFS_REC_OFF_OFFSET,
+        lib.AFS_REC_OFF_LENGTH, lib.AFS_REC_OFF_FLAGS, lib.AFS_REC_OFF_TIME, lib.AFS_REC_OFF_REF,
+        lib.AFS_REC_HEADER_SIZE, lib.AFS_REC_MAGIC_SIZE]:
+    raise ImportError("device.Recorder.EVENT does not match AFS_REC_* of atomicfs_native.h")
 
 
 def _in_use(path: str, detail: str) -> UserError:
@@ -164,7 +218,9 @@ class Device:
             lib.afs_ioq_set_record(q, self._record_fd)
         self.set_inject(self.options.inject)
         self.set_delay(self.options.delay_s)
-        self._pending: dict[int, tuple[Any, Any, Any, trio.Event]] = {}
+        # id -> [io, bufs, lens, done, kind, submitted ns, reaped ns]
+        self._pending: dict[int, list[Any]] = {}
+        self.latency = Histograms()  # by request kind, see request_kind
         self._next_id = 1
         self._reaper_running = False
         # group flush state
@@ -296,7 +352,9 @@ class Device:
         return rc
 
     def _execute(self, io: Any, what: str) -> int:
+        t0 = time.perf_counter_ns()
         lib.afs_ioq_execute(self._q, io)
+        self.latency.add(request_kind(io), time.perf_counter_ns() - t0)
         return self._check(io, what)
 
     async def _submit(self, req: tuple[Any, Any, Any], what: str) -> int:
@@ -307,7 +365,8 @@ class Device:
         self._next_id += 1
         io.id = ident
         done = trio.Event()
-        self._pending[ident] = (*req, done)
+        entry = [*req, done, request_kind(io), time.perf_counter_ns(), 0]
+        self._pending[ident] = entry
         lib.afs_ioq_submit(self._q, io)
         try:
             with waiting(f"device {what}"):
@@ -315,8 +374,9 @@ class Device:
         except BaseException:
             # the request is in a C thread and will complete; keep its memory alive
             if ident in self._pending:
-                self._pending[ident] = (*req, trio.Event())
+                entry[3] = trio.Event()
             raise
+        self.latency.add("completion_wakeup", time.perf_counter_ns() - entry[6])
         return self._check(io, what)
 
     async def run_reaper(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -330,9 +390,12 @@ class Device:
             while True:
                 await trio.lowlevel.wait_readable(efd)
                 n = lib.afs_ioq_reap(self._q, out, 256)
+                now = time.perf_counter_ns()
                 for i in range(n):
                     entry = self._pending.pop(int(out[i].id), None)
                     if entry is not None:
+                        entry[6] = now
+                        self.latency.add(entry[4], now - entry[5])
                         entry[3].set()
         finally:
             self._reaper_running = False

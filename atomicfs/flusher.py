@@ -15,6 +15,7 @@ import time
 import trio
 
 from atomicfs.alloc import Allocator
+from atomicfs.checkpoint import Checkpointer
 from atomicfs.journal import Journal
 from atomicfs.metadata import Metadata
 from atomicfs.pagecache import PageCache
@@ -26,12 +27,14 @@ class Flusher:
     """Throttles writers and runs the background writeback task."""
 
     def __init__(self, md: Metadata, alloc: Allocator, journal: Journal, cache: PageCache,
-                 wb: Writeback, counters: Counters, dirty_expire: float = 30.0) -> None:
+                 wb: Writeback, checkpointer: Checkpointer, counters: Counters,
+                 dirty_expire: float = 30.0) -> None:
         self.md = md
         self.alloc = alloc
         self.journal = journal
         self.cache = cache
         self.wb = wb
+        self.checkpointer = checkpointer
         self.counters = counters
         self.dirty_expire = dirty_expire
         self.dirty_limit = cache.limit // 2
@@ -62,7 +65,7 @@ class Flusher:
                 raise OSError(errno.EIO, "the log cannot be written")
             self.counters.throttle_waits += 1
             if self.cache.logged_bytes > self.cache.limit // 4:
-                self.journal.request_checkpoint()  # only a checkpoint releases those
+                self.checkpointer.request_checkpoint()  # only a checkpoint releases those
             self.kick_flusher()
             await self.cache.wait_for_room()
 
@@ -77,7 +80,7 @@ class Flusher:
         for _ in range(2):
             if not self.alloc.held_blocks or self.journal.failed is not None:
                 break
-            await self.wb.checkpoint()
+            await self.checkpointer.checkpoint()
         return True
 
     # -------------------------------------------------------------------- flusher

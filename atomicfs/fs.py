@@ -125,7 +125,7 @@ def fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     async def wrapper(self: "AtomicFS", *args: Any, **kwargs: Any) -> Any:
         try:
             # tracked by the watchdog: a request that hangs says what it waits for
-            with self.vol.watchdog.track(name, str(args[0]) if args else ""):
+            with self.vol.watchdog.track(name, str(args[0]) if args else "", fuse=True):
                 if self.fault_next_request:
                     self.fault_next_request = False
                     raise InjectedFault(f"fault injection in {name}")
@@ -223,8 +223,7 @@ class AtomicFS(pyfuse3.Operations):
         a = self.vol.alloc
         bs = self.vol.bs
         nxt = 1 + (self.md.snapshot_bytes + growth + bs - 1) // bs + SNAPSHOT_SLACK
-        journal = self.vol.journal
-        kept = sum(c for _, c in journal.snapshot_extents + journal.previous_snapshot_extents)
+        kept = self.vol.checkpointer.kept_snapshot_blocks
         return 3 * nxt - kept <= a.free_blocks - a.reserved_blocks
 
     async def _make_metadata_room(self, growth: int) -> None:
@@ -949,8 +948,8 @@ class AtomicFS(pyfuse3.Operations):
             out = await self.wb.writeback_mapping(node, m, wait=True)
             if out.failed or m.dirty:
                 raise pyfuse3.FUSEError(errno.EIO)
-            if any(k[0] == node.ino for k in self.vol.journal.resident):
-                await self.wb.checkpoint()
+            if self.vol.journal.file_is_resident(node.ino):
+                await self.vol.checkpointer.checkpoint()
             await self.cache.wait_unused(m)
             self.wb.settle_size(node, m)
             self.cache.drop_mapping(node.ino)
@@ -983,11 +982,11 @@ class AtomicFS(pyfuse3.Operations):
         elif cmd == "sync":
             ok = await self.wb.sync_all()
             if self.vol.journal.failed is None:
-                await self.wb.checkpoint()
+                await self.vol.checkpointer.checkpoint()
             if not ok or self.vol.journal.failed is not None:
                 raise pyfuse3.FUSEError(errno.EIO)
         elif cmd == "checkpoint":
-            await self.wb.checkpoint()
+            await self.vol.checkpointer.checkpoint()
         elif cmd == "commit":  # make everything logged so far durable
             await self.vol.journal.commit()
         elif cmd == "flush":  # background writeback of all dirty data, now

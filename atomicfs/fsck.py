@@ -13,7 +13,6 @@ report's `clean` is the state after the repair.
 """
 from __future__ import annotations
 
-import logging
 import stat
 import time
 from dataclasses import dataclass, field
@@ -25,14 +24,13 @@ from atomicfs import format as fmt
 from atomicfs.consistency import NAME_MAX, PATH_MAX, VALID_TYPES, check_metadata, reachable
 from atomicfs.device import Device
 from atomicfs.errors import CorruptFilesystem, DeviceError, NotAtomicfs, UserError
-from atomicfs.journal import read_superblock, write_data_home
 from atomicfs.metadata import (XATTR_ATOMIC_STRICT, XATTR_ATOMIC_UNIT, XATTR_WRITETHROUGH,
                                Inode, Metadata)
 from atomicfs.mkfs import too_small
 from atomicfs.options import MountOptions, check_atomic_unit
 from atomicfs.recovery import Recovered, recover, when
-
-log = logging.getLogger(__name__)
+from atomicfs.replay import write_data_home
+from atomicfs.superblock import read_superblock
 
 LOST_FOUND = b"lost+found"
 
@@ -161,8 +159,8 @@ async def _write_checkpoint(dev: Device, rec: Recovered) -> None:
         await vol.start(nursery)
         # Twice: the first checkpoint's predecessor (the damaged snapshot) would otherwise
         # stay on as the fallback; after the second both kept snapshots are repaired ones.
-        await vol.wb.checkpoint()
-        await vol.wb.checkpoint()
+        await vol.checkpointer.checkpoint()
+        await vol.checkpointer.checkpoint()
         if not await vol.shutdown():
             raise UserError(f"{dev.path}: cannot write the repaired metadata")
         nursery.cancel_scope.cancel()

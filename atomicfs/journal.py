@@ -1,4 +1,4 @@
-"""The log: checksummed batches of metadata records and atomic data, commit, replay.
+"""The log: checksummed batches of metadata records and atomic data, group commit, log space.
 
 Writing. Metadata changes and software-path atomic data are appended to the *pending*
 batch. One writer task takes the pending batch, writes it as one sequential O_DIRECT write
@@ -16,25 +16,20 @@ too, so replay (which applies DATA records in log order) can never roll back a n
 in-place copy. A checkpoint writes resident units home and then moves the log tail past
 their records.
 
-Replay. Batches are read from the tail while their checksum, sequence number and position
-hold; the first that fails ends the log (a torn tail is dropped whole). Metadata records are
-applied in order; DATA records are written home at the end, but only where the final
-metadata still maps that file block to that device block, so blocks freed (and maybe
-reused) after a DATA record are never overwritten by it.
+Replay (reading the log back at mount) is in replay.py.
 """
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable
 
 import trio
 
 from atomicfs import format as fmt
 from atomicfs.alloc import Allocator
 from atomicfs.device import Device
-from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace
+from atomicfs.errors import CorruptFilesystem, DeviceError
 from atomicfs.metadata import Extent, Metadata
 from atomicfs.native import Buffer, Segment
 from atomicfs.stats import Counters
@@ -74,7 +69,7 @@ class PendingBatch:
 
     __slots__ = ("seq", "meta", "payloads", "data_runs", "barrier_gen", "payload_bytes",
                  "sealed", "checkpoint", "pos", "total", "placed_after", "segments",
-                 "done", "attempt", "error", "written", "inflight", "pieces", "absorbed")
+                 "done", "attempt", "error", "written", "pieces", "absorbed")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
@@ -93,7 +88,6 @@ class PendingBatch:
         self.attempt = trio.Event()  # the current write attempt ended (see error)
         self.error: BaseException | None = None
         self.written = False
-        self.inflight = False
         self.pieces: list[tuple[DataRun, DataRun, int]] = []  # piece, its run, block offset
         self.absorbed = False  # taken by a checkpoint instead of being written to the log
 
@@ -111,18 +105,20 @@ class LogFailed(DeviceError):
 
 
 class Journal:
-    """Owns the log region: appends, the writer task, space, and resident units."""
+    """Owns the log region: batches and their appends, the writer task, log space, and
+    resident units. Checkpoints (checkpoint.py) drive it through the methods at the end."""
 
     def __init__(self, dev: Device, sb: fmt.Superblock, metadata: Metadata, alloc: Allocator,
                  counters: Counters, head_pos: int, head_seq: int,
                  commit_interval: float = 5.0) -> None:
         self.dev = dev
-        self.sb = sb
         self.md = metadata
         self.alloc = alloc
         self.counters = counters
         self.bs = sb.block_size
         self.log_size = sb.log_bytes
+        self.log_offset = sb.log_offset  # of the log region on the device, in bytes
+        self.uuid_tag = sb.uuid_tag
         # A batch holds at least one largest atomic unit; the last part of the log is kept
         # for the batches a checkpoint must write before it can free any space.
         self.max_batch = max(fmt.MAX_ATOMIC_UNIT + 64 * self.bs, min(8 << 20,
@@ -146,16 +142,12 @@ class Journal:
         self._failures = 0  # consecutive failed attempts
         self.durable_seq = head_seq - 1
         self._batch_end: dict[int, tuple[int, int]] = {head_seq - 1: (head_pos, self._placed)}
-        self.resident: dict[tuple[int, int], Resident] = {}
+        self._resident: dict[tuple[int, int], Resident] = {}
         self.failed: BaseException | None = None
-        self.snapshot_extents: list[Extent] = []
-        self.previous_snapshot_extents: list[Extent] = []  # the fallback (see recovery.py)
         self._wakeup = trio.Event()
         self._room = trio.Event()
-        # Set when a checkpoint is wanted; replaced only once set, so the checkpointer,
-        # which may be waiting on it, is never left waiting on an event nobody sets.
-        self.want_checkpoint = trio.Event()
         self._absorbed: list[PendingBatch] = []  # a running checkpoint writes these home
+        self._request_checkpoint: Callable[[], None] = lambda: None  # attach_checkpointer
 
     # ------------------------------------------------------------ MetadataSink
 
@@ -181,7 +173,7 @@ class Journal:
         """Keep the pending batch below max_batch: seal it first if this would overflow."""
         while not self._pending.empty and \
                 self._pending.payload_bytes + len(self._pending.meta) + nbytes > self.max_batch:
-            self._check_failed()
+            self.check_failed()
             pending = self._pending
             self._wakeup.set()
             with waiting(f"log batch {pending.seq} to be sealed"):
@@ -191,7 +183,7 @@ class Journal:
                     payload: Buffer, nblocks: int) -> int:
         """Append a DATA record whose payload (already a private copy) holds nblocks blocks
         of file block fblock, to land at device block dblock. Returns the batch seq."""
-        self._check_failed()
+        self.check_failed()
         batch = self._pending
         run = DataRun(fblock, dblock, nblocks, -1, batch.seq)
         batch.meta += fmt.rec_data(ino, fblock, dblock, nblocks, batch.payload_bytes)
@@ -200,12 +192,12 @@ class Journal:
         batch.payload_bytes += length
         batch.data_runs.append(run)
         key = (ino, index)
-        res = self.resident.get(key)
+        res = self._resident.get(key)
         # the blocks of older records not overwritten now keep their older log copy
         kept = self._trim_runs(res.runs, fblock, nblocks) if res is not None else []
         if res is None or res.seq != batch.seq:
             res = Resident(ino, index, batch.seq, kept)
-            self.resident[key] = res
+            self._resident[key] = res
         else:
             res.runs = kept
         res.runs.append(run)
@@ -239,11 +231,11 @@ class Journal:
         return piece
 
     def is_resident(self, ino: int, index: int) -> bool:
-        return (ino, index) in self.resident
+        return (ino, index) in self._resident
 
     # ------------------------------------------------------------------- commit
 
-    def _check_failed(self) -> None:
+    def check_failed(self) -> None:
         if self.failed is not None:
             raise LogFailed(5, f"the log cannot be written: {self.failed}")
 
@@ -261,12 +253,12 @@ class Journal:
         """Wait until every batch up to seq (default: everything appended so far, including
         dirty inode attributes) is durable. LogFailed if a write of it failed meanwhile
         (it is rewritten later; a later commit may succeed)."""
-        self._check_failed()
+        self.check_failed()
         if seq is None:
             open_batch = not self._pending.empty or self.md.any_dirty
             seq = self._pending.seq if open_batch else self._pending.seq - 1
         while self.durable_seq < seq:
-            self._check_failed()
+            self.check_failed()
             batch = self._batch(seq)
             self._wakeup.set()
             if self._retrying and (batch is self._pending or batch in self._boundaries):
@@ -284,19 +276,14 @@ class Journal:
             if batch.error is not None and not batch.done.is_set():
                 raise LogFailed(5, f"log write failed: {batch.error}")
 
-    def kick(self) -> None:
-        self._wakeup.set()
-
     # ------------------------------------------------------------------- writer
 
-    # One batch in flight: the next gathers every commit that arrives meanwhile (group
-    # commit), which on flush-bound devices beats writing batches in parallel (measured:
-    # at 2 or 4 in flight four O_DSYNC writers hardly shared a batch).
-    MAX_INFLIGHT = 1
-
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The writer: seals pending batches and writes up to MAX_INFLIGHT of them at once;
-        they become durable strictly in order, and a failed one is rewritten in place."""
+        """The writer: seals the pending batch and writes it; batches become durable
+        strictly in order, and a failed one is rewritten in place. One batch is in flight:
+        the next gathers every commit that arrives meanwhile (group commit), which on
+        flush-bound devices beats writing batches in parallel (measured: at 2 or 4 in
+        flight four O_DSYNC writers hardly shared a batch)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._tick)
             task_status.started()
@@ -311,23 +298,17 @@ class Journal:
                     # behind it) or now and then for background durability: a rewrite
                     # started behind the back of the failed attempt's waiters would hide
                     # the failure from them.
-                    if (self._rewrite_wanted or timed_out) and \
-                            not any(b.inflight for b in self._sealed):
+                    if self._rewrite_wanted or timed_out:
                         self._rewrite_wanted = False
                         await self._rewrite_sealed()
                     continue
                 # Nothing new is placed while a checkpoint holds absorbed batches: they
                 # come first in the order in which batches become durable.
-                while self.has_pending() and len(self._sealed) < self.MAX_INFLIGHT \
-                        and not self._absorbed:
+                while self.has_pending() and not self._sealed and not self._absorbed:
                     batch = await self._seal_and_place()
                     if batch is None or self._retrying or self.failed is not None:
                         break
-                    batch.inflight = True
-                    if self.MAX_INFLIGHT == 1:
-                        await self._write_batch(batch)  # no task per batch for one in flight
-                    else:
-                        nursery.start_soon(self._write_batch, batch)
+                    await self._write_batch(batch)
 
     async def _tick(self) -> None:
         """Wake the writer every commit interval: changes nobody commits become durable
@@ -340,7 +321,7 @@ class Journal:
 
     async def _seal_and_place(self) -> PendingBatch | None:
         if self._boundaries:
-            batch = self._boundaries.pop(0)  # sealed by seal_for_checkpoint already
+            batch = self._boundaries.pop(0)  # sealed by seal_boundary already
         else:
             self.md.flush_dirty()
             batch = self._pending
@@ -372,8 +353,6 @@ class Journal:
             batch.error = exc
             self.counters.writeback_errors += 1
             log.error("log write of batch %d failed: %s", batch.seq, exc)
-        finally:
-            batch.inflight = False
         self._finish_attempt(batch)
 
     async def _write_placed(self, batch: PendingBatch) -> None:
@@ -385,9 +364,9 @@ class Journal:
             # The last write carries the flush (one request; not RWF_DSYNC, which on
             # devices without FUA, such as loop devices, costs a flush before and after).
             if i == len(chunks) - 1:
-                await self.dev.writev_flush(self.sb.log_offset + off, chunk, "log")
+                await self.dev.writev_flush(self.log_offset + off, chunk, "log")
             else:
-                await self.dev.writev(self.sb.log_offset + off, chunk, "log")
+                await self.dev.writev(self.log_offset + off, chunk, "log")
             off += sum(n for _, _, n in chunk)
 
     def _finish_attempt(self, batch: PendingBatch) -> None:
@@ -405,7 +384,7 @@ class Journal:
         else:
             failure = batch.error or next((b.error for b in self._sealed if b.error), None)
             for b in self._sealed:
-                if not b.inflight and not b.done.is_set():
+                if not b.done.is_set():
                     b.error = b.error or failure
                     b.attempt.set()
         batch.attempt.set()
@@ -465,7 +444,7 @@ class Journal:
         meta = bytes(batch.meta)
         hdr_area = fmt.header_area_size(len(meta), self.bs)
         total = hdr_area + batch.payload_bytes
-        header = fmt.BatchHeader(self.sb.uuid_tag, batch.seq, pos, total, len(meta),
+        header = fmt.BatchHeader(self.uuid_tag, batch.seq, pos, total, len(meta),
                                  len(batch.payloads))
         hbuf = Buffer(hdr_area)
         hbuf.write(0, header.pack(0))
@@ -493,7 +472,7 @@ class Journal:
         """Find the log position for a batch of this size, waiting for a checkpoint to
         free space when the log is too full. Batches up to a checkpoint's boundary may use
         the reserve at the end, which other batches leave free for them (and what does not
-        fit even there, the checkpoint absorbs: then -1, see seal_for_checkpoint)."""
+        fit even there, the checkpoint absorbs: then -1, see checkpoint.py)."""
         if size > self.log_size - self.reserve:
             raise CorruptFilesystem(f"log batch of {size} bytes exceeds the log")
         while True:
@@ -521,28 +500,25 @@ class Journal:
 
     # --------------------------------------------------------------- checkpoints
     #
-    # Progress, by construction: a checkpoint never needs log space. When it seals its
-    # boundary, the batches up to it that are not placed yet (the one the writer may be
-    # waiting with, and the boundary) either fit into what is left of the log, the
-    # reserve included, or are *absorbed*: they are never written to the log. Their data
-    # goes to new blocks (out of place, so that a crash before the checkpoint's
-    # superblock leaves every home as it was: nothing is torn, and the blocks were free
-    # in the durable state), the remap is metadata of the snapshot, and they become
-    # durable with the superblock. So a checkpoint waits only for device I/O and for
-    # batches already placed, never for a request or for log space; and whatever waits
-    # for log space waits for a checkpoint.
+    # What a checkpoint (checkpoint.py) needs of the log. It never needs log space: when it
+    # seals its boundary, the batches up to it that are not placed yet either fit into what
+    # is left of the log, the reserve included (open_reserve), or are *absorbed* (absorb):
+    # taken from the writer and never written to the log; they become durable with the
+    # checkpoint's superblock (acknowledge_absorbed). Until then nothing new is placed:
+    # the absorbed batches come first in the order in which batches become durable.
+
+    def attach_checkpointer(self, request: Callable[[], None]) -> None:
+        """request (which must not await) is called whenever the log wants a checkpoint."""
+        self._request_checkpoint = request
 
     def request_checkpoint(self) -> None:
-        self.want_checkpoint.set()
+        """Ask for a checkpoint: log space or memory held by logged folios runs short."""
+        self._request_checkpoint()
 
-    def seal_for_checkpoint(self) -> int:
-        """Seal the current pending batch (if any) as the checkpoint boundary; returns the
-        sequence number of the last batch the checkpoint covers. Batches before it that
-        wait for log space may now use the reserve (they are what frees it); if they and
-        the boundary do not fit even so, they are absorbed. Nothing here awaits: the
-        caller takes its snapshot of the metadata in the same step."""
-        self._check_failed()
-        self.md.flush_dirty()
+    def open_reserve(self) -> list[PendingBatch]:
+        """A checkpoint seals its boundary: the batches sealed so far may use the reserve
+        (they are what frees it). Returns those of them not placed yet, and the pending
+        batch if it holds anything, in order."""
         for batch in self._sealed:
             batch.checkpoint = True
         room, self._room = self._room, trio.Event()
@@ -550,54 +526,12 @@ class Journal:
         unplaced = [b for b in self._sealed if b.pos < 0]
         if not self._pending.empty:
             unplaced.append(self._pending)
-        absorb = bool(unplaced) and not self._fits(unplaced)
-        if absorb:
-            self._absorb(unplaced)  # remaps: records into the pending batch, absorbed too
-        if self._pending.empty:
-            return self._pending.seq - 1
-        # Seal it now, not when the writer gets to it: whatever is appended from here on
-        # is not in the checkpoint's snapshot, so it must go into the next batch.
-        batch = self._pending
-        batch.checkpoint = True
-        batch.sealed.set()
-        self._pending = PendingBatch(batch.seq + 1)
-        if absorb:
-            batch.absorbed = True
-            self._absorbed.append(batch)
-        else:
-            self._boundaries.append(batch)
-        self._wakeup.set()
-        return batch.seq
+        return unplaced
 
-    def _fits(self, batches: list[PendingBatch]) -> bool:
-        """Would these batches, placed in order after the head, fit into the log with the
-        reserve (as _place places a checkpoint's batches)?"""
-        used, head = self.used, self.head_pos
-        for b in batches:
-            size = fmt.header_area_size(len(b.meta), self.bs) + b.payload_bytes
-            waste = self.log_size - head if head + size > self.log_size else 0
-            head = (0 if waste else head) + size
-            used += waste + size
-            if used > self.log_size - self.bs:
-                return False
-            if head + self.bs > self.log_size:
-                head = 0
-        return True
-
-    def _absorb(self, batches: list[PendingBatch]) -> None:
+    def absorb(self, batches: list[PendingBatch]) -> None:
         """Take these batches (not placed, in order, the last maybe the pending one) away
-        from the writer: give each resident run they hold a new home out of place, with
-        its payload to write from; they become durable with the checkpoint."""
-        seqs = {b.seq for b in batches}
-        for b in batches:
-            for run, (buf, _) in zip(b.data_runs, b.payloads):
-                run.buf, run.buf_off = buf, 0
-            for piece, run, off in b.pieces:
-                piece.buf, piece.buf_off = run.buf, run.buf_off + off * self.bs
-        for res in self.resident.values():
-            for run in res.runs:
-                if run.seq in seqs:
-                    self._move_run(res.ino, run)
+        from the writer: the checkpoint writes their resident runs home, and they become
+        durable with it (the pending one is absorbed when seal_boundary seals it)."""
         for b in batches:
             if b is not self._pending:
                 b.absorbed = True
@@ -607,22 +541,25 @@ class Journal:
         log.info("log full: checkpoint takes batches %d-%d out of place instead of logging "
                  "them", batches[0].seq, batches[-1].seq)
 
-    def _move_run(self, ino: int, run: DataRun) -> None:
-        """A new home for an absorbed run whose blocks the file still maps there."""
-        inode = self.md.inodes.get(ino)
-        if inode is None or inode.extents is None:
-            return
-        if list(inode.extents.runs(run.fblock, run.nblocks)) != \
-                [(run.fblock, run.dblock, run.nblocks)]:
-            return  # remapped or freed since: the run is revoked, nothing to write
-        try:
-            new, _ = self.alloc.allocate(run.nblocks, goal=run.dblock, metadata=True)
-        except NoSpace as exc:
-            # Neither log space nor free space: refuse changes (EIO), never tear a unit.
-            self.fail(exc)
-            raise LogFailed(5, f"no room to checkpoint a full log: {exc}") from exc
-        self.md.map_extent(inode, run.fblock, new, run.nblocks)  # old home: freed when durable
-        run.dblock = new
+    def seal_boundary(self, absorbed: bool) -> int:
+        """Seal the pending batch (if it holds anything) as a checkpoint's boundary, to be
+        absorbed too if absorbed; returns the sequence number of the last batch the
+        checkpoint covers. Sealed now, not when the writer gets to it: whatever is appended
+        from here on is not in the checkpoint's snapshot, so it must go into the next
+        batch."""
+        if self._pending.empty:
+            return self._pending.seq - 1
+        batch = self._pending
+        batch.checkpoint = True
+        batch.sealed.set()
+        self._pending = PendingBatch(batch.seq + 1)
+        if absorbed:
+            batch.absorbed = True
+            self._absorbed.append(batch)
+        else:
+            self._boundaries.append(batch)
+        self._wakeup.set()
+        return batch.seq
 
     async def settle_for_checkpoint(self, boundary: int) -> list[PendingBatch]:
         """Wait until every batch up to boundary is durable, except the absorbed ones
@@ -638,7 +575,7 @@ class Journal:
             self._batch_end[b.seq] = (self.head_pos, self._placed)
         return list(self._absorbed)
 
-    def _acknowledge_absorbed(self) -> None:
+    def acknowledge_absorbed(self) -> None:
         """The checkpoint's superblock is durable: so are the batches it absorbed."""
         for b in self._absorbed:
             self.durable_seq = b.seq
@@ -653,6 +590,21 @@ class Journal:
         self._absorbed = []
         self._wakeup.set()
 
+    def resident_runs(self, upto_seq: int | None = None) -> list[tuple[int, int, DataRun]]:
+        """(ino, folio index, run) of every resident run (up to batch upto_seq): the runs
+        themselves, not copies, so that those of a batch not placed yet learn their log
+        position when it is."""
+        return [(res.ino, res.index, r) for res in self._resident.values() for r in res.runs
+                if upto_seq is None or r.seq <= upto_seq]
+
+    def file_is_resident(self, ino: int) -> bool:
+        return any(key[0] == ino for key in self._resident)
+
+    @property
+    def resident_count(self) -> int:
+        """Folios whose newest version lives only in the log."""
+        return len(self._resident)
+
     def batch_end(self, seq: int) -> int:
         """Log position just after batch seq (where replay continues)."""
         return self._batch_end[seq][0]
@@ -666,371 +618,14 @@ class Journal:
         self._tail_mark = placed
         for s in [s for s in self._batch_end if s < seq]:
             del self._batch_end[s]
-        for key, res in list(self.resident.items()):
+        for key, res in list(self._resident.items()):
             # runs up to seq are home now; later records of the same folio stay resident
             res.runs = [r for r in res.runs if r.seq > seq]
             if not res.runs:
-                del self.resident[key]
+                del self._resident[key]
         room, self._room = self._room, trio.Event()
         room.set()
-        if self.want_checkpoint.is_set():
-            self.want_checkpoint = trio.Event()
-        if self.used > self.log_size // 2:
-            self.request_checkpoint()
-
-
-    async def write_checkpoint(self, snapshot: bytes, boundary_seq: int,
-                               next_ino: int) -> None:
-        """Write a snapshot of the metadata as of batch boundary_seq (durable already),
-        then the superblock pointing at it and at the log after that batch. Only then is
-        the old snapshot freed and the log space before the boundary reclaimed."""
-        bs = self.bs
-        sb = self.sb
-        extents, payload_blocks = self._allocate_snapshot(len(snapshot))
-        buf = Buffer((1 + payload_blocks) * bs)
-        buf.write(bs, snapshot)
-        header = fmt.SnapshotHeader(sb.uuid, sb.seq + 1, len(snapshot), next_ino,
-                                    buf.crc32c(bs, len(snapshot)), extents)
-        buf.write(0, header.pack(bs))
-        try:
-            off = 0
-            for dblock, count in extents:
-                await self.dev.writev(dblock * bs, [(buf, off, count * bs)], "snapshot")
-                off += count * bs
-            await self.dev.flush()
-            new_sb = next_checkpoint_superblock(sb, extents[0][0],
-                                                self.batch_end(boundary_seq),
-                                                boundary_seq + 1, next_ino)
-            await write_superblock(self.dev, new_sb)
-            self._acknowledge_absorbed()
-        except BaseException:
-            for dblock, count in extents:
-                self.alloc.free_now(dblock, count)
-            raise
-        self._retire_snapshot(extents, sb)
-        self.sb = new_sb
-        self.advance_tail(boundary_seq)
-        self.alloc.set_snapshot_estimate(len(snapshot), bs)
-
-    def _retire_snapshot(self, extents: list[Extent], old_sb: fmt.Superblock) -> None:
-        """A new checkpoint is durable: the one before it becomes the fallback, and only
-        the one before that is freed; blocks released since the fallback's boundary stay
-        held (its files may still map them)."""
-        for dblock, count in self.previous_snapshot_extents:
-            self.alloc.free_now(dblock, count)
-        self.previous_snapshot_extents = self.snapshot_extents
-        self.snapshot_extents = extents
-        self.alloc.checkpointed(old_sb.log_seq - 1 if old_sb.snap_block else 0)
-
-    def _allocate_snapshot(self, length: int) -> tuple[list[Extent], int]:
-        bs = self.bs
-        payload_blocks = (length + bs - 1) // bs
-        need = 1 + payload_blocks
-        extents: list[Extent] = []
-        limit = fmt.SnapshotHeader.max_extents(bs)
-        try:
-            while need > 0:
-                if len(extents) == limit:
-                    raise NoSpace("free space too fragmented for the metadata snapshot")
-                start, count = self.alloc.allocate(need, min_len=1, metadata=True)
-                extents.append((start, count))
-                need -= count
-        except NoSpace:
-            for dblock, count in extents:
-                self.alloc.free_now(dblock, count)
-            raise
-        return extents, payload_blocks
-
-
-async def write_superblock(dev: Device, sb: fmt.Superblock) -> None:
-    """Write sb into the slot its sequence number selects, durably."""
-    await dev.writev(superblock_offset(sb), [(_sb_buffer(sb), 0, fmt.MIN_BLOCK_SIZE)], "super")
-    await dev.flush()
-
-
-def write_superblock_sync(dev: Device, sb: fmt.Superblock) -> None:
-    dev.writev_sync(superblock_offset(sb), [(_sb_buffer(sb), 0, fmt.MIN_BLOCK_SIZE)], "super")
-    dev.flush_sync()
-
-
-def superblock_offset(sb: fmt.Superblock) -> int:
-    return (sb.seq % fmt.SB_SLOTS) * sb.block_size
-
-
-def _sb_buffer(sb: fmt.Superblock) -> Buffer:
-    buf = Buffer(fmt.MIN_BLOCK_SIZE)
-    buf.write(0, sb.pack())
-    return buf
-
-
-def read_superblock(dev: Device) -> fmt.Superblock:
-    """The valid superblock slot with the highest sequence number."""
-    from atomicfs.errors import NotAtomicfs
-    head = dev.read_sync(0, 128 << 10).bytes()
-    slot0: fmt.Superblock | None = None
-    errors: list[str] = []
-    try:
-        slot0 = fmt.Superblock.unpack(head[: fmt.MIN_BLOCK_SIZE])
-    except CorruptFilesystem as exc:
-        errors.append(str(exc))
-    found = [slot0] if slot0 is not None else []
-    bs = fmt.MIN_BLOCK_SIZE
-    while bs <= fmt.MAX_BLOCK_SIZE:  # slot 1 sits at one block; its size is in the slot
-        if slot0 is None or slot0.block_size == bs:
-            try:
-                sb = fmt.Superblock.unpack(head[bs: bs + fmt.MIN_BLOCK_SIZE])
-                if sb.block_size == bs and (slot0 is None or sb.uuid == slot0.uuid):
-                    found.append(sb)
-            except CorruptFilesystem as exc:
-                errors.append(str(exc))
-        bs *= 2
-    if not found:
-        foreign = fmt.identify_foreign(head)
-        if foreign:
-            raise NotAtomicfs(f"{dev.path} holds {foreign}, not atomicfs")
-        if head[:8] == fmt.MAGIC:
-            raise NotAtomicfs(f"{dev.path}: atomicfs superblock damaged ({errors[0]})")
-        if not any(head):
-            raise NotAtomicfs(f"{dev.path} is not an atomicfs filesystem (it is all zeros)")
-        raise NotAtomicfs(f"{dev.path} is not an atomicfs filesystem (no superblock)")
-    # A slot describing more than the device holds is damaged unless both do (a target
-    # that was shrunk, which is named as such).
-    fits = [s for s in found if s.total_blocks * s.block_size <= dev.caps.size]
-    if not fits:
-        sb = max(found, key=lambda s: s.seq)
-        raise NotAtomicfs(f"{dev.path} is smaller ({dev.caps.size} bytes) than the "
-                          f"filesystem on it ({sb.total_blocks * sb.block_size} bytes)")
-    return max(fits, key=lambda s: s.seq)
-
-
-def superblock_slot_problems(dev: Device, sb: fmt.Superblock) -> list[tuple[int, str]]:
-    """(slot, why) for each superblock slot that does not hold a valid superblock of the
-    filesystem sb (the newest valid one) describes."""
-    out: list[tuple[int, str]] = []
-    for slot in range(fmt.SB_SLOTS):
-        raw = dev.read_sync(slot * sb.block_size, fmt.MIN_BLOCK_SIZE).bytes()
-        try:
-            other = fmt.Superblock.unpack(raw)
-        except CorruptFilesystem as exc:
-            out.append((slot, str(exc)))
-            continue
-        if other.uuid != sb.uuid or other.block_size != sb.block_size:
-            out.append((slot, "it belongs to another filesystem"))
-        elif (other.total_blocks, other.log_start, other.log_blocks, other.data_start) != \
-                (sb.total_blocks, sb.log_start, sb.log_blocks, sb.data_start):
-            out.append((slot, "its geometry differs from the other slot's"))
-        elif other.seq % fmt.SB_SLOTS != slot:
-            out.append((slot, f"its sequence number {other.seq} belongs in the other slot"))
-    return out
-
-
-def fallback_superblock(sb: fmt.Superblock) -> fmt.Superblock:
-    """sb as it reads when the previous checkpoint replaces the newest: its snapshot is
-    the current one and none older is kept. The log stays where it is (the batches after
-    the newest checkpoint are changes to the lost snapshot and are not replayed)."""
-    eff = fmt.Superblock(**{**sb.__dict__})
-    eff.snap_block, eff.snap_seq = sb.prev_snap_block, sb.prev_snap_seq
-    eff.ckpt_time_ns = sb.prev_ckpt_time_ns
-    eff.prev_snap_block = eff.prev_snap_seq = eff.prev_ckpt_time_ns = eff.prev_log_seq = 0
-    return eff
-
-
-def read_snapshot(dev: Device, sb: fmt.Superblock) -> tuple[bytes, list[Extent]]:
-    """The metadata stream of the snapshot the superblock points to, and its extents."""
-    if not sb.snap_block:
-        raise CorruptFilesystem("the superblock points to no metadata snapshot")
-    return read_snapshot_at(dev, sb, sb.snap_block, sb.snap_seq)
-
-
-def read_previous_snapshot(dev: Device, sb: fmt.Superblock) -> tuple[bytes, list[Extent]]:
-    """The snapshot of the checkpoint before the newest, kept as a fallback."""
-    if not sb.prev_snap_block:
-        raise CorruptFilesystem("no previous checkpoint is kept")
-    return read_snapshot_at(dev, sb, sb.prev_snap_block, sb.prev_snap_seq)
-
-
-def read_snapshot_at(dev: Device, sb: fmt.Superblock, block: int,
-                     seq: int) -> tuple[bytes, list[Extent]]:
-    bs = sb.block_size
-    header = fmt.SnapshotHeader.unpack(dev.read_sync(block * bs, bs).bytes())
-    if header.uuid != sb.uuid:
-        raise CorruptFilesystem("the metadata snapshot belongs to another filesystem")
-    if header.seq != seq:
-        raise CorruptFilesystem(f"the metadata snapshot is of checkpoint {header.seq}, "
-                                f"not {seq}")
-    if not header.extents or header.extents[0][0] != block:
-        raise CorruptFilesystem("the metadata snapshot header lists no extents")
-    for dblock, count in header.extents:
-        if count <= 0 or dblock < sb.data_start or dblock + count > sb.total_blocks:
-            raise CorruptFilesystem("the metadata snapshot lies outside the data area")
-    total = sum(c for _, c in header.extents)
-    if total > sb.total_blocks - sb.data_start:
-        raise CorruptFilesystem("the metadata snapshot is larger than the data area")
-    if total * bs < bs + header.length:
-        raise CorruptFilesystem("the metadata snapshot is shorter than its header says")
-    buf = Buffer(total * bs)
-    off = 0
-    for dblock, count in header.extents:
-        dev.readv_sync(dblock * bs, [(buf, off, count * bs)])
-        off += count * bs
-    if buf.crc32c(bs, header.length) != header.payload_crc:
-        raise CorruptFilesystem("metadata snapshot checksum mismatch")
-    return buf.bytes(bs, header.length), header.extents
-
-
-def next_checkpoint_superblock(sb: fmt.Superblock, snap_block: int, log_tail: int,
-                               log_seq: int, next_ino: int) -> fmt.Superblock:
-    """The superblock of a new checkpoint: it points at the new snapshot and names the
-    checkpoint sb described as the previous one, whose snapshot stays as a fallback."""
-    new_sb = fmt.Superblock(**{**sb.__dict__})
-    new_sb.seq = sb.seq + 1
-    new_sb.snap_block = snap_block
-    new_sb.snap_seq = new_sb.seq
-    new_sb.log_tail = log_tail
-    new_sb.log_seq = log_seq
-    new_sb.next_ino = next_ino
-    new_sb.ckpt_time_ns = time.time_ns()
-    new_sb.prev_snap_block = sb.snap_block
-    new_sb.prev_snap_seq = sb.snap_seq if sb.snap_block else 0
-    new_sb.prev_ckpt_time_ns = sb.ckpt_time_ns
-    new_sb.prev_log_seq = sb.log_seq if sb.snap_block else 0
-    if not new_sb.prev_snap_block:
-        new_sb.prev_snap_seq = new_sb.prev_log_seq = new_sb.prev_ckpt_time_ns = 0
-    return new_sb
 
 
 def _overlaps(run: DataRun, fblock: int, nblocks: int) -> bool:
     return run.fblock < fblock + nblocks and fblock < run.fblock + run.nblocks
-
-
-# ---------------------------------------------------------------------------- replay
-
-@dataclass
-class ScannedBatch:
-    seq: int
-    pos: int
-    end: int
-    records: list[fmt.Record]
-    data: list[tuple[int, int, int, int, int]]  # ino, fblock, dblock, nblocks, log_pos
-
-
-def scan_log(dev: Device, sb: fmt.Superblock) -> Iterator[ScannedBatch]:
-    """Valid batches from the tail on, in order; stops at the first torn or stale one."""
-    bs = sb.block_size
-    size = sb.log_bytes
-    pos, seq = sb.log_tail, sb.log_seq
-    while True:
-        batch = _read_batch(dev, sb, pos, seq)
-        if batch is None and pos != 0:
-            batch = _read_batch(dev, sb, 0, seq)  # the writer wrapped around
-        if batch is None:
-            return
-        yield batch
-        pos, seq = batch.end, seq + 1
-        if pos + bs > size:
-            pos = 0
-
-
-def _read_batch(dev: Device, sb: fmt.Superblock, pos: int, seq: int) -> ScannedBatch | None:
-    bs = sb.block_size
-    if pos + bs > sb.log_bytes:
-        return None
-    first = dev.read_sync(sb.log_offset + pos, bs)
-    hdr = fmt.BatchHeader.unpack(first.bytes(0, fmt.BATCH_HEADER_SIZE))
-    if hdr is None or hdr.uuid_tag != sb.uuid_tag or hdr.seq != seq or hdr.pos != pos:
-        return None
-    total = hdr.total_len
-    hdr_area = fmt.header_area_size(hdr.meta_len, bs)
-    if total % bs or total < hdr_area or pos + total > sb.log_bytes:
-        return None
-    whole = dev.read_sync(sb.log_offset + pos, total) if total > bs else first
-    raw = bytearray(whole.bytes(0, hdr_area))
-    raw[fmt.CRC_FIELD_OFFSET: fmt.CRC_FIELD_OFFSET + 4] = b"\0\0\0\0"
-    from atomicfs.native import crc32c
-    crc = crc32c(raw)
-    crc = whole.crc32c(hdr_area, total - hdr_area, crc)
-    if crc != hdr.crc:
-        return None
-    meta = bytes(raw[fmt.BATCH_HEADER_SIZE: fmt.BATCH_HEADER_SIZE + hdr.meta_len])
-    records = []
-    data = []
-    try:
-        for r in fmt.decode_records(meta):
-            if r.rtype == fmt.REC_DATA:
-                ino, fblock, dblock, nblocks, poff = r.args
-                if hdr_area + poff + nblocks * bs > total:
-                    raise CorruptFilesystem("data record payload outside its batch")
-                data.append((ino, fblock, dblock, nblocks, pos + hdr_area + poff))
-            else:
-                records.append(r)
-    except CorruptFilesystem as exc:
-        # Its checksum holds, so this is no torn write (those end the log): the batch was
-        # damaged before it was sealed, and what follows it cannot be trusted either.
-        raise CorruptFilesystem(f"log batch {seq} at {pos} has a valid checksum but bad "
-                                f"records ({exc})") from exc
-    return ScannedBatch(seq, pos, pos + total, records, data)
-
-
-@dataclass
-class ReplayResult:
-    batches: int = 0
-    records: int = 0
-    data_records: int = 0
-    data_blocks_written: int = 0
-    head_pos: int = 0
-    head_seq: int = 0
-    # DATA records replayed: ino, file block, device block, blocks, position in the log
-    data: list[tuple[int, int, int, int, int]] = field(default_factory=list)
-
-
-def replay(dev: Device, sb: fmt.Superblock, md: Metadata, write_home: bool) -> ReplayResult:
-    """Apply the log to metadata loaded from the snapshot; with write_home, also write the
-    surviving DATA records to their home blocks (and flush)."""
-    res = ReplayResult(head_pos=sb.log_tail, head_seq=sb.log_seq)
-    for batch in scan_log(dev, sb):
-        for r in batch.records:
-            try:
-                md.apply(r)
-            except CorruptFilesystem as exc:
-                raise CorruptFilesystem(
-                    f"log batch {batch.seq} does not apply to the metadata: {exc}") from exc
-        res.data.extend(batch.data)
-        res.batches += 1
-        res.records += len(batch.records) + len(batch.data)
-        res.data_records += len(batch.data)
-        res.head_pos, res.head_seq = batch.end, batch.seq + 1
-    if res.head_pos + sb.block_size > sb.log_bytes:
-        res.head_pos = 0
-    if write_home:
-        write_data_home(dev, sb, md, res)
-    return res
-
-
-def write_data_home(dev: Device, sb: fmt.Superblock, md: Metadata, res: ReplayResult) -> None:
-    """Write the replayed DATA records that the metadata still maps to their home blocks
-    (call only on metadata that passed its checks: the blocks must be in the data area)."""
-    bs = sb.block_size
-    for dblock, src, n in surviving_data(sb, md, res.data):
-        buf = dev.read_sync(src, n * bs)
-        dev.writev_sync(dblock * bs, [(buf, 0, n * bs)], "data")
-        res.data_blocks_written += n
-    if res.data:
-        dev.flush_sync()
-
-
-def surviving_data(sb: fmt.Superblock, md: Metadata,
-                   data: list[tuple[int, int, int, int, int]]) -> list[tuple[int, int, int]]:
-    """(device block, byte offset of the logged copy on the device, blocks) of every DATA
-    record piece whose file block the metadata still maps to that device block, in log
-    order (a later piece for the same block is newer)."""
-    bs = sb.block_size
-    out: list[tuple[int, int, int]] = []
-    for ino, fblock, dblock, nblocks, log_pos in data:
-        inode = md.inodes.get(ino)
-        if inode is None or inode.extents is None:
-            continue
-        for f, d, n in inode.extents.runs(fblock, nblocks):
-            if d is None or d != dblock + (f - fblock):
-                continue  # unmapped or remapped since: this record was revoked
-            out.append((d, sb.log_offset + log_pos + (f - fblock) * bs, n))
-    return out

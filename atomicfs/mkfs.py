@@ -10,12 +10,12 @@ from atomicfs import format as fmt
 from atomicfs import owner
 from atomicfs.device import Device
 from atomicfs.errors import CorruptFilesystem, DeviceError, UserError
-from atomicfs.journal import read_superblock, write_superblock_sync
 from atomicfs.metadata import XATTR_ATOMIC_UNIT, Metadata
 from atomicfs.native import Buffer
 from atomicfs.options import check_atomic_unit
 from atomicfs.probe import foreign_signature, wipe_signatures
 from atomicfs.sizes import format_size, is_power_of_two
+from atomicfs.superblock import read_superblock, write_superblock_sync
 
 log = logging.getLogger(__name__)
 

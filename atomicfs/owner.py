@@ -357,7 +357,7 @@ class Owner:
 def holder_of(path: str) -> str | None:
     """Who the owner record of the filesystem at path names, if it names a live one."""
     from atomicfs.device import Device
-    from atomicfs.journal import read_superblock
+    from atomicfs.superblock import read_superblock
     try:
         dev = Device.open(path, readonly=True, exclusive=False)
     except UserError:

@@ -17,7 +17,6 @@ not a reason to fall back: mount refuses it and fsck names it (--repair fixes it
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 
@@ -26,12 +25,11 @@ from atomicfs.alloc import Allocator
 from atomicfs.consistency import CheckResult, check_metadata
 from atomicfs.device import Device
 from atomicfs.errors import CorruptFilesystem
-from atomicfs.journal import (ReplayResult, fallback_superblock, read_previous_snapshot,
-                              read_snapshot, replay, scan_log, superblock_slot_problems)
 from atomicfs.metadata import Extent, Metadata
 from atomicfs.native import Segment
-
-log = logging.getLogger(__name__)
+from atomicfs.replay import ReplayResult, replay, scan_log
+from atomicfs.superblock import (fallback_superblock, read_previous_snapshot, read_snapshot,
+                                 superblock_slot_problems)
 
 SLOT_NAMES = "AB"
 

@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable, TextIO
 
 from atomicfs.sizes import format_size
+from atomicfs.stats import NBUCKETS, delta
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,42 @@ def text_view(path: str, data: dict[str, Any], before: dict[str, Any] | None = N
                         if oldest["waiting_for"] else ""))
     if before is None or seconds <= 0:
         lines.append("  counters: " + ", ".join(f"{n}={v}" for n, v in sorted(k.items()) if v))
+        lines += _latency_lines(data.get("latency"))
         return "\n".join(lines)
     lines.append(f"  counters (rate over the last {seconds:.1f} s):")
     old = before.get("counters", {})
     for name, value in sorted(k.items()):
         rate = (value - old.get(name, value)) / seconds
         lines.append(f"    {name:<28} {value:>14}  {rate:>12.1f}/s")
+    lines += _latency_lines(data.get("latency"), before.get("latency"), seconds)
     return "\n".join(lines)
+
+
+LATENCY_SECTIONS = (("fuse", "FUSE operation"), ("device", "device request"),
+                    ("jobs", "internal job"))
+
+
+def _latency_lines(latency: dict[str, Any] | None, before: dict[str, Any] | None = None,
+                   seconds: float = 0.0) -> list[str]:
+    """p50/p99 per FUSE operation, device request kind and job: since the mount, or over
+    the interval since an earlier stat (watch)."""
+    if not latency:
+        return []
+    since = f"over the last {seconds:.1f} s" if before is not None else "since mount"
+    lines = [f"  latency {since}, in microseconds:",
+             f"    {'':<30} {'count':>10} {'mean':>9} {'p50':>9} {'p99':>9}"]
+    for section, title in LATENCY_SECTIONS:
+        rows = []
+        for name, h in sorted(latency.get(section, {}).items()):
+            if before is not None:
+                h = delta(h, before.get(section, {}).get(name))
+            if h["count"] > 0:
+                rows.append(f"    {name:<30} {h['count']:>10} {h['mean_us']:>9.1f} "
+                            f"{h['p50_us']:>9.1f} {h['p99_us']:>9.1f}")
+        if rows:
+            lines.append(f"   {title}:")
+            lines += rows
+    return lines if len(lines) > 2 else []
 
 
 def _file_view(path: str, data: dict[str, Any]) -> str:
@@ -139,6 +169,36 @@ _COUNTER_HELP = {
 }
 
 
+# Prometheus histograms: every other power of two from 1 us to 69 s (2**10..2**36 ns), so
+# that each series has a fixed, modest set of `le` buckets.
+_LE_BITS = tuple(range(10, 37, 2))
+_HISTOGRAMS = [
+    # (metric, latency section, label name, help)
+    ("fuse_request_duration_seconds", "fuse", "op",
+     "Time the daemon spent on a FUSE request, by operation."),
+    ("device_request_duration_seconds", "device", "kind",
+     "Time from submitting a device request to reaping its completion, by request kind "
+     "(completion_wakeup: from the reap to the waiting task running again)."),
+    ("job_duration_seconds", "jobs", "job", "Duration of an internal job (checkpoint)."),
+]
+
+
+def _cumulative(buckets: dict[str, int]) -> list[tuple[str, int]]:
+    """(le, cumulative count) for the fixed bucket set, then +Inf."""
+    counts = [0] * NBUCKETS
+    for upper, n in buckets.items():
+        counts[int(upper).bit_length() - 1] += n
+    out: list[tuple[str, int]] = []
+    seen = 0
+    bit = 0
+    for le in _LE_BITS:
+        while bit <= le:
+            seen += counts[bit]
+            bit += 1
+        out.append((repr((1 << le) / 1e9), seen))
+    return out + [("+Inf", sum(counts))]
+
+
 def _label(value: str) -> str:
     """A label value escaped as the exposition format requires."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -185,5 +245,19 @@ def prometheus(mountpoint: str, data: dict[str, Any]) -> str:
         family(f"{key}_total", "counter",
                _COUNTER_HELP.get(key, f"The {key.replace('_', ' ')} counter."),
                [("", int(value))])
+    latency = data.get("latency") or {}
+    for name, section, label, help_text in _HISTOGRAMS:
+        series = latency.get(section) or {}
+        if not series:
+            continue
+        full = f"atomicfs_{name}"
+        out.append(f"# HELP {full} {help_text}")
+        out.append(f"# TYPE {full} histogram")
+        for key, h in sorted(series.items()):
+            lab = f'{mp},{label}="{_label(key)}"'
+            for le, n in _cumulative(h.get("buckets_ns", {})):
+                out.append(f'{full}_bucket{{{lab},le="{le}"}} {n}')
+            out.append(f"{full}_sum{{{lab}}} {h['sum_us'] / 1e6:.12g}")
+            out.append(f"{full}_count{{{lab}}} {h['count']}")
     return "\n".join(out) + "\n"
 

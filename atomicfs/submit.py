@@ -24,6 +24,7 @@ from types import TracebackType
 
 import trio
 
+from atomicfs.checkpoint import Checkpointer
 from atomicfs.delalloc import Delalloc, Home, extents_of
 from atomicfs.device import Device
 from atomicfs.errors import DeviceError, NoSpace
@@ -118,12 +119,14 @@ class Submitter:
     """The submission paths (writeback.Writeback routes folios to them)."""
 
     def __init__(self, dev: Device, md: Metadata, journal: Journal, cache: PageCache,
-                 delalloc: Delalloc, counters: Counters, policy: WritebackPolicy) -> None:
+                 delalloc: Delalloc, checkpointer: Checkpointer, counters: Counters,
+                 policy: WritebackPolicy) -> None:
         self.dev = dev
         self.md = md
         self.journal = journal
         self.cache = cache
         self.delalloc = delalloc
+        self.checkpointer = checkpointer
         self.alloc = delalloc.alloc
         self.counters = counters
         self.policy = policy
@@ -331,7 +334,7 @@ class Submitter:
         if was_atomic:
             self.counters.atomic_writebacks_software += 1
         if self.cache.logged_bytes > self.cache.limit // 4:
-            self.journal.request_checkpoint()
+            self.checkpointer.request_checkpoint()
         return seq
 
     # ------------------------------------------------------------------ in place

@@ -18,18 +18,20 @@ import trio
 from atomicfs import format as fmt
 from atomicfs import owner
 from atomicfs.alloc import Allocator
+from atomicfs.checkpoint import Checkpointer
 from atomicfs.delalloc import Delalloc
 from atomicfs.device import Device, DeviceOptions
 from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace, UserError
 from atomicfs.filemap import FileMap
 from atomicfs.flusher import Flusher
-from atomicfs.journal import (Journal, ReplayResult, read_superblock, surviving_data,
-                              write_data_home)
+from atomicfs.journal import Journal
 from atomicfs.metadata import EXTENT_SNAP, Inode, Metadata
 from atomicfs.options import MountOptions
 from atomicfs.pagecache import Mapping, PageCache
 from atomicfs.recovery import LogOverlay, Recovered, hold_kept_blocks, recover
+from atomicfs.replay import ReplayResult, surviving_data, write_data_home
 from atomicfs.stats import Counters
+from atomicfs.superblock import read_superblock
 from atomicfs.watchdog import Watchdog
 from atomicfs.submit import WritebackPolicy
 from atomicfs.writeback import Writeback
@@ -73,12 +75,14 @@ class Volume:
         self.cache = PageCache(self.bs, opts.cache_size, max(opts.folio_size, self.bs),
                                counters, align=dev.caps.dio_mem_align)
         self.watchdog = Watchdog()
+        self.checkpointer = Checkpointer(dev, sb, md, alloc, journal, self.cache, counters,
+                                         self.watchdog)
         self.delalloc = Delalloc(alloc, md, self.cache)
-        self.wb = Writeback(dev, md, journal, self.cache, self.delalloc, counters,
-                            WritebackPolicy(opts.atomic_path, opts.debug, opts.unsafe_atomic),
-                            self.watchdog)
-        self.flusher = Flusher(md, alloc, journal, self.cache, self.wb, counters,
-                               opts.dirty_expire)
+        self.wb = Writeback(dev, md, journal, self.cache, self.delalloc, self.checkpointer,
+                            counters, WritebackPolicy(opts.atomic_path, opts.debug,
+                                                      opts.unsafe_atomic))
+        self.flusher = Flusher(md, alloc, journal, self.cache, self.wb, self.checkpointer,
+                               counters, opts.dirty_expire)
         self.filemap = FileMap(dev, md, self.cache, self.delalloc, self.flusher, self.wb,
                                counters)
         self.needs_checkpoint = needs_checkpoint
@@ -152,11 +156,11 @@ class Volume:
         counters = Counters()
         journal = Journal(dev, sb, md, alloc, counters, result.head_pos, result.head_seq,
                           commit_interval=opts.commit_interval)
-        journal.snapshot_extents = list(rec.snap_extents)
-        journal.previous_snapshot_extents = list(rec.kept_extents)
         md.sink = journal
         vol = cls(dev, sb, md, alloc, journal, opts, counters,
                   needs_checkpoint=result.batches > 0 or rec.fallback is not None)
+        vol.checkpointer.snapshot_extents = list(rec.snap_extents)
+        vol.checkpointer.previous_snapshot_extents = list(rec.kept_extents)
         vol.replayed = result
         vol.recovered = rec
         if opts.ro:
@@ -174,7 +178,7 @@ class Volume:
             return  # no writer, no flusher, no checkpoint, no orphan removal
         await nursery.start(self.journal.run)
         await nursery.start(self.flusher.run_flusher)
-        await nursery.start(self.wb.run_checkpointer)
+        await nursery.start(self.checkpointer.run)
         if self.dev.owner is not None:
             await nursery.start(self.dev.owner.run, self.journal.fail)
         orphans = [i for i in self.md.inodes.values() if i.nlink == 0
@@ -190,7 +194,7 @@ class Volume:
         """A checkpoint that finds no room for the snapshot loses nothing (the log keeps
         every change and the next mount replays it), so it does not fail the caller."""
         try:
-            await self.wb.checkpoint()
+            await self.checkpointer.checkpoint()
         except NoSpace as exc:
             log.warning("no room for a metadata snapshot (%s); the log keeps the changes",
                         exc)
@@ -273,10 +277,11 @@ class Volume:
             "folio_states": self._folio_states(),
             "counters": self.counters.as_dict(),
             "requests": self.watchdog.stats(),
+            "latency": self.watchdog.latency(self.dev.latency),
             "log": {"size": self.journal.log_size, "used": self.journal.used,
                     "durable_seq": self.journal.durable_seq,
                     "tail_seq": self.journal.tail_seq,
-                    "resident_folios": len(self.journal.resident),
+                    "resident_folios": self.journal.resident_count,
                     "failed": str(self.journal.failed) if self.journal.failed else None},
             "space": {"block_size": self.bs, "data_blocks": a.data_blocks,
                       "free_blocks": a.free_blocks, "available_blocks": a.available_blocks,

@@ -6,6 +6,10 @@ writeback, a device request) say what they wait for with `waiting(...)`, which a
 whatever tracked work the current trio task is running (a context variable: pyfuse3 runs one
 request at a time per worker task). The watchdog task logs, once each, tracked work older
 than its threshold with the wait it is in; `atomicfs stat MOUNTPOINT` shows the oldest.
+
+The same tracking times every request and job into a latency histogram of its kind (FUSE
+operations apart from internal jobs such as the checkpoint): a perf_counter_ns pair and a
+bucket increment per request (atomicfs.stats.Histogram).
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import trio
+
+from atomicfs.stats import Histograms
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,12 @@ _current: contextvars.ContextVar[Tracked | None] = contextvars.ContextVar(
     "atomicfs_tracked", default=None)
 
 
+def current_kind() -> str | None:
+    """The kind of the tracked work the current task runs (None: untracked)."""
+    work = _current.get()
+    return work.kind if work is not None else None
+
+
 @contextmanager
 def waiting(what: str) -> Iterator[None]:
     """Say what the current tracked work waits for while the block runs."""
@@ -65,15 +77,21 @@ class Watchdog:
         self.threshold = threshold
         self._active: dict[int, Tracked] = {}
         self.reported = 0  # how many entries were logged as slow
+        self.fuse_latency = Histograms()  # by FUSE operation
+        self.job_latency = Histograms()  # by internal job (checkpoint)
 
     @contextmanager
-    def track(self, kind: str, detail: str = "") -> Iterator[Tracked]:
+    def track(self, kind: str, detail: str = "", fuse: bool = False) -> Iterator[Tracked]:
+        """Track a FUSE request (fuse=True) or an internal job while the block runs."""
         work = Tracked(kind, detail)
         self._active[id(work)] = work
         token = _current.set(work)
+        t0 = time.perf_counter_ns()
         try:
             yield work
         finally:
+            (self.fuse_latency if fuse else self.job_latency).add(
+                kind, time.perf_counter_ns() - t0)
             _current.reset(token)
             del self._active[id(work)]
             if work.reported:
@@ -93,6 +111,15 @@ class Watchdog:
         return {"in_flight": sum(w is not me for w in self._active.values()),
                 "oldest": self.oldest(),
                 "threshold_s": self.threshold, "reported_slow": self.reported}
+
+    def latency(self, device: Histograms | None = None) -> dict[str, Any]:
+        """The `latency` key of the mount's stat: per FUSE operation, per device request
+        kind (when given) and per internal job."""
+        out = {"fuse": self.fuse_latency.as_dict()}
+        if device is not None:
+            out["device"] = device.as_dict()
+        out["jobs"] = self.job_latency.as_dict()
+        return out
 
     def check(self) -> int:
         """Log each tracked entry older than the threshold once; how many were new."""

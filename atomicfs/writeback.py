@@ -26,18 +26,13 @@ import errno
 import logging
 from collections import deque
 
-import trio
 
-from atomicfs.delalloc import Delalloc, extents_of
-from atomicfs.device import Device
+from atomicfs.delalloc import extents_of
 from atomicfs.errors import DeviceError, NoSpace
-from atomicfs.journal import DataRun, Journal, LogFailed
-from atomicfs.metadata import Inode, Metadata
-from atomicfs.native import MAX_IOV, Buffer, Segment
-from atomicfs.pagecache import Folio, Mapping, PageCache, mask_range, mask_runs, popcount
-from atomicfs.stats import Counters
-from atomicfs.submit import MAX_IO_BYTES, Held, Submitter, WriteOutcome, WritebackPolicy
-from atomicfs.watchdog import Watchdog
+from atomicfs.journal import LogFailed
+from atomicfs.metadata import Inode
+from atomicfs.pagecache import Folio, Mapping, mask_runs, popcount
+from atomicfs.submit import Held, Submitter, WriteOutcome
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +53,7 @@ class Route(enum.Enum):
 
 
 class Writeback(Submitter):
-    """Routing of dirty folios, write-through, fsync and sync (and, for now, the
-    checkpointer)."""
-
-    def __init__(self, dev: Device, md: Metadata, journal: Journal, cache: PageCache,
-                 delalloc: Delalloc, counters: Counters, policy: WritebackPolicy,
-                 watchdog: Watchdog | None = None) -> None:
-        super().__init__(dev, md, journal, cache, delalloc, counters, policy)
-        self._ckpt_lock = trio.Lock()
-        self.watchdog = watchdog or Watchdog()
+    """Routing of dirty folios, write-through, fsync and sync."""
 
     # ------------------------------------------------------------------ routing
 
@@ -300,103 +287,3 @@ class Writeback(Submitter):
         await self.journal.commit()
         await self.dev.flush()
         return ok
-
-    # ------------------------------------------------------------------ checkpoints
-
-    async def run_checkpointer(self, interval: float = 30.0,
-                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                               ) -> None:
-        task_status.started()
-        while True:
-            if self.journal.failed is not None:
-                await trio.sleep_forever()  # nothing can be checkpointed any more
-            with trio.move_on_after(interval):
-                await self.journal.want_checkpoint.wait()  # never replaced while unset
-            if self.journal.failed is None and self.journal.used > 0:
-                try:
-                    await self.checkpoint()
-                except (DeviceError, NoSpace) as exc:
-                    log.error("checkpoint failed: %s", exc)
-                    self.journal.fail(exc)
-
-    async def checkpoint(self) -> None:
-        """Make the log reclaimable: write resident units home, then a metadata snapshot,
-        then the superblock that points at both. Needs no log space (see journal.py)."""
-        with self.watchdog.track("checkpoint"):
-            async with self._ckpt_lock:
-                await self._checkpoint_locked()
-
-    async def _checkpoint_locked(self) -> None:
-        boundary = self.journal.seal_for_checkpoint()
-        snapshot = self.md.serialize()
-        next_ino = self.md.next_ino
-        # The runs themselves, not copies: those in the boundary batch learn their log
-        # position only when it is placed (settle_for_checkpoint waits for that).
-        runs = [(res.ino, res.index, r) for res in self.journal.resident.values()
-                for r in res.runs if r.seq <= boundary]
-        absorbed = await self.journal.settle_for_checkpoint(boundary)
-        try:
-            await self._write_home(runs)
-            await self.dev.flush()
-            await self.journal.write_checkpoint(snapshot, boundary, next_ino)
-        except BaseException as exc:
-            if absorbed:  # their data is nowhere else durable: stop, as a log failure does
-                self.journal.fail(exc)
-            raise
-        self.cache.checkpointed(boundary)
-        self.counters.checkpoints += 1
-
-    async def _write_home(self, runs: list[tuple[int, int, DataRun]]) -> None:
-        """Copy logged runs to their home blocks: from the folio when it still holds that
-        version, else from the log. Runs whose blocks were unmapped since are skipped."""
-        bs = self.bs
-        jobs: list[tuple[int, Buffer, int, int, Folio | None]] = []  # dblock, buf, off, n
-        # A folio's buffer is used only if it is taken for this home write at once, in
-        # the same step as the check: the log reads below await, and a writer could
-        # otherwise put newer data into the buffer before the home write starts.
-        held: dict[int, Folio] = {}  # by id: checkpoints may hold thousands
-        try:
-            for ino, index, run in runs:
-                inode = self.md.inodes.get(ino)
-                if inode is None or inode.extents is None:
-                    continue
-                m = self.cache.mappings.get(ino)
-                folio = m.folios.get(index) if m is not None else None
-                for f, d, n in extents_of(inode).runs(run.fblock, run.nblocks):
-                    if d is None or d != run.dblock + (f - run.fblock):
-                        continue
-                    part = None
-                    if folio is not None and folio.logged_seq == run.seq and \
-                            (id(folio) in held or not folio.busy):
-                        fb = f - folio.fblock
-                        part = mask_range(fb, n)
-                        if folio.dirty & part or (folio.uptodate & part) != part:
-                            part = None
-                    if part is not None and folio is not None:
-                        if id(folio) not in held:
-                            self.cache.start_home_copy(folio)
-                            held[id(folio)] = folio
-                        jobs.append((d, folio.buf, (f - folio.fblock) * bs, n, folio))
-                    elif run.buf is not None:  # absorbed: never written to the log
-                        jobs.append((d, run.buf, run.buf_off + (f - run.fblock) * bs, n,
-                                     None))
-                    else:
-                        buf = await self.dev.read(self.journal.sb.log_offset + run.log_pos
-                                                  + (f - run.fblock) * bs, n * bs)
-                        jobs.append((d, buf, 0, n, None))
-            jobs.sort(key=lambda j: j[0])
-            i = 0
-            while i < len(jobs):
-                d0 = jobs[i][0]
-                segs: list[Segment] = []
-                nblocks = 0
-                while i < len(jobs) and jobs[i][0] == d0 + nblocks and len(segs) < MAX_IOV \
-                        and nblocks * bs < MAX_IO_BYTES:
-                    _, buf, off, n, _ = jobs[i]
-                    segs.append((buf, off, n * bs))
-                    nblocks += n
-                    i += 1
-                await self.dev.writev(d0 * bs, segs, "data")
-        finally:
-            for folio in held.values():
-                self.cache.end_home_copy(folio)

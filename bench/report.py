@@ -269,12 +269,15 @@ def machine_line(data: dict[str, Any]) -> str:
 
 def markdown(data: dict[str, Any]) -> str:
     c = data["config"]
-    return f"""# atomicfs benchmark: {data['date']}
+    head = f"""# atomicfs benchmark: {data['date']}
 
 Command: `{data['command']}` ({c['rounds']} rounds, {c['runtime_s']:g} s measured per
 time-based run after {c['ramp_s']:g} s of ramp; {data.get('elapsed_s', 0) / 60:.1f} minutes in
 all). Machine: {machine_line(data)}. Commit: {data['machine']['atomicfs_git']}.
-
+"""
+    if not c["workloads"]:  # the pgbench row alone (--workloads pgbench)
+        return head + "\n" + pgbench_section(data)
+    return head + f"""
 Every figure is the median of the rounds (min–max in brackets); every ratio is atomicfs's
 median over the reference's median, all measured in this one run on the same loop device.
 
@@ -303,12 +306,25 @@ and on a shared machine it is a steadier measure than throughput.
 
 {daemon_table(data)}
 
-## How each workload ran
+{pgbench_section(data)}## How each workload ran
 
 {how_list(data)}
 
 Targets:
 """ + "\n".join(f"- **{t}**: {v['description']}" for t, v in data["targets"].items()) + "\n"
+
+
+def pgbench_section(data: dict[str, Any], readme: bool = False) -> str:
+    """The pgbench row (bench/pgbench.py), when it ran: its tables, then a blank line."""
+    pg = data.get("pgbench")
+    if not pg:
+        return ""
+    from bench import pgbench
+    text = pgbench.markdown(pg)
+    if readme:  # the TPS and ratio tables; the breakdown stays in results.md
+        text = text.split("\n\nWhere a transaction", 1)[0]
+        return f"\nPostgreSQL, pgbench ({pg.get('elapsed_s', 0) / 60:.1f} minutes):\n\n{text}\n"
+    return f"## PostgreSQL (pgbench)\n\n{text}\n\n"
 
 
 # ------------------------------------------------------------------------------- plots
@@ -403,7 +419,7 @@ number: [{rel}/results.json]({rel}/results.json).
 Ratios, atomicfs ÷ reference (median over median; above 1 means atomicfs is faster):
 
 {ratio_table(data)}
-
+{pgbench_section(data, readme=True)}
 ![throughput]({rel}/iops.png)
 
 ![latency]({rel}/latency.png)
@@ -432,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = json.loads(src.read_text())
     from bench.workloads import WORKLOADS
     aggregate(data, [w for w in WORKLOADS if w.key in data["config"]["workloads"]])
+    if "pgbench" in data:
+        from bench import pgbench
+        pgbench.aggregate(data["pgbench"])
     (src.parent / "results.md").write_text(markdown(data))
     plots(data, src.parent)
     src.write_text(json.dumps(data, indent=1))

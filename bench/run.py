@@ -4,9 +4,11 @@ Each round sets up each target in turn on the same loop device (fresh mkfs), pre
 random-write files and runs every workload once; the order of the targets rotates from round
 to round so that slow drifts of the (shared) machine spread over all of them. Every figure is
 the median of the rounds, with min and max, and every comparison is a ratio of figures taken
-in this one run.
+in this one run. Then the pgbench row (bench/pgbench.py): PostgreSQL on atomicfs, kernel XFS
+and a pyfuse3 passthrough over XFS, the same rounds, on the same device.
 
     python -m bench [--rounds 3] [--runtime 2] [--targets a,b] [--workloads x,y]
+    python -m bench --workloads pgbench [--pgbench-scale 10] [--pgbench-time 5]
 
 Output: bench/results/<date>/ (results.json, results.md, iops.png, latency.png); a complete
 run also refreshes the committed copy in bench/latest/ and the table in README.md.
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench import report
+from bench import pgbench, report
 from bench.sysutil import REPO, BenchError, Environment, machine_info, need_tools
 from bench.targets import ALL_TARGETS, Target, make_target, stub
 from bench.workloads import (META_COUNT, RAND_SIZE, SEQ_SIZE, WORKLOADS, Outcome, Spec,
@@ -45,9 +47,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="seconds measured per time-based run (after the ramp)")
     p.add_argument("--ramp", type=float, default=float(os.environ.get("BENCH_RAMP", "0.3")))
     p.add_argument("--targets", default=os.environ.get("BENCH_TARGETS", ""),
-                   help=f"comma-separated subset of {','.join(ALL_TARGETS)}")
+                   help=f"comma-separated subset of {','.join(ALL_TARGETS)} (and "
+                   "passthrough, which only the pgbench row uses)")
     p.add_argument("--workloads", default=os.environ.get("BENCH_WORKLOADS", ""),
-                   help="comma-separated subset of " + ",".join(w.key for w in WORKLOADS))
+                   help="comma-separated subset of " + ",".join(w.key for w in WORKLOADS)
+                   + f",{pgbench.KEY}")
+    p.add_argument("--pgbench-scale", type=int, default=10,
+                   help="pgbench's scale factor (pgbench -i -s)")
+    p.add_argument("--pgbench-time", type=int, default=5,
+                   help="seconds of each pgbench run (pgbench -T)")
     p.add_argument("--workdir", type=Path, default=REPO / "bench" / ".work")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--command", default=os.environ.get("BENCH_COMMAND", "python -m bench"),
@@ -62,13 +70,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    targets = [t for t in args.targets.split(",") if t] or list(ALL_TARGETS)
-    workloads = select([w for w in args.workloads.split(",") if w])
-    if args.rounds < 1:
-        raise SystemExit("--rounds must be at least 1")
+    chosen = [t for t in args.targets.split(",") if t]
+    targets = [t for t in chosen if t != "passthrough"] or (
+        [] if chosen else list(ALL_TARGETS))
+    keys = [w for w in args.workloads.split(",") if w]
+    with_pgbench = not keys or pgbench.KEY in keys
+    fio_keys = [k for k in keys if k != pgbench.KEY]
+    workloads = select(fio_keys) if fio_keys or not keys else ()
+    if args.rounds < 1 or args.pgbench_scale < 1 or args.pgbench_time < 1:
+        raise SystemExit("--rounds, --pgbench-scale and --pgbench-time must be at least 1")
+    if with_pgbench and not pgbench.configs_for(chosen):
+        with_pgbench = False
     try:
         need_tools("fio", "mkfs.xfs", "mkfs.ext4", "losetup", "fusermount3")
-        data = measure(args, targets, workloads)
+        if with_pgbench:
+            pgbench.check()
+        data = measure(args, targets if workloads else [], workloads,
+                       chosen if with_pgbench else None)
     except BenchError as exc:
         log.error("bench failed: %s", exc)
         return 1
@@ -77,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     out = write_results(args, data)
     complete = (targets == list(ALL_TARGETS) and len(workloads) == len(WORKLOADS)
-                and args.rounds >= 3)
+                and with_pgbench and not chosen and args.rounds >= 3)
     if complete and not args.no_latest:
         latest = REPO / "bench" / "latest"  # its profile*/ folders are make profile's
         latest.mkdir(exist_ok=True)
@@ -85,13 +103,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.copy2(f, latest / f.name)
         report.update_readme(REPO / "README.md", data, "bench/latest")
         log.info("refreshed bench/latest/ and the README's performance table")
-    failures = [r for r in data["runs"] if r.get("error")]
+    failures = [r for r in data["runs"] + data.get("pgbench", {}).get("runs", [])
+                if r.get("error")]
     log.info("results in %s (%d runs, %d failed)", out, len(data["runs"]), len(failures))
     return 1 if failures else 0
 
 
-def measure(args: argparse.Namespace, targets: list[str],
-            workloads: tuple[Workload, ...]) -> dict[str, Any]:
+def measure(args: argparse.Namespace, targets: list[str], workloads: tuple[Workload, ...],
+            pg_targets: list[str] | None = None) -> dict[str, Any]:
+    """The rounds of every workload on every target, then (pg_targets not None: the
+    targets given, empty for all) the pgbench row."""
     timing = Timing(runtime=args.runtime, ramp=args.ramp)
     started = time.time()
     data: dict[str, Any] = {
@@ -109,7 +130,7 @@ def measure(args: argparse.Namespace, targets: list[str],
     }
     with Environment(args.workdir, BACKING_SIZE) as env:
         data["machine"]["device"] = env.describe()
-        for r in range(args.rounds):
+        for r in range(args.rounds if targets else 0):
             order = targets[r % len(targets):] + targets[:r % len(targets)]
             for name in order:
                 target = make_target(env, name)
@@ -118,6 +139,13 @@ def measure(args: argparse.Namespace, targets: list[str],
                 log.info("round %d/%d: %s", r + 1, args.rounds, name)
                 data["runs"] += run_target(target, workloads, timing, r)
             data["machine"].setdefault("loadavg_rounds", []).append(os.getloadavg())
+        if pg_targets is not None:
+            t0 = time.monotonic()
+            data["pgbench"] = pgbench.measure(
+                env, pg_targets, args.rounds,
+                pgbench.Settings(scale=args.pgbench_scale, seconds=args.pgbench_time))
+            data["pgbench"]["elapsed_s"] = round(time.monotonic() - t0, 1)
+            log.info("pgbench row: %.1f minutes", (time.monotonic() - t0) / 60)
     data["machine"]["loadavg_end"] = os.getloadavg()
     data["elapsed_s"] = round(time.time() - started, 1)
     for w in workloads:

@@ -101,9 +101,10 @@ class KernelTarget(Target):
 class AtomicTarget(Target):
     family = "atomicfs"
 
-    def __init__(self, env: Environment, hardware: bool) -> None:
+    def __init__(self, env: Environment, hardware: bool, allow_other: bool = False) -> None:
         super().__init__(env)
         self.hardware = hardware
+        self.allow_other = allow_other  # for servers that run as their own user
         self.name = "atomicfs-hw" if hardware else "atomicfs-sw"
         self.description = (
             "atomicfs on a written-out image file on kernel XFS on the loop device "
@@ -125,8 +126,8 @@ class AtomicTarget(Target):
             device = self.env.loop
         run(ATOMICFS + ["mkfs", device, "--force"])
         path = "hardware" if self.hardware else "software"
-        run(ATOMICFS + ["mount", device, str(self.root), "-o", f"atomic_path={path}"],
-            timeout=120)
+        opts = f"atomic_path={path}" + (",allow_other" if self.allow_other else "")
+        run(ATOMICFS + ["mount", device, str(self.root), "-o", opts], timeout=120)
         self._make_dirs()
         os.setxattr(self.atomic_dir, XATTR_UNIT, str(UNIT).encode())
         st = self.stats() or {}

@@ -340,29 +340,31 @@ static int write_all(int fd, const void *p, size_t n)
     return 0;
 }
 
-/* Recorder event: type(1) seq(8) offset(8) length(4) flags(4) time(8) ref(8),
- * little-endian packed, followed by the data of completed writes. A write is recorded when
- * submitted ('B', no data) and when completed ('W', ref = its 'B'); a flush when it starts
- * ('S') and ends ('F', ref = its 'S'), so the crash explorer knows what was in flight and
- * which flush covered what. Must match atomicfs.device.Recorder. Returns the event's seq. */
-static uint64_t record_event(struct afs_ioq *q, char type, int64_t off, uint32_t len,
+/* One record of the recording (format: atomicfs_native.h, AFS_REC_*), then the data of a
+ * completed write. Returns the record's seq. */
+static uint64_t record_event(struct afs_ioq *q, unsigned char type, int64_t off, uint32_t len,
                              uint32_t flags, uint64_t ref, struct afs_io *io)
 {
-    unsigned char hdr[41];
+    unsigned char hdr[AFS_REC_HEADER_SIZE];
     pthread_mutex_lock(&q->test_lock);
     uint64_t seq = ++q->record_seq;
     int64_t t = now_ns();
-    hdr[0] = (unsigned char)type;
-    memcpy(hdr + 1, &seq, 8);
-    memcpy(hdr + 9, &off, 8);
-    memcpy(hdr + 17, &len, 4);
-    memcpy(hdr + 21, &flags, 4);
-    memcpy(hdr + 25, &t, 8);
-    memcpy(hdr + 33, &ref, 8);
+    hdr[AFS_REC_OFF_TYPE] = type;
+    memcpy(hdr + AFS_REC_OFF_SEQ, &seq, 8);
+    memcpy(hdr + AFS_REC_OFF_OFFSET, &off, 8);
+    memcpy(hdr + AFS_REC_OFF_LENGTH, &len, 4);
+    memcpy(hdr + AFS_REC_OFF_FLAGS, &flags, 4);
+    memcpy(hdr + AFS_REC_OFF_TIME, &t, 8);
+    memcpy(hdr + AFS_REC_OFF_REF, &ref, 8);
     write_all(q->record_fd, hdr, sizeof(hdr));
-    if (io != NULL)
-        for (int i = 0; i < io->niov; i++)
-            write_all(q->record_fd, io->bufs[i], io->lens[i]);
+    if (io != NULL) {  /* len bytes of data: a short write records what it wrote */
+        size_t left = len;
+        for (int i = 0; i < io->niov && left > 0; i++) {
+            size_t n = io->lens[i] < left ? io->lens[i] : left;
+            write_all(q->record_fd, io->bufs[i], n);
+            left -= n;
+        }
+    }
     pthread_mutex_unlock(&q->test_lock);
     return seq;
 }
@@ -377,10 +379,12 @@ static uint32_t io_length(struct afs_io *io)
 
 static uint32_t record_flags(struct afs_io *io)
 {
-    static const uint32_t kind_flag[] = {0x10, 0x20, 0x40, 0x80};
-    uint32_t f = io->kind >= 0 && io->kind < 4 ? kind_flag[io->kind] : 0;
-    if (io->flags & RWF_ATOMIC) f |= 1;
-    if (io->flags & 0x2 /* RWF_DSYNC */) f |= 2;
+    static const uint32_t kind_flag[] = {
+        [AFS_KIND_SUPER] = AFS_REC_FLAG_SUPER, [AFS_KIND_LOG] = AFS_REC_FLAG_LOG,
+        [AFS_KIND_SNAPSHOT] = AFS_REC_FLAG_SNAPSHOT, [AFS_KIND_DATA] = AFS_REC_FLAG_DATA};
+    uint32_t f = io->kind >= 0 && io->kind <= AFS_KIND_DATA ? kind_flag[io->kind] : 0;
+    if (io->flags & RWF_ATOMIC) f |= AFS_REC_FLAG_ATOMIC;
+    if (io->flags & 0x2 /* RWF_DSYNC */) f |= AFS_REC_FLAG_DSYNC;
     return f;
 }
 
@@ -427,11 +431,12 @@ static void perform(struct afs_ioq *q, struct afs_io *io)
     }
     uint64_t submitted = 0;
     if (q->record_fd >= 0)
-        submitted = record_event(q, 'B', io->offset, io_length(io), record_flags(io), 0, NULL);
+        submitted = record_event(q, AFS_REC_WRITE_SUBMIT, io->offset, io_length(io),
+                                 record_flags(io), 0, NULL);
     io->result = afs_pwritev(io->fd, io->bufs, io->lens, io->niov, io->offset, io->flags);
     if (io->result > 0 && q->record_fd >= 0)
-        record_event(q, 'W', io->offset, (uint32_t)io->result, record_flags(io), submitted,
-                     io);
+        record_event(q, AFS_REC_WRITE, io->offset, (uint32_t)io->result, record_flags(io),
+                     submitted, io);
     if (io->result > 0 && io->op == AFS_OP_WRITE_FLUSH) {
         int64_t written = io->result;
         perform_flush(q, io);
@@ -444,14 +449,14 @@ static void perform_flush(struct afs_ioq *q, struct afs_io *io)
 {
     uint64_t started = 0;
     if (q->record_fd >= 0)
-        started = record_event(q, 'S', 0, 0, 0, 0, NULL);
+        started = record_event(q, AFS_REC_FLUSH_START, 0, 0, 0, 0, NULL);
     if (injected(q, AFS_KIND_FLUSH)) {
         io->result = -EIO;
         return;
     }
     io->result = afs_fdatasync(io->fd);
     if (io->result == 0 && q->record_fd >= 0)
-        record_event(q, 'F', 0, 0, 0, started, NULL);
+        record_event(q, AFS_REC_FLUSH_END, 0, 0, 0, started, NULL);
 }
 
 static void *worker(void *arg)

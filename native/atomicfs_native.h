@@ -65,3 +65,34 @@ void afs_ioq_set_delay(struct afs_ioq *q, int64_t usec);
 void afs_ioq_set_inject(struct afs_ioq *q, int kind_mask, int64_t count);
 int64_t afs_ioq_inject_left(struct afs_ioq *q);
 int afs_ioq_set_record(struct afs_ioq *q, int fd);
+
+/* ---- the recording format (`-o record=PATH`; the crash explorer reads it) ----
+ * A recording is the 8-byte magic, then records in the order they happened. A record is a
+ * header of AFS_REC_HEADER_SIZE bytes, its fields little-endian at the offsets below, and,
+ * for a completed write only, the write's data (length bytes). A write is recorded when
+ * submitted (WRITE_SUBMIT, no data) and when completed (WRITE, ref = its submit's seq); a
+ * flush when it starts (FLUSH_START) and when it ends (FLUSH_END, ref = its start's seq),
+ * so that the explorer knows what was in flight and which flush covered what. seq counts
+ * 1, 2, 3... from each opening of the file (a recorder appends to an existing recording).
+ * The writers are record_event (C) and atomicfs.device.Recorder, which takes these
+ * constants from here; the one reader is atomicfs.crashtest.recording. */
+#define AFS_REC_MAGIC 0x3230434552534641  /* "AFSREC02" as a little-endian u64 */
+#define AFS_REC_MAGIC_SIZE 8
+#define AFS_REC_OFF_TYPE 0                 /* u8: AFS_REC_WRITE_SUBMIT... */
+#define AFS_REC_OFF_SEQ 1                  /* u64 */
+#define AFS_REC_OFF_OFFSET 9               /* i64: where the write goes on the device */
+#define AFS_REC_OFF_LENGTH 17              /* u32: bytes of the write */
+#define AFS_REC_OFF_FLAGS 21               /* u32: AFS_REC_FLAG_* */
+#define AFS_REC_OFF_TIME 25                /* i64: CLOCK_MONOTONIC, ns */
+#define AFS_REC_OFF_REF 33                 /* u64: seq of the submit / flush start */
+#define AFS_REC_HEADER_SIZE 41
+#define AFS_REC_WRITE_SUBMIT 0x42          /* 'B' */
+#define AFS_REC_WRITE 0x57                 /* 'W' */
+#define AFS_REC_FLUSH_START 0x53           /* 'S' */
+#define AFS_REC_FLUSH_END 0x46             /* 'F' */
+#define AFS_REC_FLAG_ATOMIC 0x1            /* written with RWF_ATOMIC */
+#define AFS_REC_FLAG_DSYNC 0x2             /* written with RWF_DSYNC */
+#define AFS_REC_FLAG_SUPER 0x10            /* the kind of the write: AFS_KIND_SUPER... */
+#define AFS_REC_FLAG_LOG 0x20
+#define AFS_REC_FLAG_SNAPSHOT 0x40
+#define AFS_REC_FLAG_DATA 0x80

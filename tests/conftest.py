@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from atomicfs.crash_env import kill_daemon
-from atomicfs.crash_env import mounted_fstype as mounted_at  # the type mounted at a path
+from atomicfs.crashtest.env import kill_daemon
+from atomicfs.crashtest.env import mounted_fstype as mounted_at  # the type mounted at a path
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ATOMICFS = [sys.executable, "-m", "atomicfs"]

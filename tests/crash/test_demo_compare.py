@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from atomicfs.crash_blockdev import recording_device
-from atomicfs.crash_compare import FsResult, Tally, compare, table
-from atomicfs.crash_record import Recording
-from atomicfs.crash_workloads import Verdict
+from atomicfs.crashtest.blockdev import recording_device
+from atomicfs.crashtest.compare import FsResult, Tally, compare, table
+from atomicfs.crashtest.recording import Recording
+from atomicfs.crashtest.workloads.base import Verdict
 from atomicfs.demo_png import CELL_H, CELL_W, LOST, TORN, write_page_grid
 from tests.conftest import need
 

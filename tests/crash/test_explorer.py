@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from atomicfs.crash import CrashConfig, Totals, explore
-from atomicfs.crash_env import Env, mounted
-from atomicfs.crash_record import Recording, StateBuilder, sparse_copy
-from atomicfs.crash_workloads import make_workload
+from atomicfs.crashtest.env import Env, mounted
+from atomicfs.crashtest.explorer import CrashConfig, Totals, explore
+from atomicfs.crashtest.recording import Recording
+from atomicfs.crashtest.states import StateBuilder, sparse_copy
+from atomicfs.crashtest.workloads import make_workload
 from atomicfs.errors import UserError
 from tests.conftest import cli
 

@@ -2,16 +2,17 @@
 test builds a case the instrument must get right, including the ones it must flag."""
 from __future__ import annotations
 
-import struct
 import time
 from pathlib import Path
 
-
-from atomicfs.crash_record import TORN, WHOLE, Recording, StateBuilder, choose_states, \
-    sparse_copy, torn_chunks
-from atomicfs.crash_workloads import NEVER, SECTOR, DataHistory, DataWrite, FileView, \
-    NamespaceHistory, NamespaceModel, NsOp, SyncRequest, _Node, decode_sector, \
-    encode_sectors, view_digest
+from atomicfs.crashtest.recording import Recording
+from atomicfs.crashtest.states import TORN, WHOLE, StateBuilder, choose_states, sparse_copy, \
+    torn_chunks
+from atomicfs.crashtest.workloads.base import NEVER, SECTOR, FileView, decode_sector, \
+    encode_sectors
+from atomicfs.crashtest.workloads.data import DataHistory, DataWrite, SyncRequest
+from atomicfs.crashtest.workloads.namespace import NamespaceHistory, NamespaceModel, NsOp, \
+    _Node, view_digest
 from atomicfs.device import Recorder
 
 UNIT = 16 << 10
@@ -22,8 +23,6 @@ class Script:
     """Writes a recording as the native recorder does: submit, completion (with data),
     flush start and end."""
 
-    EVENT = struct.Struct(Recorder.EVENT_FORMAT)
-
     def __init__(self, path: Path) -> None:
         self.f = open(path, "wb")
         self.f.write(Recorder.MAGIC)
@@ -32,8 +31,8 @@ class Script:
     def _event(self, kind: bytes, offset: int = 0, length: int = 0, flags: int = 0,
                ref: int = 0, data: bytes = b"") -> int:
         self.seq += 1
-        self.f.write(self.EVENT.pack(kind, self.seq, offset, length, flags,
-                                     time.monotonic_ns(), ref) + data)
+        self.f.write(Recorder.pack(kind, self.seq, offset, length, flags, time.monotonic_ns(),
+                                   ref) + data)
         return self.seq
 
     def write(self, offset: int, data: bytes, atomic: bool = False) -> None:

@@ -87,7 +87,7 @@ async def test_held_blocks_return_after_two_checkpoints(fs_image: str, cycles: i
         await vol.journal.commit()
         assert vol.alloc.held_blocks >= 4 * MiB // vol.bs
         for _ in range(cycles):
-            await vol.wb.checkpoint()
+            await vol.checkpointer.checkpoint()
         assert (vol.alloc.held_blocks == 0) == (cycles == 2)
 
 

@@ -90,7 +90,7 @@ async def _fill_past_the_reserve(fs: AtomicFS, vol: Volume, fa: int, fb: int,
 
     with trio.fail_after(HANG):
         async with trio.open_nursery() as nursery:
-            async with vol.wb._ckpt_lock:  # no checkpoint until the log is full
+            async with vol.checkpointer._lock:  # no checkpoint until the log is full
                 nursery.start_soon(guarded, fill)
                 await _wait_until(lambda: _stuck_batch(j))
                 nursery.start_soon(guarded, pending)
@@ -108,7 +108,7 @@ async def _fill_past_the_reserve(fs: AtomicFS, vol: Volume, fa: int, fb: int,
                     vol.dev.set_inject(parse_inject("super"))
             # the checkpointer (woken by the full log) or this call does it
             try:
-                await vol.wb.checkpoint()
+                await vol.checkpointer.checkpoint()
             except DeviceError:
                 assert fail_super
     assert vol.counters.checkpoint_absorbed >= 1, "the scenario did not arise"
@@ -121,7 +121,7 @@ async def _setup(fs: AtomicFS, vol: Volume) -> tuple[int, int, dict[int, bytearr
     for fh in (fa, fb):
         await fs.write(fh, 0, _pattern(0, 4 * MiB))
         await fs.fsync(fh, False)
-    await vol.wb.checkpoint()
+    await vol.checkpointer.checkpoint()
     return fa, fb, {fa: bytearray(_pattern(0, 4 * MiB)), fb: bytearray(_pattern(0, 4 * MiB))}
 
 
@@ -180,7 +180,7 @@ async def test_checkpointer_hears_requests_after_a_checkpoint_by_someone_else(
         vol = d.fs.vol
         await d.create("/f", b"x" * 4096)
         await trio.sleep(0.1)  # the checkpointer waits for a request now
-        await vol.wb.checkpoint()  # by someone else
+        await vol.checkpointer.checkpoint()  # by someone else
         before = vol.counters.checkpoints
         await d.create("/g", b"y" * 4096)
         vol.journal.request_checkpoint()
@@ -226,7 +226,7 @@ async def test_log_filled_again_and_again_by_concurrent_fsyncs_and_checkpoints(
             rnd = random.Random(99)
             while vol.counters.log_bytes < 6 * vol.journal.log_size:
                 await trio.sleep(rnd.random() * 0.3)
-                await vol.wb.checkpoint()
+                await vol.checkpointer.checkpoint()
 
         with trio.fail_after(240):
             async with trio.open_nursery() as nursery:

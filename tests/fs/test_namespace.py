@@ -398,7 +398,7 @@ async def test_statfs_moves_with_data(drv: Driver) -> None:
     ino = max(drv.fs.md.inodes)
     await drv.fs.forget([(ino, drv.fs.md.inodes[ino].lookups)])
     await drv.fs.vol.wb.sync_all()
-    await drv.fs.vol.wb.checkpoint()
+    await drv.fs.vol.checkpointer.checkpoint()
     s2 = await drv.fs.statfs(drv.ctx)
     assert s2.f_bfree >= s0.f_bfree - 8
 
@@ -428,7 +428,7 @@ async def test_enospc_then_recovers(drv: Driver) -> None:
         for inode in ino:
             await drv.fs.forget([(inode.ino, inode.lookups)])
     await drv.fs.vol.wb.sync_all()
-    await drv.fs.vol.wb.checkpoint()
+    await drv.fs.vol.checkpointer.checkpoint()
     await drv.create("again", chunk * 8)
     assert await drv.read("again", 7 << 20, 1 << 20) == chunk
 
@@ -444,7 +444,7 @@ async def test_metadata_growth_stops_with_enospc_and_stays_checkpointable(
                 made += 1
         assert info.value.errno == errno.ENOSPC
         assert made >= 100
-        await d.fs.vol.wb.checkpoint()  # must find room for the snapshot
+        await d.fs.vol.checkpointer.checkpoint()  # must find room for the snapshot
         await d.unlink("f0")
         await d.setxattr("f1", "user.small", b"fits again")
     async with open_fs(fs_image) as d:  # the shutdown above checkpointed; all is there

@@ -89,7 +89,7 @@ async def test_software_atomic_path_logs_the_unit(tmp_path: Path) -> None:
         # resident now: a later partial write goes into the log too, never in place
         await vol.filemap.write(inode, m, 100, b"v")
         assert vol.wb.route(m, folio) is Route.LOG
-        await vol.wb.checkpoint()
+        await vol.checkpointer.checkpoint()
         assert not vol.journal.is_resident(inode.ino, 0) and folio.io is IOKind.NONE
 
 

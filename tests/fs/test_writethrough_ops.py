@@ -52,7 +52,7 @@ async def test_writethroughs_to_different_folios_of_one_file_overlap(ops: Atomic
     """Two write-throughs to different folios of one file, on a device where each write
     takes 200 ms, finish together (~200 ms), not one after the other (400 ms)."""
     ino = await _make_file(ops, b"f", 1 << 20)  # homes exist: the writes go in place
-    await ops.wb.checkpoint()  # nothing resident in the log
+    await ops.vol.checkpointer.checkpoint()  # nothing resident in the log
     fh = (await ops.open(ino, os.O_RDWR | os.O_DSYNC, Ctx())).fh
     m = ops.cache.mappings[ino]
     seen_inflight = []
@@ -80,7 +80,7 @@ async def test_writer_waits_for_folio_under_writethrough_then_wins(ops: AtomicFS
     """A buffered write to a folio under write-through waits (stable pages) until the
     device write is over (200 ms here), then modifies the folio: its data wins."""
     ino = await _make_file(ops, b"g", 256 << 10)
-    await ops.wb.checkpoint()
+    await ops.vol.checkpointer.checkpoint()
     wt = (await ops.open(ino, os.O_RDWR | os.O_DSYNC, Ctx())).fh
     plain = (await ops.open(ino, os.O_RDWR, Ctx())).fh
     done: dict[str, float] = {}
@@ -110,7 +110,7 @@ async def test_writer_does_not_wait_for_plain_background_writeback(ops: AtomicFS
     """Without write-throughs in flight the mapping is not stable: a writer to a folio
     under ordinary background writeback does not wait; the folio is simply dirty again."""
     ino = await _make_file(ops, b"h", 1 << 20)
-    await ops.wb.checkpoint()
+    await ops.vol.checkpointer.checkpoint()
     fh = (await ops.open(ino, os.O_RDWR, Ctx())).fh
     await ops.write(fh, 0, b"1" * (512 << 10))  # more than a small sync write: in place
     inode = ops.md.inodes[ino]

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from atomicfs.recording import Event, read_data, read_events
+from atomicfs.crashtest.recording import read_writes
 from tests.conftest import Mount, MountFactory, cli, make_image
 
 U = 16384
@@ -144,10 +144,6 @@ def test_changing_the_unit_writes_dirty_data_back_first(mnt: Mount) -> None:
 
 # --------------------------------------------------------------- untorn, from the record
 
-def _data_writes(rec: str) -> list[Event]:
-    return [e for e in read_events(rec) if e.type == b"W"]
-
-
 def test_software_path_units_go_out_whole_in_one_log_write(tmp_path,
                                                            mounter: MountFactory) -> None:
     """On a device without atomic writes, each atomic unit reaches the device inside one
@@ -168,17 +164,16 @@ def test_software_path_units_go_out_whole_in_one_log_write(tmp_path,
     finally:
         os.close(fd)
     assert m.counters()["atomic_writebacks_software"] == 32
-    writes = _data_writes(rec)
+    writes = read_writes(rec)
     found = {}
-    for e in writes:
-        payload = read_data(rec, e)
+    for e, payload in writes:
         for i, data in units.items():
             if i not in found and data in payload:
                 found[i] = e
     assert set(found) == set(units), "every unit appears whole in one device write"
     assert all(e.kind == "log" for e in found.values())
     # no data write carries a piece of a unit outside the log before the checkpoint
-    assert not [e for e in writes if e.kind == "data"]
+    assert not [e for e, _ in writes if e.kind == "data"]
 
 
 def test_hardware_path_units_are_single_rwf_atomic_writes(xfs_dir: str, tmp_path,
@@ -206,7 +201,7 @@ def test_hardware_path_units_are_single_rwf_atomic_writes(xfs_dir: str, tmp_path
         finally:
             os.close(fd)
         assert m.counters()["atomic_writebacks_hardware"] == 64 + 22
-        atomic = [e for e in _data_writes(rec) if e.atomic]
+        atomic = [e for e, _ in read_writes(rec) if e.atomic]
         assert len(atomic) == 64 + 22
         assert all(e.length == U and e.offset % U == 0 and e.kind == "data" for e in atomic)
         m.umount()

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from atomicfs.recording import read_events
+from atomicfs.crashtest.recording import read_writes
 from tests.conftest import ATOMICFS, Mount, MountFactory, cli, need, run
 
 pytestmark = pytest.mark.mount
@@ -288,7 +288,7 @@ def test_hardware_path_writes_a_group_as_one_rwf_atomic_write(xfs_dir: str, tmp_
             os.close(fd)
         c = m.counters()
         assert c["atomic_groups_hardware"] == 1 and c["atomic_groups_logged"] == 1
-        atomic = [e for e in read_events(rec) if e.type == b"W" and e.atomic]
+        atomic = [w for w, _ in read_writes(rec) if w.atomic]
         assert [(e.length, e.offset % (4 * UNIT)) for e in atomic] == [(4 * UNIT, 0)]
         m.umount()
         m2 = mounter(img)

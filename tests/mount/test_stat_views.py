@@ -23,7 +23,8 @@ _LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*(,|$)')
 def parse_exposition(text: str) -> dict[str, dict]:
     """Families by name: their help, type and samples [(labels, value)]. Fails on anything
     the format (version 0.0.4) does not allow: samples before their HELP and TYPE, a
-    family split in two, a bad name, label or value."""
+    family split in two, a bad name, label or value; a histogram's samples other than
+    NAME_bucket (with `le`), NAME_sum and NAME_count."""
     families: dict[str, dict] = {}
     current = None
     assert text.endswith("\n")
@@ -36,12 +37,18 @@ def parse_exposition(text: str) -> dict[str, dict]:
         elif line.startswith("# TYPE "):
             name, _, kind = line[7:].partition(" ")
             assert name == current and families[name]["type"] is None, line
-            assert kind in ("counter", "gauge", "untyped"), line
+            assert kind in ("counter", "gauge", "histogram", "untyped"), line
             families[name]["type"] = kind
         else:
             m = _SAMPLE.match(line)
             assert m, f"not a sample line: {line!r}"
             name, labels_text, value = m.groups()
+            if current and families[current]["type"] == "histogram":
+                suffix = name[len(current):]
+                assert name.startswith(current) and suffix in ("_bucket", "_sum", "_count"), \
+                    f"{name} in histogram {current}"
+                assert (suffix == "_bucket") == ('le="' in (labels_text or "")), line
+                name = current
             assert name == current and families[name]["type"], f"{name} before HELP/TYPE"
             labels: dict[str, str] = {}
             pos = 0

@@ -12,11 +12,14 @@ import trio
 
 from atomicfs import format as fmt
 from atomicfs.alloc import Allocator
+from atomicfs.checkpoint import Checkpointer
 from atomicfs.device import Device, DeviceOptions
-from atomicfs.journal import (Journal, ReplayResult, read_snapshot, read_superblock,
-                              replay)
+from atomicfs.journal import Journal
+from atomicfs.replay import ReplayResult, replay
+from atomicfs.superblock import read_snapshot, read_superblock
 from atomicfs.metadata import Extent, Inode, Metadata
 from atomicfs.native import Buffer
+from atomicfs.pagecache import PageCache
 from atomicfs.stats import Counters
 from atomicfs.volume import build_allocator
 
@@ -28,6 +31,7 @@ class Opened:
     md: Metadata
     alloc: Allocator
     journal: Journal
+    checkpointer: Checkpointer  # over an empty page cache: home copies come from the log
     result: ReplayResult
     snapshot_extents: list[Extent]
 
@@ -51,14 +55,17 @@ def open_fs(path: str, write_home: bool = True,
         md.next_ino = max(md.next_ino, sb.next_ino)
         result = replay(dev, sb, md, write_home=write_home)
         alloc = build_allocator(sb, md, extents)
-        journal = Journal(dev, sb, md, alloc, Counters(), result.head_pos, result.head_seq,
+        counters = Counters()
+        journal = Journal(dev, sb, md, alloc, counters, result.head_pos, result.head_seq,
                           commit_interval=3600.0)  # batches go out on commit only
-        journal.snapshot_extents = list(extents)
+        cache = PageCache(sb.block_size, 1 << 20, sb.block_size, counters)
+        checkpointer = Checkpointer(dev, sb, md, alloc, journal, cache, counters)
+        checkpointer.snapshot_extents = list(extents)
         md.sink = journal
     except BaseException:
         dev.close()
         raise
-    return Opened(dev, sb, md, alloc, journal, result, list(extents))
+    return Opened(dev, sb, md, alloc, journal, checkpointer, result, list(extents))
 
 
 def reopen(o: Opened, write_home: bool = True) -> Opened:

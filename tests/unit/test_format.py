@@ -14,7 +14,7 @@ import pytest
 from atomicfs import format as fmt
 from atomicfs.device import Device
 from atomicfs.errors import CorruptFilesystem, NotAtomicfs
-from atomicfs.journal import read_superblock, superblock_offset, write_superblock_sync
+from atomicfs.superblock import read_superblock, superblock_offset, write_superblock_sync
 from atomicfs.mkfs import mkfs
 from atomicfs.native import crc32c
 from tests.unit.fsutil import scribble

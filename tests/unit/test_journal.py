@@ -11,7 +11,9 @@ import trio.testing
 
 from atomicfs import format as fmt
 from atomicfs.device import Device, parse_inject
-from atomicfs.journal import Journal, LogFailed, ScannedBatch, read_superblock, scan_log
+from atomicfs.journal import Journal, LogFailed
+from atomicfs.replay import ScannedBatch, scan_log
+from atomicfs.superblock import read_superblock
 from atomicfs.mkfs import mkfs
 from tests.unit.fsutil import (Opened, canonical, create_file, open_fs, pattern, payload,
                                read_blocks, reopen, running, scribble)
@@ -314,21 +316,20 @@ async def test_resident_runs_keep_the_blocks_a_later_record_does_not_overwrite(
         await j.commit()
         expect = v1[:BS] + v2 + v1[2 * BS:]
         # the resident runs hold each block exactly once, at its newest logged copy
-        runs = sorted((r for res in j.resident.values() for r in res.runs),
-                      key=lambda r: r.fblock)
+        runs = sorted((r for _, _, r in j.resident_runs()), key=lambda r: r.fblock)
         assert [(r.fblock, r.dblock - d, r.nblocks) for r in runs] == \
             [(0, 0, 1), (1, 1, 1), (2, 2, 2)]
         # write them home from the log, as the checkpoint does for units not in memory
-        boundary = j.seal_for_checkpoint()
+        boundary = o.checkpointer.seal_for_checkpoint()
         snapshot = o.md.serialize()
         await j.commit(boundary)
         for r in runs:
-            buf = await o.dev.read(j.sb.log_offset + r.log_pos, r.nblocks * BS)
+            buf = await o.dev.read(j.log_offset + r.log_pos, r.nblocks * BS)
             assert buf.bytes() == expect[r.fblock * BS:(r.fblock + r.nblocks) * BS]
             await o.dev.writev(r.dblock * BS, [(buf, 0, r.nblocks * BS)], "data")
         await o.dev.flush()
-        await j.write_checkpoint(snapshot, boundary, o.md.next_ino)
-        assert not j.resident
+        await o.checkpointer.write_checkpoint(snapshot, boundary, o.md.next_ino)
+        assert j.resident_count == 0
     o = reopen(o)
     try:
         assert o.result.batches == 0
@@ -338,16 +339,16 @@ async def test_resident_runs_keep_the_blocks_a_later_record_does_not_overwrite(
 
 
 async def _checkpoint(o: Opened, home: dict[int, bytes]) -> int:
-    """A checkpoint as writeback.checkpoint does it, with the resident data's latest
+    """A checkpoint as Checkpointer.checkpoint does it, with the resident data's latest
     versions (tracked by the test) written home first."""
-    j = o.journal
-    boundary = j.seal_for_checkpoint()
+    j, ck = o.journal, o.checkpointer
+    boundary = ck.seal_for_checkpoint()
     snapshot = o.md.serialize()
     await j.commit(boundary)
     for dblock, data in home.items():
         await o.dev.writev(dblock * BS, [(payload(data), 0, len(data))], "data")
     await o.dev.flush()
-    await j.write_checkpoint(snapshot, boundary, o.md.next_ino)
+    await ck.write_checkpoint(snapshot, boundary, o.md.next_ino)
     return boundary
 
 
@@ -367,17 +368,18 @@ async def test_checkpoint_moves_the_tail_and_frees_log_space(fs_image: str) -> N
             check_space(o)
         used = j.used
         assert used == 3 * (BS + 8 * BS)  # a header block and the data, three times
-        old_snap = list(j.snapshot_extents)
+        ck = o.checkpointer
+        old_snap = list(ck.snapshot_extents)
         boundary = await _checkpoint(o, home)
         assert boundary == 3
         assert j.used == 0 and j.tail_pos == j.head_pos and j.tail_seq == 4
         assert not j.is_resident(f.ino, 0)
-        assert j.sb.seq == 2 and j.sb.log_tail == j.tail_pos and j.sb.log_seq == 4
+        assert ck.sb.seq == 2 and ck.sb.log_tail == j.tail_pos and ck.sb.log_seq == 4
         # the old snapshot is kept as the fallback, the new one is in use
-        assert j.previous_snapshot_extents == old_snap
-        assert j.sb.prev_snap_block == old_snap[0][0] and j.sb.prev_log_seq == 1
+        assert ck.previous_snapshot_extents == old_snap
+        assert ck.sb.prev_snap_block == old_snap[0][0] and ck.sb.prev_log_seq == 1
         assert all(o.alloc.is_used(s, c) == c for s, c in old_snap)
-        assert all(o.alloc.is_used(s, c) == c for s, c in j.snapshot_extents)
+        assert all(o.alloc.is_used(s, c) == c for s, c in ck.snapshot_extents)
         # more changes after the checkpoint
         g = create_file(o.md, b"g")
         g.size = 123
@@ -475,21 +477,20 @@ async def test_a_full_log_holds_batches_until_a_checkpoint_frees_space(fs_image:
             j.append_data(f.ino, 0, 0, d, payload(data), nblocks)
             await j.commit()
             snapshot, seq, latest = o.md.serialize(), j.durable_seq, data
-        assert j.want_checkpoint.is_set()
+        assert o.checkpointer.want_checkpoint.is_set()
         head = j.head_pos
         last = pattern(99, nblocks * BS)
         j.append_data(f.ino, 0, 0, d, payload(last), nblocks)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(j.commit)
-            while not placing(j):
-                await trio.sleep(0.001)
             await trio.testing.wait_all_tasks_blocked()
+            assert placing(j)
             # placement happens before any I/O, so an unchanged head means it waits
             assert j.head_pos == head and j.durable_seq == seq
             await o.dev.writev(d * BS, [(payload(latest), 0, nblocks * BS)], "data")
             await o.dev.flush()
             with trio.fail_after(10):
-                await j.write_checkpoint(snapshot, seq, o.md.next_ino)
+                await o.checkpointer.write_checkpoint(snapshot, seq, o.md.next_ino)
         assert j.durable_seq == seq + 1
         check_space(o)
     o = reopen(o)
@@ -512,9 +513,9 @@ async def test_records_after_the_checkpoint_seal_stay_in_the_log(fs_image: str) 
         md.map_extent(f, 0, d, 1)
         await j.commit()
         md.set_xattr(f, b"user.before", b"1")  # the boundary batch is not empty
-        boundary = j.seal_for_checkpoint()
+        boundary = o.checkpointer.seal_for_checkpoint()
         snapshot = md.serialize()
-        runs = [r for res in j.resident.values() for r in res.runs if r.seq <= boundary]
+        runs = j.resident_runs(boundary)
         # a buffered write extends the file (size logged by flush_dirty), another task
         # maps a block and logs its data, a third sets an xattr
         f.size = 2 * BS
@@ -527,7 +528,7 @@ async def test_records_after_the_checkpoint_seal_stay_in_the_log(fs_image: str) 
         await j.commit(boundary)
         await j.commit()  # an fsync of f: everything above is durable now
         assert runs == []  # nothing resident at the seal: nothing to write home
-        await j.write_checkpoint(snapshot, boundary, md.next_ino)
+        await o.checkpointer.write_checkpoint(snapshot, boundary, md.next_ino)
         # the data logged after the seal is still only in the log
         assert j.is_resident(f.ino, 0)
         live = canonical(md)
@@ -549,14 +550,14 @@ async def test_a_sealed_boundary_is_committed_like_any_batch(fs_image: str) -> N
     j = o.journal
     async with running(j):
         create_file(o.md, b"a")
-        boundary = j.seal_for_checkpoint()
+        boundary = o.checkpointer.seal_for_checkpoint()
         assert boundary == 1 and j.pending_seq == 2
         assert j.has_pending()
         with trio.fail_after(10):
             await j.commit()
         assert j.durable_seq == 1 and not j.has_pending()
         create_file(o.md, b"b")
-        boundary = j.seal_for_checkpoint()
+        boundary = o.checkpointer.seal_for_checkpoint()
         create_file(o.md, b"c")  # after the seal: batch 3
         with trio.fail_after(10):
             await j.commit(boundary)
@@ -588,9 +589,8 @@ async def test_checkpoint_while_a_batch_waits_for_log_space(fs_image: str) -> No
         j.append_data(f.ino, 0, 0, d, payload(last), nblocks)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(j.commit)
-            while not placing(j):
-                await trio.sleep(0.001)
             await trio.testing.wait_all_tasks_blocked()
+            assert placing(j)
             o.md.set_xattr(f, b"user.x", b"1")  # the checkpoint seals a non-empty batch
             with trio.move_on_after(2) as scope:
                 await _checkpoint(o, {d: last})

@@ -4,16 +4,16 @@ over it.
 `atomicfs -o record=` records atomicfs's own device requests; a kernel filesystem has no
 such hook. This module serves a single file, `disk`, whose contents live in an image file,
 and logs every write that reaches it (submission and completion, with the data) and every
-fsync (flush start and end) in the Recorder format that atomicfs.crash_record reads. A
-loop device over that file (buffered: the loop driver turns each block request into a
+fsync (flush start and end) in the Recorder format that atomicfs.crashtest.recording reads.
+A loop device over that file (buffered: the loop driver turns each block request into a
 write of the file, and a cache flush, PREFLUSH or FUA into an fsync) is then a block device
 whose every write and flush is recorded, for ext4, XFS, atomicfs or anything else, and the
 crash explorer's state generator and oracles apply unchanged.
 
-The server runs in its own process (`python -m atomicfs.crash_blockdev IMAGE MOUNTPOINT
-RECORDING READY_FD`), so that a filesystem stuck on the loop device can never hold up the
-process that serves it; `recording_device()` starts it, attaches the loop device and undoes
-both, whatever happens.
+The server runs in its own process (`python -m atomicfs.crashtest.blockdev IMAGE
+MOUNTPOINT RECORDING READY_FD`), so that a filesystem stuck on the loop device can never
+hold up the process that serves it; `recording_device()` starts it, attaches the loop
+device and undoes both, whatever happens.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import os
 import select
 import signal
 import stat
-import struct
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from typing import Iterator
 import pyfuse3
 import trio
 
-from atomicfs.crash_env import detach_loop, mounted_fstype, run, wait_gone
+from atomicfs.crashtest.env import detach_loop, mounted_fstype, run, wait_gone
 from atomicfs.device import Recorder
 from atomicfs.errors import UserError
 
@@ -44,7 +43,6 @@ DISK_NAME = b"disk"
 DISK_INODE = pyfuse3.ROOT_INODE + 1
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 60.0
-_EVENT = struct.Struct(Recorder.EVENT_FORMAT)
 
 
 class RecordingDisk(pyfuse3.Operations):
@@ -63,8 +61,8 @@ class RecordingDisk(pyfuse3.Operations):
     def _event(self, kind: bytes, offset: int = 0, data: bytes = b"", ref: int = 0,
                length: int | None = None) -> int:
         self.seq += 1
-        head = _EVENT.pack(kind, self.seq, offset, len(data) if length is None else length,
-                           0, time.monotonic_ns(), ref)
+        head = Recorder.pack(kind, self.seq, offset, len(data) if length is None else length,
+                             0, time.monotonic_ns(), ref)
         os.writev(self.record_fd, [head, data] if data else [head])
         return self.seq
 
@@ -192,7 +190,7 @@ def _start_server(image: str, mnt: str, recording: str) -> subprocess.Popen[byte
     rfd, wfd = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "atomicfs.crash_blockdev", image, mnt, recording,
+            [sys.executable, "-m", "atomicfs.crashtest.blockdev", image, mnt, recording,
              str(wfd)], pass_fds=(wfd,), stdin=subprocess.DEVNULL)
     finally:
         os.close(wfd)
@@ -222,7 +220,8 @@ def _stop_server(proc: subprocess.Popen[bytes], mnt: str) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 4:
-        print("usage: python -m atomicfs.crash_blockdev IMAGE MOUNTPOINT RECORDING READY_FD",
+        print("usage: python -m atomicfs.crashtest.blockdev IMAGE MOUNTPOINT RECORDING "
+              "READY_FD",
               file=sys.stderr)
         return 2
     return serve(argv[0], argv[1], argv[2], int(argv[3]))

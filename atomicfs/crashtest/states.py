@@ -1,9 +1,8 @@
-"""Recordings and the crash states built from them.
+"""Crash states drawn from a recording, and the images built from them.
 
-A recording (device.Recorder, mount option `record=`) lists, in the order they happened,
-each device write's submission and completion (with its data) and each flush's start and
-end. It starts at mount time on a copy of a freshly made image, the *base*: the base plus
-every completed write, in completion order, is the image at unmount.
+A recording (atomicfs.crashtest.recording) starts at mount time on a copy of a freshly made
+image, the *base*: the base plus every completed write, in completion order, is the image
+at unmount.
 
 A crash at point c (the first c events happened, the rest did not) leaves on the device:
 
@@ -19,164 +18,12 @@ it into an image file quickly (see its docstring for the method and why).
 from __future__ import annotations
 
 import errno
-import logging
-import mmap
 import os
 import random
-import struct
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from atomicfs.device import Recorder
-
-log = logging.getLogger(__name__)
-
-
-class RecordingError(Exception):
-    """The recording file is not one the Recorder wrote, or is truncated."""
-
-
-@dataclass
-class Event:
-    kind: bytes  # Recorder.WRITE_SUBMIT, WRITE, FLUSH_START or FLUSH_END
-    seq: int
-    time_ns: int
-
-
-@dataclass
-class DeviceWrite:
-    """One completed device write."""
-
-    event: int  # index of its completion event
-    submit: int  # index of its submit event
-    offset: int
-    length: int
-    flags: int
-    data_pos: int  # where its data sits in the recording file
-
-    @property
-    def atomic(self) -> bool:
-        return bool(self.flags & Recorder.FLAG_ATOMIC)
-
-    @property
-    def kind(self) -> str:
-        for name, bit in Recorder.KIND_FLAGS.items():
-            if self.flags & bit:
-                return name
-        return "?"
-
-
-class Recording:
-    """A parsed recording; the write data stays in the file (memory-mapped)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.events: list[Event] = []
-        self.writes: list[DeviceWrite] = []
-        self.flush_pairs: list[tuple[int, int]] = []  # (start index, end index)
-        self._file = open(path, "rb")
-        size = os.fstat(self._file.fileno()).st_size
-        self._map = mmap.mmap(self._file.fileno(), size, prot=mmap.PROT_READ) if size else None
-        try:
-            self._parse(size)
-        except BaseException:
-            self.close()
-            raise
-        self._durable_from = self._compute_durable_points()
-
-    def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
-        self._file.close()
-
-    def __enter__(self) -> "Recording":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ------------------------------------------------------------------- parsing
-
-    def _parse(self, size: int) -> None:
-        raw = self._map
-        magic = Recorder.MAGIC
-        if raw is None or size < len(magic) or raw[: len(magic)] != magic:
-            raise RecordingError(f"{self.path}: not a recording (expected {magic!r})")
-        ev = struct.Struct(Recorder.EVENT_FORMAT)
-        pos = len(magic)
-        index_of: dict[int, int] = {}  # event seq -> index
-        while pos < size:
-            if pos + ev.size > size:
-                raise RecordingError(f"{self.path}: truncated event at byte {pos}")
-            kind, seq, offset, length, flags, time_ns, ref = ev.unpack_from(raw, pos)
-            pos += ev.size
-            index = len(self.events)
-            index_of[seq] = index
-            self.events.append(Event(kind, seq, time_ns))
-            if kind == Recorder.WRITE:
-                if pos + length > size:
-                    raise RecordingError(f"{self.path}: truncated data of write {seq}")
-                submit = index_of.get(ref, index)  # a v1-style write without submit
-                self.writes.append(DeviceWrite(index, submit, offset, length, flags, pos))
-                pos += length
-            elif kind == Recorder.FLUSH_END:
-                if ref not in index_of:
-                    raise RecordingError(f"{self.path}: flush end {seq} without a start")
-                self.flush_pairs.append((index_of[ref], index))
-            elif kind not in (Recorder.WRITE_SUBMIT, Recorder.FLUSH_START):
-                raise RecordingError(f"{self.path}: unknown event type {kind!r}")
-
-    def _compute_durable_points(self) -> list[int]:
-        """For each crash point c (0..n): the index of the start of the last flush that
-        ended before c (-1 if none): writes completed before it are on the device."""
-        n = len(self.events)
-        start_of_end = {end: start for start, end in self.flush_pairs}
-        out = [-1] * (n + 1)
-        best = -1
-        for c in range(1, n + 1):
-            start = start_of_end.get(c - 1)
-            if start is not None:
-                best = max(best, start)
-            out[c] = best
-        return out
-
-    # ------------------------------------------------------------------- queries
-
-    @property
-    def n_events(self) -> int:
-        return len(self.events)
-
-    def time_before(self, c: int) -> int:
-        """Monotonic time of the last event before crash point c (0 for c == 0)."""
-        return self.events[c - 1].time_ns if c > 0 else 0
-
-    def durable_start(self, c: int) -> int:
-        return self._durable_from[c]
-
-    def durable_writes(self, c: int) -> list[int]:
-        """Indexes (into writes) of the writes a crash at c must keep."""
-        s = self._durable_from[c]
-        return [i for i, w in enumerate(self.writes) if w.event < s]
-
-    def in_flight_writes(self, c: int) -> list[int]:
-        """Indexes of the writes that may or may not (or partly) be on the device."""
-        s = self._durable_from[c]
-        return [i for i, w in enumerate(self.writes)
-                if w.submit < c and w.event > s]
-
-    def data(self, w: DeviceWrite) -> memoryview:
-        assert self._map is not None
-        return memoryview(self._map)[w.data_pos: w.data_pos + w.length]
-
-    def summary(self) -> dict[str, int]:
-        kinds: dict[str, int] = {}
-        for w in self.writes:
-            kinds[w.kind] = kinds.get(w.kind, 0) + 1
-        return {"events": self.n_events, "writes": len(self.writes),
-                "flushes": len(self.flush_pairs),
-                "atomic_writes": sum(1 for w in self.writes if w.atomic),
-                "bytes": sum(w.length for w in self.writes), **kinds}
+from atomicfs.crashtest.recording import Recording
 
 
 # --------------------------------------------------------------------------- crash states
@@ -339,7 +186,7 @@ class StateBuilder:
         if self._prefix_fd >= 0:
             os.close(self._prefix_fd)
             self._prefix_fd = -1
-        _unlink_quietly(self.prefix)
+        unlink_quietly(self.prefix)
 
     def __enter__(self) -> "StateBuilder":
         return self
@@ -389,7 +236,7 @@ class StateBuilder:
         return path
 
 
-def _unlink_quietly(path: str) -> None:
+def unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

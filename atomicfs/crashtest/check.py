@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from atomicfs.crash_env import Env, mounted
-from atomicfs.crash_workloads import FileView, FsView, History, Verdict, file_kind
+from atomicfs.crashtest.env import Env, mounted
+from atomicfs.crashtest.workloads.base import FileView, FsView, History, Verdict, file_kind
 from atomicfs.errors import UserError
 from atomicfs.fsck import fsck
 from atomicfs.metadata import iter_tree

@@ -1,7 +1,7 @@
 """Kernel ext4 and atomicfs under the same power cuts (what `make demo` shows).
 
 Both filesystems run the same workload of 16 KiB page writes on the same kind of device: a
-loop device over the recording device of atomicfs.crash_blockdev, which records every
+loop device over the recording device of crashtest.blockdev, which records every
 write and flush whatever the filesystem. The crash explorer's generator then draws the
 same kind of crash states from each recording (a write not covered by a completed flush
 may be missing, whole or torn at `tear` bytes), to which come the worst cuts just before
@@ -13,7 +13,7 @@ filesystem recovers:
   check), mounted read-only through a loop device (`mount -o ro,loop`), and read through
   the kernel;
 * atomicfs: the state is recovered and read in this process through its Volume, as the
-  crash explorer does (crash_check.check_with_volume), fsck before and after.
+  crash explorer does (check.check_with_volume), fsck before and after.
 
 ext4 is mounted with its defaults (data=ordered, delayed allocation, 4 KiB blocks);
 atomicfs with its defaults, its root's atomic unit 16 KiB.
@@ -28,13 +28,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from atomicfs.crash_blockdev import recording_device
-from atomicfs.crash_check import CheckResult, check_with_volume, read_tree
-from atomicfs.crash_env import Env, atomicfs_cli, mounted_fstype, run
-from atomicfs.crash_record import TORN, WHOLE, Applied, CrashState, Recording, StateBuilder, \
+from atomicfs.crashtest.blockdev import recording_device
+from atomicfs.crashtest.check import CheckResult, check_with_volume, read_tree
+from atomicfs.crashtest.env import Env, atomicfs_cli, mounted_fstype, run
+from atomicfs.crashtest.recording import Recording
+from atomicfs.crashtest.states import TORN, WHOLE, Applied, CrashState, StateBuilder, \
     choose_states, sparse_copy
-from atomicfs.crash_workloads import DataHistory, DataWorkload, SyncRequest, Verdict, \
-    WorkloadError
+from atomicfs.crashtest.workloads.base import Verdict, WorkloadError
+from atomicfs.crashtest.workloads.data import DataHistory, DataWorkload, SyncRequest
 from atomicfs.errors import UserError
 
 log = logging.getLogger(__name__)

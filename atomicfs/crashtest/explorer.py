@@ -2,8 +2,8 @@
 
 Power-loss mode. For each round: make a fresh image (the base), mount a copy of it with
 `-o record=`, run a workload on the mount (its history notes when each request was
-answered), unmount. Then draw crash states from the recording (crash_record), build each
-as an image, recover it and read it back (crash_check), and ask the workload's oracle
+answered), unmount. Then draw crash states from the recording (states), build each
+as an image, recover it and read it back (check), and ask the workload's oracle
 whether every atomic unit reads as one version, every write acknowledged durable before
 the crash is there and the namespace is one the workload went through; fsck before and
 after recovery must be clean. Most states are recovered in this process through a Volume;
@@ -28,13 +28,15 @@ import time
 import zlib
 from dataclasses import dataclass, field
 
-from atomicfs.crash_check import CheckResult, check_with_mount, check_with_volume, \
+from atomicfs.crashtest.check import CheckResult, check_with_mount, check_with_volume, \
     fsck_problem, read_tree
-from atomicfs.crash_env import DEVICES, Env, Mount, mounted
-from atomicfs.crash_record import CrashState, Recording, StateBuilder, choose_states, \
-    sparse_copy
-from atomicfs.crash_workloads import WORKLOADS, History, Workload, WorkloadError, \
-    make_workload, preload_active
+from atomicfs.crashtest.env import DEVICES, Env, Mount, mounted
+from atomicfs.crashtest.recording import Recording
+from atomicfs.crashtest.states import CrashState, StateBuilder, choose_states, sparse_copy, \
+    unlink_quietly
+from atomicfs.crashtest.workloads import WORKLOADS, make_workload
+from atomicfs.crashtest.workloads.base import History, Workload, WorkloadError
+from atomicfs.crashtest.workloads.rwf import preload_active
 from atomicfs.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -264,16 +266,9 @@ def power_loss_round(env: Env, cfg: CrashConfig, wl: Workload, rnd: int,
                                        f"{rnd} {st.describe()}")
     finally:
         if not cfg.keep:
-            _unlink_quietly(rec_path)
-            _unlink_quietly(base)
+            unlink_quietly(rec_path)
+            unlink_quietly(base)
     return totals
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def record_workload(env: Env, cfg: CrashConfig, wl: Workload, base: str, rec_path: str,
@@ -290,7 +285,7 @@ def record_workload(env: Env, cfg: CrashConfig, wl: Workload, base: str, rec_pat
                 raise WorkloadError(f"unmount after the {wl.name} workload failed")
     finally:
         if not cfg.keep:
-            _unlink_quietly(image)
+            unlink_quietly(image)
     return history, stats
 
 
@@ -415,7 +410,7 @@ def run_crashtest(args: argparse.Namespace) -> int:
     else failed)."""
     cfg = config_from_args(args)
     validate(cfg)
-    logging.getLogger("atomicfs.crash").setLevel(logging.INFO)  # a line per round
+    log.setLevel(logging.INFO)  # a line per round
     print(f"atomicfs crashtest: workloads {','.join(cfg.workloads)}, device {cfg.device}, "
           f"seed {cfg.seed}, tear {cfg.tear}, unit {cfg.unit}, {cfg.states} states, "
           f"{cfg.kills} kills" + (", CONTROL (unsafe_atomic)" if cfg.control else ""),

@@ -26,7 +26,7 @@ import tempfile
 import time
 from typing import Iterator
 
-from atomicfs.crash_record import sparse_copy
+from atomicfs.crashtest.states import sparse_copy
 from atomicfs.errors import UserError
 
 log = logging.getLogger(__name__)
