@@ -202,14 +202,14 @@ class Checkpointer:
                         continue
                     part = None
                     if folio is not None and folio.logged_seq == run.seq and \
-                            (id(folio) in held or not (folio.writeback or folio.locked)):
+                            (id(folio) in held or not folio.busy):
                         fb = f - folio.fblock
                         part = mask_range(fb, n)
                         if folio.dirty & part or (folio.uptodate & part) != part:
                             part = None
                     if part is not None and folio is not None:
                         if id(folio) not in held:
-                            self.cache.start_home_write(folio)
+                            self.cache.start_home_copy(folio)
                             held[id(folio)] = folio
                         jobs.append((d, folio.buf, (f - folio.fblock) * bs, n, folio))
                     elif run.buf is not None:  # absorbed: never written to the log
@@ -234,7 +234,7 @@ class Checkpointer:
                 await self.dev.writev(d0 * bs, segs, "data")
         finally:
             for folio in held.values():
-                self.cache.end_writeback(folio)
+                self.cache.end_home_copy(folio)
 
     # ------------------------------------------------------ snapshot and superblock
 

@@ -86,8 +86,7 @@ class AtomicFS(pyfuse3.Operations):
         super().__init__()
         self.vol = vol
         self.md = vol.md
-        self.cache = vol.cache  # the data calls (read, write, truncate)
-        self.wb = vol.wb  # what those calls take
+        self.filemap = vol.filemap  # the data calls (read, write, truncate)
         self.handles = Handles(vol)
         self.control = Control(vol, self.handles, os.getuid())
         self.ns = Namespace(vol, self.control)
@@ -221,7 +220,7 @@ class AtomicFS(pyfuse3.Operations):
         if size == inode.size:
             return
         m = self.vol.mapping(inode)
-        self.vol.unreserve(await self.cache.truncate(self.wb, inode, m, size))
+        await self.filemap.truncate(inode, m, size)
         bs = self.vol.bs
         if size < inode.size:
             self.md.truncate_extents(inode, (size + bs - 1) // bs)
@@ -332,7 +331,7 @@ class AtomicFS(pyfuse3.Operations):
         h = self.handles[fh]
         inode = h.inode
         m = self.vol.mapping(inode)
-        data = await self.cache.read(self.wb, inode, m, off, size)
+        data = await self.filemap.read(inode, m, off, size)
         self._touch_atime(inode)
         return data
 
@@ -363,10 +362,10 @@ class AtomicFS(pyfuse3.Operations):
         strict = self.vol.strict_of(inode)
         for attempt in (0, 1):
             try:
-                n = await self.cache.write(self.wb, inode, m, off, buf,
-                                           writethrough=mode is not None,
-                                           durable=mode == "durable", strict=strict,
-                                           atomic=atomic)
+                n = await self.filemap.write(inode, m, off, buf,
+                                             writethrough=mode is not None,
+                                             durable=mode == "durable", strict=strict,
+                                             atomic=atomic)
                 break
             except NoSpace:
                 if attempt or not await self.vol.make_room():

@@ -15,233 +15,79 @@ Its state, after iomap's per-folio state:
     group      the folio belongs to a *write group*: one write request that must reach the
                device as a whole (several whole units of an atomic file, or an RWF_ATOMIC
                write announced by the preload library); all members go into one log batch
-    writeback  an I/O from this buffer is in flight
-    wb_stable  that I/O needs the buffer unchanged (atomic, write-through, or home copy)
+    io         the kind of I/O in flight from this buffer (`IOKind`), io_mask its blocks
     locked     blocks are being read in
     logged_seq the newest copy of this folio is in log batch logged_seq (software path);
                the folio stays in memory until a checkpoint has written it home
 
+Every change of that state is one of the named transitions of `PageCache`, each checked
+against `TRANSITIONS` (InvalidTransition, nothing changed, when it is not legal). Nothing
+outside this module assigns a folio's state.
+
 The *mapping* of a file holds its folios and two pieces of RFC state: the number of
 write-throughs in flight and the stable flag (set by the first, cleared by the last). While
 a mapping is stable, nobody modifies a folio under writeback; they wait (stable_waits).
-
-This module also holds the generic buffered read and write paths (the role of
-mm/filemap.c): they decide which blocks to read, wait, copy and mark; the I/O itself is done
-by a FolioIO (the writeback layer).
+The objects themselves are in folio.py; the buffered read and write paths that use all
+this are in filemap.py.
 """
 from __future__ import annotations
 
-import errno
-import logging
 import time
 from collections import OrderedDict
-from typing import Iterator, Protocol
+from typing import Callable
 
 import trio
 
-from atomicfs import format as fmt
+from atomicfs.folio import (DATA_IO, MAX_GROUP_BYTES, STABLE_IO, Folio, InvalidTransition,
+                            IOKind, Mapping, WriteGroup, mask_range, mask_runs, popcount)
 from atomicfs.metadata import Inode
-from atomicfs.native import ALIGN, Buffer, copy_into
+from atomicfs.native import ALIGN, Buffer
 from atomicfs.stats import Counters
 from atomicfs.watchdog import waiting
 
-log = logging.getLogger(__name__)
+__all__ = ["DATA_IO", "MAX_GROUP_BYTES", "STABLE_IO", "TRANSITIONS", "Folio", "IOKind",
+           "InvalidTransition", "Mapping", "PageCache", "WriteGroup", "mask_range",
+           "mask_runs", "popcount"]
 
-# The largest write group: what FUSE sends in one request; a log batch holds it whole.
-MAX_GROUP_BYTES = fmt.MAX_ATOMIC_UNIT
+# ------------------------------------------------------------ legal transitions
+# Each transition of PageCache, and when it is legal for folio f and the blocks `mask` it
+# names (mask is ignored where the call takes none). A call that is not legal raises
+# InvalidTransition and changes nothing. tests/unit/test_pagecache.py drives random
+# sequences against this same table.
 
-
-class InvalidTransition(AssertionError):
-    """A folio state change that the state machine does not allow."""
-
-
-class FolioIO(Protocol):
-    """What the page cache needs from the writeback layer."""
-
-    async def read_folios(self, inode: Inode, mapping: "Mapping",
-                          needs: list[tuple["Folio", int]]) -> None: ...
-
-    async def balance_dirty(self) -> None: ...
-
-    async def write_through(self, inode: Inode, mapping: "Mapping",
-                            items: list[tuple["Folio", int]], size_grew: bool,
-                            durable: bool = True) -> None: ...
-
-    def inode_written(self, inode: Inode, size_grew: bool) -> None: ...
-
-    def reserve_for_write(self, inode: Inode, mapping: "Mapping",
-                          items: list[tuple["Folio", int]]) -> None: ...
-
-    async def write_group(self, inode: Inode, mapping: "Mapping",
-                          group: "WriteGroup") -> None: ...
+def _idle(f: Folio) -> bool:
+    return f.io is IOKind.NONE and not f.locked
 
 
-def mask_range(first: int, count: int) -> int:
-    """Bitmask of blocks first..first+count-1."""
-    return ((1 << count) - 1) << first
+def _in_buffer(f: Folio, mask: int) -> bool:
+    return mask >= 0 and mask >> (f.size // f.mapping.block_size) == 0
 
 
-def mask_runs(mask: int) -> Iterator[tuple[int, int]]:
-    """(first block, count) of each run of set bits, in order."""
-    i = 0
-    while mask:
-        if mask & 1:
-            start = i
-            while mask & 1:
-                mask >>= 1
-                i += 1
-            yield start, i - start
-        else:
-            low = (mask & -mask).bit_length() - 1
-            mask >>= low
-            i += low
+TRANSITIONS: dict[str, Callable[[Folio, int], bool]] = {
+    "mark_uptodate": lambda f, mask: _in_buffer(f, mask),  # read in, or zeros past EOF
+    "mark_dirty": lambda f, mask: mask & ~f.uptodate == 0,  # a write copied them in
+    "set_atomic": lambda f, mask: f.dirty == f.uptodate == f.full,  # covered whole
+    "clear_atomic": lambda f, mask: True,  # a partial write
+    "start_writeback": lambda f, mask: _idle(f) and mask != 0 and mask & ~f.dirty == 0,
+    "start_home_copy": lambda f, mask: _idle(f),  # checkpoint: logged blocks go home
+    "end_writeback": lambda f, mask: f.io in DATA_IO,  # failed blocks dirty again
+    "end_home_copy": lambda f, mask: f.io is IOKind.HOME,
+    "take_clean": lambda f, mask: _idle(f) and mask & ~f.dirty == 0,  # copied into the log
+    "set_logged": lambda f, mask: True,  # its newest copy is in a log batch
+    "clear_logged": lambda f, mask: True,  # a checkpoint wrote it home
+    "lock": lambda f, mask: not f.locked,  # blocks are being read in
+    "unlock": lambda f, mask: f.locked,
+    "pin": lambda f, mask: True,  # a request uses it
+    "unpin": lambda f, mask: f.pins > 0,
+    "discard_blocks": lambda f, mask: _idle(f),  # truncated away
+    "reserve_blocks": lambda f, mask: _in_buffer(f, mask),  # delalloc: space promised
+    "unreserve_blocks": lambda f, mask: True,  # converted to extents, or released
+}
 
 
-def popcount(mask: int) -> int:
-    return mask.bit_count()
-
-
-class WriteGroup:
-    """The folios of one write request that must be untorn as a whole. Writeback logs all
-    their dirty blocks in one batch (`Writeback.write_group`); until then a later write to
-    any member first sends the group out, so that no crash can show that later write
-    without the whole group. `seq` is the log batch that took it (-1 while pending)."""
-
-    __slots__ = ("folios", "seq")
-
-    def __init__(self, folios: list["Folio"]) -> None:
-        self.folios = folios
-        self.seq = -1
-
-    @property
-    def pending(self) -> bool:
-        return self.seq < 0
-
-    def dissolve(self, seq: int) -> None:
-        """The group went out (in batch seq), or its protection was given up (seq 0)."""
-        self.seq = seq
-        for folio in self.folios:
-            folio.group = None
-
-
-class Folio:
-    __slots__ = ("mapping", "index", "buf", "uptodate", "dirty", "reserved", "atomic",
-                 "writeback", "wb_stable", "wb_mask", "locked", "logged_seq", "dirty_since",
-                 "_event", "in_lru", "pins", "group")
-
-    def __init__(self, mapping: "Mapping", index: int, buf: Buffer) -> None:
-        self.mapping = mapping
-        self.index = index
-        self.buf = buf  # zeroed: blocks that are not uptodate always hold zeros
-        self.uptodate = 0
-        self.dirty = 0
-        self.reserved = 0
-        self.atomic = False
-        self.writeback = False
-        self.wb_stable = False
-        self.wb_mask = 0
-        self.locked = False
-        self.logged_seq = 0
-        self.dirty_since = 0.0
-        self._event: trio.Event | None = None
-        self.in_lru = False
-        self.pins = 0  # requests using the folio right now
-        self.group: WriteGroup | None = None
-
-    @property
-    def fblock(self) -> int:
-        """First file block of this folio."""
-        return self.index * self.mapping.blocks_per_folio
-
-    @property
-    def size(self) -> int:
-        """Bytes of memory it holds (its buffer: the whole folio or a prefix of it)."""
-        return self.buf.size
-
-    @property
-    def evictable(self) -> bool:
-        return not (self.dirty or self.writeback or self.locked or self.logged_seq
-                    or self.pins)
-
-    def state(self) -> str:
-        return (f"folio {self.mapping.ino}:{self.index} uptodate={self.uptodate:#x} "
-                f"dirty={self.dirty:#x} atomic={self.atomic} writeback={self.writeback} "
-                f"locked={self.locked} logged={self.logged_seq}")
-
-    async def wait_unlocked_or_written(self) -> None:
-        """Wait for the current lock holder or writeback to finish."""
-        if self._event is None:
-            self._event = trio.Event()
-        with waiting(f"folio {self.mapping.ino}:{self.index} (locked={self.locked}, "
-                     f"writeback={self.writeback})"):
-            await self._event.wait()
-
-    def _wake(self) -> None:
-        if self._event is not None:
-            self._event.set()
-            self._event = None
-
-
-class Mapping:
-    """The page-cache side of one file."""
-
-    __slots__ = ("cache", "ino", "folio_size", "blocks_per_folio", "folios", "dirty",
-                 "stable", "wt_inflight", "err_seq", "err_seen", "flush_gen", "meta_seq",
-                 "atomic", "ra_next", "ra_window", "busy")
-
-    def __init__(self, cache: "PageCache", ino: int, folio_size: int, atomic: bool) -> None:
-        self.cache = cache
-        self.ino = ino
-        self.folio_size = folio_size
-        self.blocks_per_folio = folio_size // cache.block_size
-        self.folios: dict[int, Folio] = {}
-        self.dirty: dict[int, Folio] = {}  # folios with dirty blocks
-        self.stable = False
-        self.wt_inflight = 0
-        self.err_seq = 0  # writeback errors recorded (errseq counter)
-        self.err_seen = True  # has any descriptor seen the latest error?
-        self.flush_gen = -1  # device flush generation covering its last in-place write
-        self.meta_seq = -1  # newest log batch holding this file's extents or data
-        self.busy: dict[int, Folio] = {}  # folios under writeback or locked
-        self.atomic = atomic
-        self.ra_next = -1
-        self.ra_window = 0
-
-    # ---------------------------------------------------------------- RFC state
-
-    def writethrough_begin(self) -> None:
-        """A write-through starts: the first one makes the mapping stable."""
-        self.wt_inflight += 1
-        self.stable = True
-
-    def writethrough_end(self) -> None:
-        if self.wt_inflight <= 0:
-            raise InvalidTransition(f"write-through end without begin on {self.ino}")
-        self.wt_inflight -= 1
-        if self.wt_inflight == 0:
-            self.stable = False
-
-    def record_error(self) -> None:
-        """A background writeback of this file failed (errseq_set)."""
-        self.err_seq += 1
-        self.err_seen = False
-
-    def must_wait(self, folio: Folio) -> bool:
-        """May folio be modified now? Not while its I/O needs it stable."""
-        return folio.locked or (folio.writeback and (self.stable or folio.wb_stable))
-
-    def counts(self) -> dict[str, int]:
-        folios = self.folios.values()
-        return {
-            "cached": len(self.folios),
-            "bytes": sum(f.size for f in folios),
-            "dirty": len(self.dirty),
-            "writeback": sum(1 for f in folios if f.writeback),
-            "atomic": sum(1 for f in folios if f.atomic),
-            "logged": sum(1 for f in folios if f.logged_seq),
-            "writethrough_inflight": self.wt_inflight,
-            "stable": int(self.stable),
-        }
+def _check(name: str, folio: Folio, mask: int = 0) -> None:
+    if not TRANSITIONS[name](folio, mask):
+        raise InvalidTransition(f"{name} {mask:#x} not allowed: {folio.state()}")
 
 
 class PageCache:
@@ -266,7 +112,7 @@ class PageCache:
         self.dirty_bytes = 0
         self.writeback_bytes = 0
         self.logged_bytes = 0  # folios pinned until a checkpoint writes them home
-        self.dirty_changed = trio.Event()
+        self._room: trio.Event | None = None  # throttled writers wait on it
         # Buffers of dropped folios, reused for new ones: allocating and first touching
         # fresh memory costs more than zeroing a buffer that is already mapped. They count
         # against the limit too, and are freed first when room is needed.
@@ -283,24 +129,245 @@ class PageCache:
     def spare_bytes(self) -> int:
         return self._spare_bytes
 
+    # --------------------------------------------------------- state transitions
+
+    def mark_uptodate(self, folio: Folio, mask: int) -> None:
+        """Blocks in mask hold valid data now (read in, or zeros where nothing is)."""
+        _check("mark_uptodate", folio, mask)
+        folio.uptodate |= mask
+
+    def mark_dirty(self, folio: Folio, mask: int) -> None:
+        """Blocks in mask now hold data newer than the device (they must be uptodate)."""
+        _check("mark_dirty", folio, mask)
+        new = mask & ~folio.dirty
+        if not new:
+            return
+        if not folio.dirty:
+            folio.dirty_since = time.monotonic()
+            folio.mapping.dirty[folio.index] = folio
+        folio.dirty |= new
+        self.dirty_bytes += popcount(new) * self.block_size
+        self._lru_remove(folio)
+
+    def set_atomic(self, folio: Folio) -> None:
+        """A write covered the whole folio: it goes out as one untorn unit."""
+        _check("set_atomic", folio)
+        folio.atomic = True
+
+    def clear_atomic(self, folio: Folio) -> bool:
+        """A partial write touched the folio; returns whether it was atomic."""
+        was = folio.atomic
+        folio.atomic = False
+        return was
+
+    def start_writeback(self, folio: Folio, mask: int, kind: IOKind) -> bool:
+        """Take the dirty blocks in mask for I/O of the given kind; returns whether the
+        folio was atomic (writeback clears the tag)."""
+        if kind not in DATA_IO:
+            raise InvalidTransition(f"writeback of kind {kind.value}: {folio.state()}")
+        _check("start_writeback", folio, mask)
+        folio.io = kind
+        folio.io_mask = mask
+        folio.mapping.busy[folio.index] = folio
+        self._clear_dirty(folio, mask)
+        self.writeback_bytes += popcount(mask) * self.block_size
+        was_atomic = folio.atomic
+        folio.atomic = False
+        self._lru_remove(folio)
+        return was_atomic
+
+    def start_home_copy(self, folio: Folio) -> None:
+        """A checkpoint copies the folio's logged blocks home from its buffer: they must
+        not change meanwhile (stable), though none of them is dirty."""
+        _check("start_home_copy", folio)
+        folio.io = IOKind.HOME
+        folio.io_mask = 0
+        folio.mapping.busy[folio.index] = folio
+        self._lru_remove(folio)
+
+    def end_home_copy(self, folio: Folio) -> None:
+        """The checkpoint's copy from the buffer is done."""
+        _check("end_home_copy", folio)
+        self._end_io(folio, 0, False)
+
+    def end_writeback(self, folio: Folio, failed_mask: int = 0,
+                      restore_atomic: bool = False) -> None:
+        """The writeback finished; blocks in failed_mask did not reach the device and are
+        dirty again (with the atomic tag back if the whole unit failed)."""
+        _check("end_writeback", folio)
+        self._end_io(folio, failed_mask & folio.io_mask, restore_atomic)
+
+    def _end_io(self, folio: Folio, failed_mask: int, restore_atomic: bool) -> None:
+        self.writeback_bytes -= popcount(folio.io_mask) * self.block_size
+        folio.io = IOKind.NONE
+        folio.io_mask = 0
+        if not folio.locked:
+            folio.mapping.busy.pop(folio.index, None)
+        if failed_mask:
+            self.mark_dirty(folio, failed_mask)
+            if restore_atomic:
+                folio.atomic = True
+        self._refresh_lru(folio)
+        folio._wake()
+        self._room_freed()
+
+    def take_clean(self, folio: Folio, mask: int) -> bool:
+        """Blocks in mask were copied into the log: clean now. Returns was_atomic."""
+        _check("take_clean", folio, mask)
+        self._clear_dirty(folio, mask)
+        was_atomic = folio.atomic
+        folio.atomic = False
+        self._refresh_lru(folio)
+        return was_atomic
+
+    def set_logged(self, folio: Folio, seq: int) -> None:
+        """Its newest copy is in log batch seq: keep it in memory until it is home."""
+        _check("set_logged", folio)
+        if not folio.logged_seq:
+            self.logged_bytes += folio.size
+        folio.logged_seq = seq
+        self._lru_remove(folio)
+
+    def clear_logged(self, folio: Folio, upto_seq: int) -> None:
+        """A checkpoint covering batch upto_seq wrote the folio home."""
+        if folio.logged_seq and folio.logged_seq <= upto_seq:
+            folio.logged_seq = 0
+            self.logged_bytes -= folio.size
+            self._refresh_lru(folio)
+            self._room_freed()
+
+    def checkpointed(self, upto_seq: int) -> None:
+        """A checkpoint wrote home everything logged up to batch upto_seq: those folios
+        may go, and writers throttled on them may go on."""
+        for m in self.mappings.values():
+            for folio in m.folios.values():
+                self.clear_logged(folio, upto_seq)
+        self.trim()
+
+    def lock(self, folio: Folio) -> None:
+        _check("lock", folio)
+        folio.locked = True
+        folio.mapping.busy[folio.index] = folio
+        self._lru_remove(folio)
+
+    def unlock(self, folio: Folio) -> None:
+        _check("unlock", folio)
+        folio.locked = False
+        if not folio.writeback:
+            folio.mapping.busy.pop(folio.index, None)
+        self._refresh_lru(folio)
+        folio._wake()
+
+    def pin(self, folio: Folio) -> None:
+        """Keep the folio in memory while a request uses it."""
+        folio.pins += 1
+        self._lru_remove(folio)
+
+    def unpin(self, folio: Folio) -> None:
+        _check("unpin", folio)
+        folio.pins -= 1
+        self._refresh_lru(folio)
+        if not folio.pins and not folio.busy:  # only `wait_unused` waits for this
+            folio._wake()
+
+    def reserve_blocks(self, folio: Folio, mask: int) -> None:
+        """Space is reserved for these blocks (delalloc.py keeps the allocator's count)."""
+        _check("reserve_blocks", folio, mask)
+        folio.reserved |= mask
+
+    def unreserve_blocks(self, folio: Folio, mask: int) -> int:
+        """Forget reservations of blocks in mask; returns how many were reserved."""
+        n = popcount(folio.reserved & mask)
+        folio.reserved &= ~mask
+        return n
+
+    def _clear_dirty(self, folio: Folio, mask: int) -> None:
+        cleared = folio.dirty & mask
+        folio.dirty &= ~mask
+        self.dirty_bytes -= popcount(cleared) * self.block_size
+        if not folio.dirty:
+            folio.mapping.dirty.pop(folio.index, None)
+        if cleared:
+            self._room_freed()
+
+    def discard_blocks(self, folio: Folio, mask: int) -> int:
+        """Blocks beyond a truncation: not valid, not dirty, zeroed. Returns reservations
+        released. Not while the folio is under I/O: its data must not change, and a failed
+        writeback must find its blocks still valid to make them dirty again."""
+        _check("discard_blocks", folio, mask)
+        bs = self.block_size
+        held = mask_range(0, folio.size // bs)  # blocks past the buffer are zeros already
+        for first, count in mask_runs(mask & held):
+            folio.buf.zero(first * bs, count * bs)
+        self._clear_dirty(folio, mask)
+        folio.uptodate &= ~mask
+        released = self.unreserve_blocks(folio, mask)
+        folio.atomic = False
+        if not folio.dirty:
+            self.leave_group(folio)
+        self._refresh_lru(folio)
+        return released
+
+    @staticmethod
+    def form_group(folios: list[Folio]) -> WriteGroup:
+        """The folios of one write request become a write group (none is in one: a write
+        sends a pending group out before it changes a member)."""
+        for folio in folios:
+            if folio.group is not None:
+                raise InvalidTransition(f"already in a write group: {folio.state()}")
+        group = WriteGroup(folios)
+        for folio in folios:
+            folio.group = group
+        return group
+
+    @staticmethod
+    def dissolve_group(group: WriteGroup, seq: int) -> None:
+        """The group went out (in batch seq), or its protection was given up (seq 0)."""
+        group.seq = seq
+        for folio in group.folios:
+            folio.group = None
+
+    @staticmethod
+    def rejoin_group(group: WriteGroup, folios: list[Folio]) -> None:
+        """A hardware write of the dissolved group did not happen: it is pending again,
+        with the members that are still wholly dirty."""
+        group.seq = -1
+        for folio in folios:
+            folio.group = group
+
+    @staticmethod
+    def leave_group(folio: Folio) -> None:
+        """The folio's grouped blocks are gone (truncated): the rest of the group stays."""
+        group = folio.group
+        if group is not None:
+            group.folios.remove(folio)
+            folio.group = None
+
+    def drop_folio(self, folio: Folio) -> None:
+        """Forget a folio past a truncation that nobody uses (its reservations released)."""
+        if folio.busy or folio.pins or folio.reserved:
+            raise InvalidTransition(f"dropping a folio in use: {folio.state()}")
+        self._remove_folio(folio)
+
     # ------------------------------------------------------------------ mappings
 
     def mapping(self, inode: Inode, folio_size: int) -> Mapping:
         m = self.mappings.get(inode.ino)
         if m is None:
-            m = Mapping(self, inode.ino, folio_size, folio_size != self.default_folio_size
-                        or inode.atomic_unit > 0)
+            atomic = folio_size != self.default_folio_size or inode.atomic_unit > 0
+            m = Mapping(self.block_size, inode.ino, folio_size, atomic)
             self.mappings[inode.ino] = m
         return m
 
     def drop_mapping(self, ino: int) -> None:
-        """Forget a file's folios (it was deleted or is being re-shaped); none may be busy."""
+        """Forget a file's folios (it was deleted or is being re-shaped); none may be busy
+        or hold reservations (the caller released them)."""
         m = self.mappings.get(ino)
         if m is None:
             return
         for folio in m.folios.values():
-            if folio.writeback or folio.locked:
-                raise InvalidTransition(f"dropping busy {folio.state()}")
+            if folio.busy or folio.reserved:
+                raise InvalidTransition(f"dropping busy or reserved {folio.state()}")
         del self.mappings[ino]
         for folio in list(m.folios.values()):
             self._remove_folio(folio)
@@ -346,7 +413,7 @@ class PageCache:
         old = folio.buf
         if size <= old.size:
             return True
-        if folio.locked or (folio.writeback and (folio.wb_stable or m.stable)):
+        if m.must_wait(folio):
             return False
         buf = self._new_buffer(size, keep=old.size)
         buf.copy_from(0, old, 0, old.size)
@@ -366,6 +433,7 @@ class PageCache:
             self.lru[(folio.mapping.ino, folio.index)] = folio
             folio.in_lru = True
             self.lru_bytes += folio.size
+            self._room_freed()
 
     def _lru_remove(self, folio: Folio) -> None:
         if folio.in_lru:
@@ -381,6 +449,8 @@ class PageCache:
 
     def _remove_folio(self, folio: Folio) -> None:
         m = folio.mapping
+        if not folio.in_lru:
+            self._room_freed()  # it held memory eviction could not take
         self._lru_remove(folio)
         self.leave_group(folio)
         if folio.logged_seq:
@@ -448,448 +518,62 @@ class PageCache:
             return 0
         return self.evict()
 
-    # --------------------------------------------------------- state transitions
+    # ------------------------------------------------------------------- waiting
 
-    def mark_uptodate(self, folio: Folio, mask: int) -> None:
-        folio.uptodate |= mask
+    def _room_freed(self) -> None:
+        """Less is dirty, under I/O or unevictable: throttled writers look again."""
+        if self._room is not None:
+            self._room.set()
+            self._room = None
 
-    def mark_dirty(self, folio: Folio, mask: int) -> None:
-        """Blocks in mask now hold data newer than the device (they must be uptodate)."""
-        if mask & ~folio.uptodate:
-            raise InvalidTransition(f"dirtying blocks that are not uptodate: {folio.state()}")
-        new = mask & ~folio.dirty
-        if not new:
-            return
-        if not folio.dirty:
-            folio.dirty_since = time.monotonic()
-            folio.mapping.dirty[folio.index] = folio
-        folio.dirty |= new
-        self.dirty_bytes += popcount(new) * self.block_size
-        self._lru_remove(folio)
+    def wake_throttled(self) -> None:
+        """Let throttled writers look again (the flusher does, when the log failed)."""
+        self._room_freed()
 
-    def set_atomic(self, folio: Folio) -> None:
-        """A write covered the whole folio: it goes out as one untorn unit."""
-        full = mask_range(0, folio.mapping.blocks_per_folio)
-        if folio.dirty != full or folio.uptodate != full:
-            raise InvalidTransition(f"atomic folio must be wholly dirty: {folio.state()}")
-        folio.atomic = True
-
-    def clear_atomic(self, folio: Folio) -> bool:
-        """A partial write touched the folio; returns whether it was atomic."""
-        was = folio.atomic
-        folio.atomic = False
-        return was
-
-    def start_writeback(self, folio: Folio, mask: int, stable: bool) -> bool:
-        """Take the dirty blocks in mask for I/O; returns whether the folio was atomic
-        (writeback clears the tag)."""
-        if folio.writeback:
-            raise InvalidTransition(f"writeback already running: {folio.state()}")
-        if folio.locked:
-            raise InvalidTransition(f"writeback of a locked folio: {folio.state()}")
-        if mask & ~folio.dirty or not mask:
-            raise InvalidTransition(f"writeback of clean blocks {mask:#x}: {folio.state()}")
-        folio.writeback = True
-        folio.wb_stable = stable
-        folio.wb_mask = mask
-        folio.mapping.busy[folio.index] = folio
-        self._clear_dirty(folio, mask)
-        self.writeback_bytes += popcount(mask) * self.block_size
-        was_atomic = folio.atomic
-        folio.atomic = False
-        self._lru_remove(folio)
-        return was_atomic
-
-    def end_writeback(self, folio: Folio, failed_mask: int = 0,
-                      restore_atomic: bool = False) -> None:
-        """The I/O finished; blocks in failed_mask did not reach the device and are dirty
-        again (with the atomic tag back if the whole unit failed)."""
-        if not folio.writeback:
-            raise InvalidTransition(f"end of writeback that was not running: {folio.state()}")
-        self.writeback_bytes -= popcount(folio.wb_mask) * self.block_size
-        failed_mask &= folio.wb_mask
-        folio.writeback = False
-        folio.wb_stable = False
-        folio.wb_mask = 0
-        if not folio.locked:
-            folio.mapping.busy.pop(folio.index, None)
-        if failed_mask:
-            self.mark_dirty(folio, failed_mask)
-            if restore_atomic:
-                folio.atomic = True
-        self._refresh_lru(folio)
-        folio._wake()
-        self._dirty_changed()
-
-    def take_clean(self, folio: Folio, mask: int) -> bool:
-        """Blocks in mask were copied into the log: clean now. Returns was_atomic."""
-        if mask & ~folio.dirty:
-            raise InvalidTransition(f"logging clean blocks {mask:#x}: {folio.state()}")
-        self._clear_dirty(folio, mask)
-        was_atomic = folio.atomic
-        folio.atomic = False
-        self._refresh_lru(folio)
-        self._dirty_changed()
-        return was_atomic
-
-    def start_home_write(self, folio: Folio) -> None:
-        """A checkpoint copies the folio's logged blocks home from its buffer: they must
-        not change meanwhile, so it counts as stable writeback of no dirty blocks."""
-        if folio.writeback or folio.locked:
-            raise InvalidTransition(f"home write of a busy folio: {folio.state()}")
-        folio.writeback = True
-        folio.wb_stable = True
-        folio.wb_mask = 0
-        folio.mapping.busy[folio.index] = folio
-        self._lru_remove(folio)
-
-    def set_logged(self, folio: Folio, seq: int) -> None:
-        """Its newest copy is in log batch seq: keep it in memory until it is home."""
-        if not folio.logged_seq:
-            self.logged_bytes += folio.size
-        folio.logged_seq = seq
-        self._lru_remove(folio)
-
-    def clear_logged(self, folio: Folio, upto_seq: int) -> None:
-        """A checkpoint covering batch upto_seq wrote the folio home."""
-        if folio.logged_seq and folio.logged_seq <= upto_seq:
-            folio.logged_seq = 0
-            self.logged_bytes -= folio.size
-            self._refresh_lru(folio)
-
-    def checkpointed(self, upto_seq: int) -> None:
-        """A checkpoint wrote home everything logged up to batch upto_seq: those folios
-        may go, and writers throttled on them may go on."""
-        for m in self.mappings.values():
-            for folio in m.folios.values():
-                self.clear_logged(folio, upto_seq)
-        self.trim()
-        self._dirty_changed()
-
-    def lock(self, folio: Folio) -> None:
-        if folio.locked:
-            raise InvalidTransition(f"folio already locked: {folio.state()}")
-        folio.locked = True
-        folio.mapping.busy[folio.index] = folio
-        self._lru_remove(folio)
-
-    def unlock(self, folio: Folio) -> None:
-        if not folio.locked:
-            raise InvalidTransition(f"unlocking an unlocked folio: {folio.state()}")
-        folio.locked = False
-        if not folio.writeback:
-            folio.mapping.busy.pop(folio.index, None)
-        self._refresh_lru(folio)
-        folio._wake()
-
-    def pin(self, folio: Folio) -> None:
-        """Keep the folio in memory while a request uses it."""
-        folio.pins += 1
-        self._lru_remove(folio)
-
-    def unpin(self, folio: Folio) -> None:
-        if folio.pins <= 0:
-            raise InvalidTransition(f"unpinning an unpinned folio: {folio.state()}")
-        folio.pins -= 1
-        self._refresh_lru(folio)
-
-    def reserve_blocks(self, folio: Folio, mask: int) -> None:
-        folio.reserved |= mask
-
-    def unreserve_blocks(self, folio: Folio, mask: int) -> int:
-        """Forget reservations of blocks in mask; returns how many were reserved."""
-        n = popcount(folio.reserved & mask)
-        folio.reserved &= ~mask
-        return n
-
-    def _clear_dirty(self, folio: Folio, mask: int) -> None:
-        cleared = folio.dirty & mask
-        folio.dirty &= ~mask
-        self.dirty_bytes -= popcount(cleared) * self.block_size
-        if not folio.dirty:
-            folio.mapping.dirty.pop(folio.index, None)
-
-    def discard_blocks(self, folio: Folio, mask: int) -> int:
-        """Blocks beyond a truncation: not valid, not dirty, zeroed. Returns reservations
-        released. Not while the folio is under I/O: its data must not change, and a failed
-        writeback must find its blocks still valid to make them dirty again."""
-        if folio.writeback or folio.locked:
-            raise InvalidTransition(f"discarding blocks of a busy folio: {folio.state()}")
-        bs = self.block_size
-        held = mask_range(0, folio.size // bs)  # blocks past the buffer are zeros already
-        for first, count in mask_runs(mask & held):
-            folio.buf.zero(first * bs, count * bs)
-        self._clear_dirty(folio, mask)
-        folio.uptodate &= ~mask
-        released = self.unreserve_blocks(folio, mask)
-        folio.atomic = False
-        if not folio.dirty:
-            self.leave_group(folio)
-        self._refresh_lru(folio)
-        return released
-
-    @staticmethod
-    def leave_group(folio: Folio) -> None:
-        """The folio's grouped blocks are gone (truncated): the rest of the group stays."""
-        group = folio.group
-        if group is not None:
-            group.folios.remove(folio)
-            folio.group = None
-
-    def _dirty_changed(self) -> None:
-        ev, self.dirty_changed = self.dirty_changed, trio.Event()
-        ev.set()
-
-    # -------------------------------------------------------------- generic paths
+    async def wait_for_room(self) -> None:
+        """Until a transition frees room (see `_room_freed`) or `wake_throttled`."""
+        if self._room is None:
+            self._room = trio.Event()
+        with waiting("page cache room (dirty limit)"):
+            await self._room.wait()
 
     async def wait_folio(self, folio: Folio) -> None:
         """Wait for a folio's lock or stable writeback; counts stable waits."""
-        m = folio.mapping
-        stable = folio.writeback and (m.stable or folio.wb_stable)
+        stable = folio.mapping.stable_io(folio)
         t0 = time.monotonic_ns()
         await folio.wait_unlocked_or_written()
         if stable:
             self.counters.stable_waits += 1
             self.counters.stable_wait_ns += time.monotonic_ns() - t0
 
-    def _pinned_folio(self, m: Mapping, index: int, pinned: dict[int, Folio],
-                      nblocks: int | None = None) -> Folio:
-        folio = pinned.get(index)
-        if folio is None:
-            folio = self.get_folio(m, index, nblocks)
-            self.pin(folio)
-            pinned[index] = folio
-        return folio
-
-    def _unpin_all(self, pinned: dict[int, Folio]) -> None:
-        for folio in pinned.values():
-            self.unpin(folio)
-        pinned.clear()
-
-    async def read(self, io: FolioIO, inode: Inode, m: Mapping, off: int,
-                   size: int) -> bytes | bytearray | memoryview:
-        """Read up to size bytes at off, from the cache, reading missing blocks first."""
-        end = min(off + size, inode.size)
-        if off >= end:
-            return b""
-        fs = m.folio_size
-        bs = self.block_size
-        first, last = off // fs, (end - 1) // fs
-        ra_end = max(end, self._readahead_end(m, inode, off, end))
-        pinned: dict[int, Folio] = {}
-        try:
-            while True:
-                needs: list[tuple[Folio, int]] = []
-                waited = False
-                for index in range(first, (ra_end - 1) // fs + 1):
-                    lo = max(off, index * fs) - index * fs
-                    hi = min(ra_end, (index + 1) * fs) - index * fs
-                    nblocks = (hi + bs - 1) // bs
-                    folio = self._pinned_folio(m, index, pinned, nblocks)
-                    if folio.locked or not self.fit(folio, nblocks):
-                        if index <= last:
-                            await self.wait_folio(folio)
-                            waited = True
-                            break
-                        continue
-                    want = mask_range(lo // bs, (hi + bs - 1) // bs - lo // bs)
-                    missing = want & ~folio.uptodate & ~folio.dirty
-                    if missing:
-                        needs.append((folio, missing))
-                if waited:
-                    continue
-                if not needs:
-                    break
-                await io.read_folios(inode, m, needs)
-            end = min(end, inode.size)  # a truncate may have raced with the read
-            if off >= end:
-                return b""
-            if (end - 1) // fs == first:
-                return pinned[first].buf.view(off - first * fs, end - off)
-            out = bytearray(end - off)
-            pos = off
-            while pos < end:
-                index = pos // fs
-                start = pos - index * fs
-                n = min(end - pos, fs - start)
-                copy_into(out, pos - off, pinned[index].buf, start, n)
-                pos += n
-            return out
-        finally:
-            self._unpin_all(pinned)
-
-    def _readahead_end(self, m: Mapping, inode: Inode, off: int, end: int) -> int:
-        """Sequential reads grow a readahead window (up to 1 MiB); others reset it."""
-        if off == m.ra_next:
-            m.ra_window = min(max(2 * m.ra_window, 128 << 10), 1 << 20)
-        else:
-            m.ra_window = 0
-        m.ra_next = end
-        return min(inode.size, end + m.ra_window)
-
-    async def write(self, io: FolioIO, inode: Inode, m: Mapping, off: int, data: bytes,
-                    writethrough: bool = False, strict: bool = False,
-                    now: int | None = None, atomic: bool = False, durable: bool = True
-                    ) -> int:
-        """Copy data into the cache at off; the generic buffered write (or write-through,
-        durable or not: see FolioIO.write_through). atomic: the writer asked for this
-        whole write to be untorn (RWF_ATOMIC)."""
-        n = len(data)
-        if n == 0:
-            return 0
-        fs = m.folio_size
-        end = off + n
-        if strict and m.atomic and (off % fs or end % fs):
-            self.counters.atomic_strict_rejected += 1
-            raise OSError(errno.EINVAL, "write not aligned to the atomic unit")
-        # One whole unit is the folio's own atomic tag; several whole units, or an
-        # announced atomic write of any shape, are a write group: at most what FUSE sends
-        # in one request, so that a group always fits in one log batch.
-        whole_units = m.atomic and off % fs == 0 and end % fs == 0
-        grouped = ((atomic and not (whole_units and n == fs)) or (whole_units and n > fs)) \
-            and n <= MAX_GROUP_BYTES
-        await io.balance_dirty()
-        pinned: dict[int, Folio] = {}
-        if writethrough:
-            m.writethrough_begin()
-        try:
-            items = await self._prepare_write(io, inode, m, off, end, pinned, grouped)
-            io.reserve_for_write(inode, m, items)  # ENOSPC here changes nothing
-            self._copy_in(m, items, off, end, data)
-            if grouped:
-                group = WriteGroup([f for f, _ in items])
-                for folio, _ in items:
-                    folio.group = group
-                self.counters.atomic_group_writes += 1
-            size_grew = end > inode.size
-            if size_grew:
-                inode.size = end
-            inode.mtime_ns = inode.ctime_ns = now if now is not None else time.time_ns()
-            io.inode_written(inode, size_grew)
-            if writethrough:
-                await io.write_through(inode, m, items, size_grew, durable)
-        finally:
-            if writethrough:
-                m.writethrough_end()
-            self._unpin_all(pinned)
-            self.trim()
-        return n
-
-    async def _prepare_write(self, io: FolioIO, inode: Inode, m: Mapping, off: int,
-                             end: int, pinned: dict[int, Folio], grouped: bool = False
-                             ) -> list[tuple[Folio, int]]:
-        """Get the folios of [off, end) ready for copying: wait for locks and stable
-        writeback, send out pending write groups they belong to, read partial blocks.
-        Returns (folio, mask of blocks written); nothing awaits after the last check."""
-        fs = m.folio_size
-        bs = self.block_size
-        first, last = off // fs, (end - 1) // fs
+    @staticmethod
+    async def wait_idle(folios: list[Folio]) -> bool:
+        """Return when none of the folios is locked or under I/O (in one step with what
+        the caller does next, if that does not await); whether any was."""
+        waited = False
         while True:
-            items: list[tuple[Folio, int]] = []
-            needs: list[tuple[Folio, int]] = []
-            waited = False
-            for index in range(first, last + 1):
-                base = index * fs
-                lo = max(off, base) - base
-                hi = min(end, base + fs) - base
-                b0, b1 = lo // bs, (hi + bs - 1) // bs
-                folio = self._pinned_folio(m, index, pinned, b1)
-                # A write that makes the folio atomic must not change it under a writeback
-                # that started before (an in-place one would send part of it out torn).
-                becomes_atomic = grouped or (m.atomic and off <= base and end >= base + fs)
-                if m.must_wait(folio) or (becomes_atomic and folio.writeback) or \
-                        not self.fit(folio, b1):
-                    await self.wait_folio(folio)
-                    waited = True
-                    break
-                if folio.group is not None:
-                    # An earlier write group must not be torn by this write: it goes into
-                    # the log first, whole, so no crash shows this write without it.
-                    await io.write_group(inode, m, folio.group)
-                    waited = True
-                    break
-                items.append((folio, mask_range(b0, b1 - b0)))
-                partial = (1 << b0 if lo % bs else 0) | (1 << (b1 - 1) if hi % bs else 0)
-                partial &= ~folio.uptodate & ~folio.dirty
-                for b, _ in mask_runs(partial):
-                    if base + b * bs >= inode.size:
-                        # nothing on the device beyond EOF: the (zeroed) block is valid
-                        partial &= ~(1 << b)
-                        folio.uptodate |= 1 << b
-                if partial:
-                    needs.append((folio, partial))
-            if waited:
-                continue
-            if not needs:
-                return items
-            await io.read_folios(inode, m, needs)
-
-    def _copy_in(self, m: Mapping, items: list[tuple[Folio, int]], off: int, end: int,
-                 data: bytes) -> None:
-        """Copy and mark; tag folios covered whole as atomic, clear the tag of others."""
-        fs = m.folio_size
-        src = memoryview(data)
-        for folio, mask in items:
-            base = folio.index * fs
-            lo = max(off, base)
-            hi = min(end, base + fs)
-            folio.buf.write(lo - base, src[lo - off: hi - off])
-            folio.uptodate |= mask
-            self.mark_dirty(folio, mask)
-            if m.atomic:
-                if lo == base and hi == base + fs:
-                    self.set_atomic(folio)
-                elif self.clear_atomic(folio):
-                    self.counters.atomic_cleared_partial += 1
-
-    async def truncate(self, io: FolioIO, inode: Inode, m: Mapping, size: int) -> int:
-        """Drop cached data beyond size and zero the rest of the block holding the new EOF
-        (in the cache, to be written back), so that a later extension reads zeros.
-        Returns the number of block reservations released; the caller unmaps blocks."""
-        fs = m.folio_size
-        bs = self.block_size
-        while True:
-            busy = [f for i, f in m.busy.items() if (i + 1) * fs > size]
+            busy = [f for f in folios if f.busy]
             if not busy:
-                break
-            await self.wait_folio(busy[0])
-        released = 0
-        full = mask_range(0, m.blocks_per_folio)
-        for index, folio in sorted(m.folios.items()):
-            if index * fs >= size:
-                if folio.pins:  # a reader holds it: keep the object, drop its contents
-                    self.clear_logged(folio, folio.logged_seq)
-                    released += self.discard_blocks(folio, full)
-                else:
-                    released += self.unreserve_blocks(folio, folio.reserved)
-                    self._remove_folio(folio)
-        if size % fs == 0:
-            return released
-        index = size // fs
-        start = size - index * fs
-        first_gone = (start + bs - 1) // bs
-        b = start // bs
-        tail_mapped = start % bs and inode.extents is not None and \
-            inode.extents.lookup(index * m.blocks_per_folio + b)[0] is not None
-        last = m.folios.get(index)
-        if last is None and not tail_mapped:
-            return released
-        pinned: dict[int, Folio] = {}
-        try:
-            last = self._pinned_folio(m, index, pinned, first_gone)
-            gone = mask_range(first_gone, m.blocks_per_folio - first_gone)
-            released += self.discard_blocks(last, gone)
-            if not self.fit(last, first_gone):  # it is idle: the wait above covered it
-                raise InvalidTransition(f"cannot grow {last.state()}")
-            if start % bs:
-                if not (last.uptodate | last.dirty) >> b & 1:
-                    await io.read_folios(inode, m, [(last, 1 << b)])
-                while m.must_wait(last):
-                    await self.wait_folio(last)
-                last.buf.zero(start, (b + 1) * bs - start)
-                if tail_mapped or last.dirty >> b & 1:
-                    self.mark_dirty(last, 1 << b)  # the zeros must reach the device
-        finally:
-            self._unpin_all(pinned)
-            self.trim()
-        return released
+                return waited
+            waited = True
+            for folio in busy:
+                while folio.busy:
+                    await folio.wait_unlocked_or_written()
+
+    @staticmethod
+    async def wait_data_io(m: Mapping) -> None:
+        """Wait for the writeback of dirty blocks and the reads in flight on this file when
+        called. A checkpoint's home copies are of data already durable in the log: nobody
+        syncing the file needs to wait for them."""
+        for folio in list(m.busy.values()):
+            while folio.locked or folio.io in DATA_IO:
+                await folio.wait_unlocked_or_written()
+
+    @staticmethod
+    async def wait_unused(m: Mapping) -> None:
+        """Until no folio of the file is locked, under I/O or used by a request."""
+        while True:
+            used = [f for f in m.folios.values() if f.busy or f.pins]
+            if not used:
+                return
+            await used[0].wait_unlocked_or_written()

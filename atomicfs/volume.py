@@ -21,8 +21,11 @@ from atomicfs import format as fmt
 from atomicfs import owner
 from atomicfs.alloc import Allocator
 from atomicfs.checkpoint import Checkpointer
+from atomicfs.delalloc import Delalloc
 from atomicfs.device import Device, DeviceOptions
 from atomicfs.errors import CorruptFilesystem, DeviceError, NoSpace, UserError
+from atomicfs.filemap import FileMap
+from atomicfs.flusher import Flusher
 from atomicfs.journal import Journal
 from atomicfs.metadata import EXTENT_SNAP, Inode, Metadata
 from atomicfs.options import MountOptions
@@ -32,7 +35,8 @@ from atomicfs.replay import ReplayResult, surviving_data, write_data_home
 from atomicfs.stats import Counters
 from atomicfs.superblock import read_superblock
 from atomicfs.watchdog import Watchdog
-from atomicfs.writeback import Writeback, WritebackPolicy
+from atomicfs.submit import WritebackPolicy
+from atomicfs.writeback import Writeback
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +82,14 @@ class Volume:
         self.watchdog = Watchdog()
         self.checkpointer = Checkpointer(dev, sb, md, alloc, journal, self.cache, counters,
                                          self.watchdog)
-        self.wb = Writeback(dev, md, alloc, journal, self.cache, self.checkpointer, counters,
-                            WritebackPolicy(opts.atomic_path, opts.dirty_expire, opts.debug,
-                                            opts.unsafe_atomic), self.watchdog)
+        self.delalloc = Delalloc(alloc, md, self.cache)
+        self.wb = Writeback(dev, md, journal, self.cache, self.delalloc, self.checkpointer,
+                            counters, WritebackPolicy(opts.atomic_path, opts.debug,
+                                                      opts.unsafe_atomic))
+        self.flusher = Flusher(md, alloc, journal, self.cache, self.wb, self.checkpointer,
+                               counters, opts.dirty_expire)
+        self.filemap = FileMap(dev, md, self.cache, self.delalloc, self.flusher, self.wb,
+                               counters)
         self.needs_checkpoint = needs_checkpoint
         self.replayed: ReplayResult | None = None
         self.recovered: Recovered | None = None
@@ -163,7 +172,7 @@ class Volume:
             # Reads see the replayed atomic data where it lies in the log.
             overlay = LogOverlay(dev, sb.block_size,
                                  surviving_data(sb, md, result.data))
-            vol.wb.dev = overlay  # type: ignore[assignment]
+            vol.filemap.dev = overlay  # type: ignore[assignment]
         return vol
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -173,7 +182,7 @@ class Volume:
         if self.ro:
             return  # no writer, no flusher, no checkpoint, no orphan removal
         await nursery.start(self.journal.run)
-        await nursery.start(self.wb.run_flusher)
+        await nursery.start(self.flusher.run_flusher)
         await nursery.start(self.checkpointer.run)
         if self.dev.owner is not None:
             await nursery.start(self.dev.owner.run, self.journal.fail)
@@ -235,7 +244,7 @@ class Volume:
         if not self._metadata_fits(growth):
             # commit the log so that blocks of recent deletes become free (the check
             # itself, metadata_room, follows without an await before the change)
-            await self.wb.make_room()
+            await self.flusher.make_room()
         self.check_writable()
 
     def metadata_room(self, growth: int) -> None:
@@ -268,12 +277,7 @@ class Volume:
     async def make_room(self) -> bool:
         """After NoSpace from a write: free what recent deletes and the fallback checkpoint
         hold; whether anything could help."""
-        return await self.wb.make_room()
-
-    def unreserve(self, blocks: int) -> None:
-        """Give back delayed-allocation reservations a truncate released."""
-        if blocks:
-            self.alloc.unreserve(blocks)
+        return await self.flusher.make_room()
 
     def space(self) -> tuple[int, int, int]:
         """statfs's data blocks, free blocks and blocks available to users. Blocks held for
@@ -288,7 +292,7 @@ class Volume:
 
     async def delete_inode(self, inode: Inode) -> None:
         """Remove an inode nobody references: its cached data and I/O first."""
-        await self.wb.drop_inode(inode)
+        await self.filemap.drop_inode(inode)
         if inode.ino in self.md.inodes:
             self.md.delete_inode(inode)
 
@@ -330,8 +334,7 @@ class Volume:
             raise OSError(errno.EIO, f"cannot write back inode {inode.ino}")
         if self.journal.file_is_resident(inode.ino):
             await self.checkpointer.checkpoint()
-        while any(f.pins or f.writeback or f.locked for f in m.folios.values()):
-            await trio.sleep(0.001)
+        await self.cache.wait_unused(m)
         self.wb.settle_size(inode, m)
         self.cache.drop_mapping(inode.ino)
 
@@ -355,7 +358,7 @@ class Volume:
 
     async def flush(self) -> None:
         """Background writeback of all dirty data, now."""
-        await self.wb.flush_some(everything=True)
+        await self.flusher.flush_some(everything=True)
 
     def drop_caches(self) -> None:
         self.cache.evict(self.cache.limit)

@@ -131,7 +131,7 @@ async def _read_file(vol: Volume, inode) -> bytes:  # type: ignore[no-untyped-de
     m = vol.mapping(inode)
     out = bytearray()
     while len(out) < inode.size:
-        chunk = await vol.cache.read(vol.wb, inode, m, len(out), READ_CHUNK)
+        chunk = await vol.filemap.read(inode, m, len(out), READ_CHUNK)
         if not chunk:
             break
         out += chunk

@@ -57,6 +57,7 @@ async def open_fs(image: str, opts: MountOptions | None = None) -> AsyncIterator
             await vol.start(nursery)
             fs = AtomicFS(vol)
             yield Driver(fs)
+            vol.delalloc.check()  # no reservation leaked by what the test did
             assert await vol.shutdown()
             nursery.cancel_scope.cancel()
     finally:

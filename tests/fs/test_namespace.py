@@ -143,7 +143,7 @@ async def test_truncate_down_and_up_reads_zeros(drv: Driver) -> None:
     assert len(got) == 200_000
     assert got[:5000] == data[:5000] and got[5000:] == bytes(195_000)
     await drv.fs.vol.wb.sync_all()  # the zeros must also be what reaches the device
-    drv.fs.cache.evict(drv.fs.cache.limit)
+    drv.fs.vol.drop_caches()
     assert await drv.read("f") == got
     await expect_errno(errno.EISDIR, drv.setattr("", st_size=0))
     await expect_errno(errno.EFBIG, drv.setattr("f", st_size=1 << 50))

@@ -54,7 +54,7 @@ async def test_writethroughs_to_different_folios_of_one_file_overlap(ops: Atomic
     ino = await _make_file(ops, b"f", 1 << 20)  # homes exist: the writes go in place
     await ops.vol.checkpointer.checkpoint()  # nothing resident in the log
     fh = (await ops.open(ino, os.O_RDWR | os.O_DSYNC, Ctx())).fh
-    m = ops.cache.mappings[ino]
+    m = ops.vol.cache.mappings[ino]
     seen_inflight = []
 
     async def write_at(off: int) -> None:
@@ -114,12 +114,12 @@ async def test_writer_does_not_wait_for_plain_background_writeback(ops: AtomicFS
     fh = (await ops.open(ino, os.O_RDWR, Ctx())).fh
     await ops.write(fh, 0, b"1" * (512 << 10))  # more than a small sync write: in place
     inode = ops.md.inodes[ino]
-    m = ops.cache.mappings[ino]
+    m = ops.vol.cache.mappings[ino]
     t0 = time.monotonic()
     done: dict[str, float] = {}
 
     async def background() -> None:
-        await ops.wb.writeback_mapping(inode, m, wait=False)
+        await ops.vol.wb.writeback_mapping(inode, m, wait=False)
 
     async def writer() -> None:
         await trio.sleep(0.05)  # the background writeback is in flight

@@ -1,0 +1,352 @@
+"""The generic buffered read, write and truncate paths (the role of mm/filemap.c and
+iomap's buffered-io.c): which blocks to read, wait for, copy and mark.
+
+A buffered write is `write_begin` (throttle, get the folios ready: wait for locks and
+stable writeback, send out pending write groups, read partial blocks, reserve space for
+new blocks) and then `write_end` (copy, mark dirty, tag atomic units and write groups,
+update size and times), with no await between the last check of the first and the copy
+of the second. A write-through then hands the blocks just copied to writeback.
+
+Requests flow down only: this module calls the page cache (state), delalloc (space),
+the flusher (throttling), writeback (write-through, write groups) and the device (reads);
+none of them calls back up.
+"""
+from __future__ import annotations
+
+import errno
+import time
+
+from atomicfs.delalloc import Delalloc, extents_of
+from atomicfs.device import Device
+from atomicfs.errors import DeviceError
+from atomicfs.flusher import Flusher
+from atomicfs.metadata import Inode, Metadata
+from atomicfs.native import MAX_IOV, Segment, copy_into
+from atomicfs.pagecache import (MAX_GROUP_BYTES, Folio, InvalidTransition, Mapping,
+                                PageCache, mask_range, mask_runs)
+from atomicfs.stats import Counters
+from atomicfs.writeback import Writeback
+
+READAHEAD_MIN = 128 << 10
+READAHEAD_MAX = 1 << 20
+
+
+class FileMap:
+    """Buffered file I/O over the page cache."""
+
+    def __init__(self, dev: Device, md: Metadata, cache: PageCache, delalloc: Delalloc,
+                 flusher: Flusher, wb: Writeback, counters: Counters) -> None:
+        self.dev = dev  # a read-only mount reads through the log overlay instead
+        self.md = md
+        self.cache = cache
+        self.delalloc = delalloc
+        self.flusher = flusher
+        self.wb = wb
+        self.counters = counters
+        self.bs = cache.block_size
+
+    # --------------------------------------------------------------------- pins
+
+    def _pinned_folio(self, m: Mapping, index: int, pinned: dict[int, Folio],
+                      nblocks: int | None = None) -> Folio:
+        folio = pinned.get(index)
+        if folio is None:
+            folio = self.cache.get_folio(m, index, nblocks)
+            self.cache.pin(folio)
+            pinned[index] = folio
+        return folio
+
+    def _unpin_all(self, pinned: dict[int, Folio]) -> None:
+        for folio in pinned.values():
+            self.cache.unpin(folio)
+        pinned.clear()
+
+    # --------------------------------------------------------------------- reads
+
+    async def read_folios(self, inode: Inode, needs: list[tuple[Folio, int]]) -> None:
+        """Fill the blocks in each mask from the device (holes read as zeros)."""
+        bs = self.bs
+        cache = self.cache
+        locked: list[tuple[Folio, int]] = []
+        for folio, mask in needs:
+            if folio.locked:
+                continue  # somebody else fills it; the caller looks again
+            cache.lock(folio)
+            locked.append((folio, mask & ~folio.uptodate & ~folio.dirty))
+        try:
+            ios: list[tuple[int, list[Segment], list[tuple[Folio, int]]]] = []
+            for folio, mask in locked:
+                for b, n in mask_runs(mask):
+                    for f, d, k in extents_of(inode).runs(folio.fblock + b, n):
+                        fb = f - folio.fblock
+                        part = mask_range(fb, k)
+                        if d is None:
+                            folio.buf.zero(fb * bs, k * bs)
+                            cache.mark_uptodate(folio, part)
+                            continue
+                        seg: Segment = (folio.buf, fb * bs, k * bs)
+                        last = ios[-1] if ios else None
+                        if last is not None and last[0] + sum(x[2] for x in last[1]) // bs == d \
+                                and len(last[1]) < MAX_IOV:
+                            last[1].append(seg)
+                            last[2].append((folio, part))
+                        else:
+                            ios.append((d, [seg], [(folio, part)]))
+            for dblock, segments, parts in ios:
+                try:
+                    await self.dev.readv(dblock * bs, segments)
+                except DeviceError as exc:
+                    raise OSError(errno.EIO, f"read error: {exc}") from exc
+                for folio, part in parts:
+                    cache.mark_uptodate(folio, part & ~folio.dirty)
+        finally:
+            for folio, _ in locked:
+                cache.unlock(folio)
+
+    async def read(self, inode: Inode, m: Mapping, off: int,
+                   size: int) -> bytes | bytearray | memoryview:
+        """Read up to size bytes at off, from the cache, reading missing blocks first."""
+        end = min(off + size, inode.size)
+        if off >= end:
+            return b""
+        fs = m.folio_size
+        bs = self.bs
+        first, last = off // fs, (end - 1) // fs
+        ra_end = max(end, self._readahead_end(m, inode, off, end))
+        pinned: dict[int, Folio] = {}
+        try:
+            while True:
+                needs: list[tuple[Folio, int]] = []
+                waited = False
+                for index in range(first, (ra_end - 1) // fs + 1):
+                    lo = max(off, index * fs) - index * fs
+                    hi = min(ra_end, (index + 1) * fs) - index * fs
+                    nblocks = (hi + bs - 1) // bs
+                    folio = self._pinned_folio(m, index, pinned, nblocks)
+                    if folio.locked or not self.cache.fit(folio, nblocks):
+                        if index <= last:
+                            await self.cache.wait_folio(folio)
+                            waited = True
+                            break
+                        continue
+                    want = mask_range(lo // bs, (hi + bs - 1) // bs - lo // bs)
+                    missing = want & ~folio.uptodate & ~folio.dirty
+                    if missing:
+                        needs.append((folio, missing))
+                if waited:
+                    continue
+                if not needs:
+                    break
+                await self.read_folios(inode, needs)
+            end = min(end, inode.size)  # a truncate may have raced with the read
+            if off >= end:
+                return b""
+            if (end - 1) // fs == first:
+                return pinned[first].buf.view(off - first * fs, end - off)
+            out = bytearray(end - off)
+            pos = off
+            while pos < end:
+                index = pos // fs
+                start = pos - index * fs
+                n = min(end - pos, fs - start)
+                copy_into(out, pos - off, pinned[index].buf, start, n)
+                pos += n
+            return out
+        finally:
+            self._unpin_all(pinned)
+
+    @staticmethod
+    def _readahead_end(m: Mapping, inode: Inode, off: int, end: int) -> int:
+        """Sequential reads grow a readahead window (up to 1 MiB); others reset it."""
+        if off == m.ra_next:
+            m.ra_window = min(max(2 * m.ra_window, READAHEAD_MIN), READAHEAD_MAX)
+        else:
+            m.ra_window = 0
+        m.ra_next = end
+        return min(inode.size, end + m.ra_window)
+
+    # -------------------------------------------------------------------- writes
+
+    async def write(self, inode: Inode, m: Mapping, off: int, data: bytes,
+                    writethrough: bool = False, strict: bool = False,
+                    now: int | None = None, atomic: bool = False, durable: bool = True
+                    ) -> int:
+        """Copy data into the cache at off; the generic buffered write (or write-through,
+        durable or not: see Writeback.write_through). atomic: the writer asked for this
+        whole write to be untorn (RWF_ATOMIC). NoSpace when no space can be reserved
+        (nothing has changed then)."""
+        n = len(data)
+        if n == 0:
+            return 0
+        fs = m.folio_size
+        end = off + n
+        if strict and m.atomic and (off % fs or end % fs):
+            self.counters.atomic_strict_rejected += 1
+            raise OSError(errno.EINVAL, "write not aligned to the atomic unit")
+        # One whole unit is the folio's own atomic tag; several whole units, or an
+        # announced atomic write of any shape, are a write group: at most what FUSE sends
+        # in one request, so that a group always fits in one log batch.
+        whole_units = m.atomic and off % fs == 0 and end % fs == 0
+        grouped = ((atomic and not (whole_units and n == fs)) or (whole_units and n > fs)) \
+            and n <= MAX_GROUP_BYTES
+        await self.flusher.balance_dirty()
+        pinned: dict[int, Folio] = {}
+        if writethrough:
+            m.writethrough_begin()
+        try:
+            items = await self.write_begin(inode, m, off, end, pinned, grouped)
+            size_grew = self.write_end(inode, m, items, off, data, grouped, now)
+            if writethrough:
+                await self.wb.write_through(inode, m, items, size_grew, durable)
+        finally:
+            if writethrough:
+                m.writethrough_end()
+            self._unpin_all(pinned)
+            self.cache.trim()
+        return n
+
+    async def write_begin(self, inode: Inode, m: Mapping, off: int, end: int,
+                          pinned: dict[int, Folio], grouped: bool = False
+                          ) -> list[tuple[Folio, int]]:
+        """Get the folios of [off, end) ready for copying: wait for locks and stable
+        writeback, send out pending write groups they belong to, read partial blocks, and
+        reserve space for blocks that have none (NoSpace changes nothing). Returns
+        (folio, mask of blocks written); nothing awaits after the last check."""
+        fs = m.folio_size
+        bs = self.bs
+        cache = self.cache
+        first, last = off // fs, (end - 1) // fs
+        while True:
+            items: list[tuple[Folio, int]] = []
+            needs: list[tuple[Folio, int]] = []
+            waited = False
+            for index in range(first, last + 1):
+                base = index * fs
+                lo = max(off, base) - base
+                hi = min(end, base + fs) - base
+                b0, b1 = lo // bs, (hi + bs - 1) // bs
+                folio = self._pinned_folio(m, index, pinned, b1)
+                # A write that makes the folio atomic must not change it under a writeback
+                # that started before (an in-place one would send part of it out torn).
+                becomes_atomic = grouped or (m.atomic and off <= base and end >= base + fs)
+                if m.must_wait(folio) or (becomes_atomic and folio.writeback) or \
+                        not cache.fit(folio, b1):
+                    await cache.wait_folio(folio)
+                    waited = True
+                    break
+                if folio.group is not None:
+                    # An earlier write group must not be torn by this write: it goes into
+                    # the log first, whole, so no crash shows this write without it.
+                    await self.wb.write_group(inode, m, folio.group)
+                    waited = True
+                    break
+                items.append((folio, mask_range(b0, b1 - b0)))
+                partial = (1 << b0 if lo % bs else 0) | (1 << (b1 - 1) if hi % bs else 0)
+                partial &= ~folio.uptodate & ~folio.dirty
+                for b, _ in mask_runs(partial):
+                    if base + b * bs >= inode.size:
+                        # nothing on the device beyond EOF: the (zeroed) block is valid
+                        partial &= ~(1 << b)
+                        cache.mark_uptodate(folio, 1 << b)
+                if partial:
+                    needs.append((folio, partial))
+            if waited:
+                continue
+            if not needs:
+                break
+            await self.read_folios(inode, needs)
+        self.delalloc.reserve_for_write(inode, items)
+        return items
+
+    def write_end(self, inode: Inode, m: Mapping, items: list[tuple[Folio, int]], off: int,
+                  data: bytes, grouped: bool, now: int | None) -> bool:
+        """Copy and mark; tag folios covered whole as atomic, clear the tag of others; make
+        the folios one write group if asked; update size and times. Returns whether the
+        file grew."""
+        fs = m.folio_size
+        end = off + len(data)
+        cache = self.cache
+        src = memoryview(data)
+        for folio, mask in items:
+            base = folio.index * fs
+            lo = max(off, base)
+            hi = min(end, base + fs)
+            folio.buf.write(lo - base, src[lo - off: hi - off])
+            cache.mark_uptodate(folio, mask)
+            cache.mark_dirty(folio, mask)
+            if m.atomic:
+                if lo == base and hi == base + fs:
+                    cache.set_atomic(folio)
+                elif cache.clear_atomic(folio):
+                    self.counters.atomic_cleared_partial += 1
+        if grouped:
+            cache.form_group([f for f, _ in items])
+            self.counters.atomic_group_writes += 1
+        size_grew = end > inode.size
+        if size_grew:
+            inode.size = end
+        inode.mtime_ns = inode.ctime_ns = now if now is not None else time.time_ns()
+        self.md.mark_dirty(inode, size_grew)  # logged with the next batch
+        return size_grew
+
+    # ------------------------------------------------------------------ truncate
+
+    async def truncate(self, inode: Inode, m: Mapping, size: int) -> None:
+        """Drop cached data beyond size (and its reservations) and zero the rest of the
+        block holding the new EOF (in the cache, to be written back), so that a later
+        extension reads zeros. The caller unmaps blocks and sets the size."""
+        fs = m.folio_size
+        bs = self.bs
+        cache = self.cache
+        while True:
+            busy = [f for i, f in m.busy.items() if (i + 1) * fs > size]
+            if not busy:
+                break
+            await cache.wait_folio(busy[0])
+        full = mask_range(0, m.blocks_per_folio)
+        for index, folio in sorted(m.folios.items()):
+            if index * fs >= size:
+                if folio.pins:  # a reader holds it: keep the object, drop its contents
+                    cache.clear_logged(folio, folio.logged_seq)
+                    self.delalloc.discard(folio, full)
+                else:
+                    self.delalloc.release(folio, folio.reserved)
+                    cache.drop_folio(folio)
+        if size % fs == 0:
+            return
+        index = size // fs
+        start = size - index * fs
+        first_gone = (start + bs - 1) // bs
+        b = start // bs
+        tail_mapped = start % bs and inode.extents is not None and \
+            inode.extents.lookup(index * m.blocks_per_folio + b)[0] is not None
+        last = m.folios.get(index)
+        if last is None and not tail_mapped:
+            return
+        pinned: dict[int, Folio] = {}
+        try:
+            last = self._pinned_folio(m, index, pinned, first_gone)
+            self.delalloc.discard(last, mask_range(first_gone, m.blocks_per_folio - first_gone))
+            if not cache.fit(last, first_gone):  # it is idle: the wait above covered it
+                raise InvalidTransition(f"cannot grow {last.state()}")
+            if start % bs:
+                if not (last.uptodate | last.dirty) >> b & 1:
+                    await self.read_folios(inode, [(last, 1 << b)])
+                while m.must_wait(last):
+                    await cache.wait_folio(last)
+                last.buf.zero(start, (b + 1) * bs - start)
+                if tail_mapped or last.dirty >> b & 1:
+                    cache.mark_dirty(last, 1 << b)  # the zeros must reach the device
+        finally:
+            self._unpin_all(pinned)
+            cache.trim()
+
+    async def drop_inode(self, inode: Inode) -> None:
+        """The file is gone: wait for its I/O and requests, release its reservations,
+        forget its folios."""
+        m = self.cache.mappings.get(inode.ino)
+        if m is None:
+            return
+        await self.cache.wait_unused(m)
+        self.delalloc.release_mapping(m)
+        self.cache.drop_mapping(inode.ino)
