@@ -159,8 +159,8 @@ def serve(target: str, mountpoint: str, opts: MountOptions, ready_fd: int | None
     except OSError as exc:
         report(f"{exc.filename or target}: {exc.strerror}")
         return 1
-    if vol.dev.owner is not None:
-        vol.dev.owner.where = mountpoint  # named by the first heartbeat
+    if vol.claim is not None:
+        vol.claim.where = mountpoint  # named by the first heartbeat
     tune_gc()
     code = 1
     try:

@@ -32,19 +32,23 @@ import stat
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import trio
 
 from atomicfs import locks, native
-from atomicfs.errors import DeviceError, UserError
+from atomicfs.errors import DeviceError, InUse, UserError
 from atomicfs.locks import HostLock
 from atomicfs.native import Buffer, Segment, ffi, lib
 from atomicfs.stats import Histograms
 from atomicfs.watchdog import current_kind, waiting
 
-if TYPE_CHECKING:
-    from atomicfs.owner import Owner
+
+class Claim(Protocol):
+    """What the device keeps of the owner claim (atomicfs.owner.Owner): released at close,
+    before the descriptor goes, since releasing writes the record."""
+
+    def release(self) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +180,9 @@ if _field_offsets(Recorder.EVENT.format) + [Recorder.EVENT.size, len(Recorder.MA
     raise ImportError("device.Recorder.EVENT does not match AFS_REC_* of atomicfs_native.h")
 
 
-def _in_use(path: str, detail: str) -> UserError:
-    """The one-line refusal, naming the holder from the owner record when it names one."""
-    from atomicfs.owner import InUse, holder_of
-    holder = holder_of(path)
-    return InUse(f"{path}: in use by {holder}" if holder else f"{path}: in use ({detail})")
+def _in_use(path: str, detail: str) -> InUse:
+    """The one-line refusal (owner.open_device names the holder its record names)."""
+    return InUse(f"{path}: in use ({detail})", path, detail)
 
 
 @dataclass
@@ -207,7 +209,7 @@ class Device:
         self.readonly = readonly
         self.options = options or DeviceOptions()
         self.host_lock = HostLock()  # what Device.open holds besides fd
-        self.owner: Owner | None = None  # the on-disk owner claim, released at close
+        self.owner: Claim | None = None  # the on-disk owner claim, released at close
         q = lib.afs_ioq_new(IO_THREADS)
         if q == ffi.NULL:
             raise OSError(errno.ENOMEM, "cannot start the I/O threads")

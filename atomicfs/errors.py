@@ -17,6 +17,16 @@ class NotAtomicfs(UserError):
         super().__init__(message, exit_code=2)
 
 
+class InUse(UserError):
+    """The filesystem is served by someone else, or its device is held by another opener
+    (`path` and `detail` say which; the owner layer adds the holder its record names)."""
+
+    def __init__(self, message: str, path: str = "", detail: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.detail = detail
+
+
 class CorruptFilesystem(Exception):
     """On-disk structures contradict each other; fsck reports these as damage."""
 

@@ -59,7 +59,7 @@ def fsck(target: str, repair: bool = False) -> FsckReport:
     if small:
         raise NotAtomicfs(small)
     try:
-        dev = Device.open(target, readonly=not repair)
+        dev = owner.open_device(target, readonly=not repair)
     except UserError as exc:
         raise NotAtomicfs(str(exc)) from None
     try:

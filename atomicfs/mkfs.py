@@ -79,7 +79,7 @@ def too_small(target: str) -> str | None:
 def _open_unowned(target: str, created: bool) -> Device:
     """Open target exclusively on this host, and refuse an atomicfs on it whose owner
     record names a live owner (another host, which no lock here shows)."""
-    dev = Device.open(target)
+    dev = owner.open_device(target)
     try:
         if not created:
             try:
@@ -113,7 +113,7 @@ def _format(target: str, size: int | None, atomic_unit: int, block_size: int, fo
         dev.close()
     if foreign and foreign != OURS:
         wipe_signatures(target)
-    dev = Device.open(target)
+    dev = owner.open_device(target)
     try:
         dev_size = dev.caps.size
         if size is not None and size > dev_size:

@@ -33,16 +33,16 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import trio
 
 from atomicfs import format as fmt
-from atomicfs.errors import CorruptFilesystem, DeviceError, NotAtomicfs, UserError
+from atomicfs.device import Device
+from atomicfs.errors import CorruptFilesystem, DeviceError, InUse, NotAtomicfs, UserError
 from atomicfs.native import Buffer, crc32c
+from atomicfs.superblock import read_superblock
 
-if TYPE_CHECKING:
-    from atomicfs.device import Device
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ MAX_INTERVAL_S = 60
 # magic, version, state, fs uuid, sequence, boot id, pid, interval (s), pid start time
 # (clock ticks after boot), mount time ns, heartbeat time ns, host name, mountpoint
 _REC = struct.Struct("<8sHH16sQ16sIIQQQ64s256s")
-
-
-class InUse(UserError):
-    """The filesystem is served by someone else."""
 
 
 class OwnerLost(Exception):
@@ -354,10 +350,19 @@ class Owner:
             log.warning("%s: cannot clear the owner record: %s", self.dev.path, exc)
 
 
+def open_device(path: str, **kw: Any) -> Device:
+    """Device.open, with a refusal that names the holder the owner record names."""
+    try:
+        return Device.open(path, **kw)
+    except InUse as exc:
+        holder = holder_of(exc.path) if exc.path else None
+        if holder is None:
+            raise
+        raise InUse(f"{exc.path}: in use by {holder}", exc.path, exc.detail) from None
+
+
 def holder_of(path: str) -> str | None:
     """Who the owner record of the filesystem at path names, if it names a live one."""
-    from atomicfs.device import Device
-    from atomicfs.superblock import read_superblock
     try:
         dev = Device.open(path, readonly=True, exclusive=False)
     except UserError:

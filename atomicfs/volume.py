@@ -98,10 +98,16 @@ class Volume:
 
     # ---------------------------------------------------------------- open / close
 
+    @property
+    def claim(self) -> owner.Owner | None:
+        """The owner claim the device holds (it releases it when it closes)."""
+        c = self.dev.owner
+        return c if isinstance(c, owner.Owner) else None
+
     @classmethod
     def open(cls, path: str, opts: MountOptions) -> "Volume":
         # Read-only: the device is opened O_RDONLY, so nothing can reach it by mistake.
-        dev = Device.open(path, readonly=opts.ro,
+        dev = owner.open_device(path, readonly=opts.ro,
                           options=DeviceOptions(opts.inject, opts.delay_ms / 1000.0,
                                                 opts.record))
         try:
@@ -184,8 +190,8 @@ class Volume:
         await nursery.start(self.journal.run)
         await nursery.start(self.flusher.run_flusher)
         await nursery.start(self.checkpointer.run)
-        if self.dev.owner is not None:
-            await nursery.start(self.dev.owner.run, self.journal.fail)
+        if self.claim is not None:
+            await nursery.start(self.claim.run, self.journal.fail)
         orphans = [i for i in self.md.inodes.values() if i.nlink == 0
                    and i.ino != fmt.ROOT_INO]
         for inode in orphans:
