@@ -19,13 +19,11 @@ Three rules keep it crash-safe and keep writes from failing late:
 """
 from __future__ import annotations
 
-import logging
 import math
 
 from atomicfs import native
 from atomicfs.errors import NoSpace
 
-log = logging.getLogger(__name__)
 
 
 class Allocator:

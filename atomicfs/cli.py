@@ -13,7 +13,6 @@ from atomicfs import __version__
 from atomicfs.errors import UserError
 from atomicfs.sizes import format_size, parse_size
 
-log = logging.getLogger(__name__)
 
 
 def _seconds(text: str) -> float:

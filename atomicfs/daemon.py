@@ -23,7 +23,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pyfuse3
 import trio
@@ -283,11 +282,8 @@ def umount(mountpoint: str, timeout: float = UMOUNT_TIMEOUT) -> int:
         print(f"atomicfs: {mountpoint}: writing back failed: {exc.strerror}", file=sys.stderr)
         ok = False
     _fusermount(path, lazy=False)
-    deadline = time.monotonic() + timeout
-    while runtime.pid_alive(pid):
-        if time.monotonic() > deadline:
-            raise UserError(f"the daemon (pid {pid}) did not exit within {timeout:.0f}s")
-        time.sleep(0.02)
+    if not runtime.wait_exit(pid, timeout):
+        raise UserError(f"the daemon (pid {pid}) did not exit within {timeout:.0f}s")
     code = _read_status(pid)
     if code != 0:
         print(f"atomicfs: the daemon reported errors (see {daemonlog.where(pid)})",

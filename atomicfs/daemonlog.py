@@ -16,7 +16,6 @@ import sys
 
 from atomicfs import runtime
 
-log = logging.getLogger(__name__)
 
 SYSLOG_SOCKET = "/dev/log"
 SYSLOG_TAG = "atomicfs"

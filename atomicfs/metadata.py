@@ -13,14 +13,12 @@ checkpoint.
 from __future__ import annotations
 
 import bisect
-import logging
 import stat
 from typing import Iterator, Protocol
 
 from atomicfs import format as fmt
 from atomicfs.errors import CorruptFilesystem
 
-log = logging.getLogger(__name__)
 
 XATTR_ATOMIC_UNIT = b"user.atomicfs.atomic_unit"
 XATTR_WRITETHROUGH = b"user.atomicfs.writethrough"

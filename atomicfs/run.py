@@ -3,7 +3,6 @@ RWF_ATOMIC, RWF_WRITETHROUGH and statx atomic-write limits on atomicfs files (se
 native/preload.c and README "Atomic writes from unmodified programs")."""
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -11,7 +10,6 @@ from typing import NoReturn, Sequence
 
 from atomicfs.errors import UserError
 
-log = logging.getLogger(__name__)
 
 LIBRARY = "libatomicfs-preload.so"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import select
 import stat
 import time
 
@@ -168,6 +169,27 @@ def _unlink_quietly(name: str, dfd: int) -> None:
         os.unlink(name, dir_fd=dfd)
     except OSError:
         pass
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until the process exits (a zombie counts as gone); False after `timeout`
+    seconds. A pidfd wakes the caller at the exit; without one (another user's process
+    where /proc hides it, an old kernel) it is polled."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:

@@ -4,7 +4,6 @@ collector)."""
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from typing import Any, Callable, TextIO
@@ -12,7 +11,6 @@ from typing import Any, Callable, TextIO
 from atomicfs.sizes import format_size
 from atomicfs.stats import NBUCKETS, delta
 
-log = logging.getLogger(__name__)
 
 CLEAR = "\033[H\033[J"  # cursor home, clear to the end of the screen
 

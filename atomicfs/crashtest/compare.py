@@ -20,7 +20,6 @@ atomicfs with its defaults, its root's atomic unit 16 KiB.
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import threading
@@ -38,7 +37,6 @@ from atomicfs.crashtest.workloads.base import Verdict, WorkloadError
 from atomicfs.crashtest.workloads.data import DataHistory, DataWorkload, SyncRequest
 from atomicfs.errors import UserError
 
-log = logging.getLogger(__name__)
 
 PAGE = 16 << 10
 IMAGE_SIZE = 64 << 20
