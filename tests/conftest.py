@@ -22,7 +22,7 @@ import pytest
 from atomicfs.crashtest.env import kill_daemon
 from atomicfs.crashtest.env import mounted_fstype as mounted_at  # the type mounted at a path
 
-pytest_plugins = ["tests.daemonlog_plugin"]
+pytest_plugins = ["tests.daemonlog_plugin", "pytester"]
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ATOMICFS = [sys.executable, "-m", "atomicfs"]

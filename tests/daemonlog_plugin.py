@@ -101,8 +101,11 @@ class _Watcher:
     """Opens the log files of this session's daemons as they appear in the directory."""
     directory: str
     token: str
+    # Open files by inode: an inode held open cannot be reused, so this names them well.
     files: dict[tuple[int, int], _LogFile] = field(default_factory=dict)
-    foreign: set[tuple[int, int]] = field(default_factory=set)
+    # Other sessions' logs by name, with the inode and ctime seen: a removed file's inode
+    # is soon another file's (ext4), so an inode alone would hide a later log of ours.
+    foreign: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -114,22 +117,31 @@ class _Watcher:
                 return
             for name in names:
                 self._consider(name)
+            for gone in self.foreign.keys() - set(names):
+                del self.foreign[gone]
 
     def _consider(self, name: str) -> None:
         path = os.path.join(self.directory, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) in self.files \
+                or self.foreign.get(name) == (st.st_dev, st.st_ino, st.st_ctime_ns):
+            return
+        pid = int(name.split(".")[0])
+        if not self._ours(pid):
+            self.foreign[name] = (st.st_dev, st.st_ino, st.st_ctime_ns)
+            return
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return
         st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino)
-        pid = int(name.split(".")[0])
-        if key in self.files or key in self.foreign or not self._ours(pid):
-            if key not in self.files:
-                self.foreign.add(key)
+        if (st.st_dev, st.st_ino) in self.files:  # renamed (rotated) since the lstat
             os.close(fd)
             return
-        self.files[key] = _LogFile(pid, os.fdopen(fd, "rb"))
+        self.files[(st.st_dev, st.st_ino)] = _LogFile(pid, os.fdopen(fd, "rb"))
 
     def _ours(self, pid: int) -> bool:
         """Whether the daemon runs with this session's token (a dead one cannot tell)."""
