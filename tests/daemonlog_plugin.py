@@ -21,6 +21,7 @@ regular expressions searched in the record's message:
     @pytest.mark.daemon_log(allow=[r"device error", ...])   # or daemon_log(r"...", ...)
     def test_x(daemon_log): daemon_log.allow(r"...")         # decided while running
 
+The patterns are multi-line (^ and $ match at each line of a message with a traceback).
 A "last message repeated N times" line counts as allowed when the message it repeats was.
 Not seen: daemons that log to the system log (/dev/log exists; the summary says so), and
 daemons that exit within milliseconds of starting, outside the mount fixture, without
@@ -203,6 +204,10 @@ def parse(lines: Iterable[bytes], source: str) -> list[Record]:
 
 # ----------------------------------------------------------------------------- verdict
 
+def allowances(patterns: Iterable[str]) -> list[re.Pattern[str]]:
+    return [re.compile(p, re.MULTILINE) for p in patterns]
+
+
 def unexpected(records: list[Record], allow: list[re.Pattern[str]]) -> list[Record]:
     """The records of WARNING and above that no pattern matches."""
     bad: list[Record] = []
@@ -226,7 +231,7 @@ class DaemonLog:
         self._item = item
 
     def allow(self, *patterns: str) -> None:
-        self._item.stash[_allow_key] += [re.compile(p) for p in patterns]
+        self._item.stash[_allow_key] += allowances(patterns)
 
 
 @pytest.fixture
@@ -305,8 +310,8 @@ def _taken() -> list[Record]:
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     _taken()  # what came before this test is not its own
     item.stash[_reports_key] = {}
-    item.stash[_allow_key] = [re.compile(p) for m in item.iter_markers("daemon_log")
-                              for p in list(m.args) + list(m.kwargs.get("allow", []))]
+    item.stash[_allow_key] = allowances(p for m in item.iter_markers("daemon_log")
+                                        for p in list(m.args) + list(m.kwargs.get("allow", [])))
     return (yield)
 
 

@@ -5,12 +5,11 @@ daemons are not this test's."""
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import pytest
 
-from tests.daemonlog_plugin import Record, parse, unexpected
+from tests.daemonlog_plugin import Record, allowances, parse, unexpected
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -150,9 +149,15 @@ def test_lines_parse_into_records_with_their_continuations() -> None:
 
 
 def test_a_repeat_count_is_allowed_only_after_an_allowed_message() -> None:
-    allow = [re.compile("^expected")]
+    allow = allowances(["^expected"])
     records = [rec("expected 1"), rec("last message repeated 4 times"),
                rec("surprise"), rec("last message repeated 2 times"),
                rec("mounted", logging.INFO)]
     assert [r.message for r in unexpected(records, allow)] == [
         "surprise", "last message repeated 2 times"]
+
+
+def test_a_pattern_matches_each_line_of_a_message_with_a_traceback() -> None:
+    message = "opendir failed; the request gets EIO\nTraceback (most recent call last):"
+    assert unexpected([rec(message)], allowances([r"^opendir failed; .* EIO$"])) == []
+    assert unexpected([rec(message)], allowances([r"^Traceback$"])) != []
