@@ -295,8 +295,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         _watcher = None
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
-    return _note
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _note is not None:  # shown even with -q: a check that did less should say so
+        terminalreporter.write_line(_note)
 
 
 def _taken() -> list[Record]:
