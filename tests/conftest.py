@@ -22,6 +22,8 @@ import pytest
 from atomicfs.crashtest.env import kill_daemon
 from atomicfs.crashtest.env import mounted_fstype as mounted_at  # the type mounted at a path
 
+pytest_plugins = ["tests.daemonlog_plugin", "pytester"]
+
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ATOMICFS = [sys.executable, "-m", "atomicfs"]
 _SESSION_LOOPS: list[str] = []
@@ -171,6 +173,8 @@ class Mount:
             args += ["-o", opt]
         cli(*args, timeout=60)
         self.pid = int(self.stat()["pid"])
+        from tests.daemonlog_plugin import watch_now  # registered by pytest_plugins
+        watch_now()  # the daemon runs: its log is certain to be taken
         return self
 
     def stat(self, rel: str = "") -> dict[str, Any]:

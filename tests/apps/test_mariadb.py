@@ -12,6 +12,7 @@ from tests.apps.scenarios import Report, mariadb_scenario
 pytestmark = [pytest.mark.apps, pytest.mark.mount, pytest.mark.timeout(1200)]
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_mariadb_without_doublewrite_survives_crash(lab: Lab, report: Report) -> None:
     need_tools("mariadbd", "mariadb-slap")
     mariadb_scenario(lab, report, transactions=2000, clients=4, kills=1)

@@ -11,6 +11,7 @@ from tests.apps.scenarios import Report, postgres_scenario
 pytestmark = [pytest.mark.apps, pytest.mark.mount, pytest.mark.timeout(1200)]
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_postgres_without_full_page_writes_survives_crash(lab: Lab, report: Report) -> None:
     need_tools("postgres")
     postgres_scenario(lab, report, scale=2, clients=4, seconds=15, kills=1)

@@ -18,6 +18,7 @@ def test_mmap_writeback_makes_whole_units_atomic(lab: Lab, report: Report) -> No
 
 
 @pytest.mark.parametrize("mode", ["delete", "wal"])
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_sqlite_survives_daemon_kill(lab: Lab, report: Report, mode: str) -> None:
     need_tools("sqlite3")
     sqlite_scenario(lab, report, mode, workers=3, transactions=150, kills=1)

@@ -70,6 +70,7 @@ def test_recording_device_records_every_write_and_flush(mount_env: None,
     assert bytes(replay) == bytes(expect)
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_ext4_tears_pages_atomicfs_does_not(mount_env: None, tmp_path: Path) -> None:
     need(shutil.which("mkfs.ext4") and shutil.which("e2fsck"), "e2fsprogs")
     results = compare(150, seed=3, tear=4096, scale=0.5, flush_cuts=20,

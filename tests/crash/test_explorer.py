@@ -75,6 +75,7 @@ def test_recording_replays_to_the_unmounted_image(mount_env: None, tmp_path: Pat
     _no_leftovers(tmp_path)
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_software_path_image_file(mount_env: None, tmp_path: Path) -> None:
     t = _explore(tmp_path, states=100, kills=4, device="file", seed=11, mount_every=20)
     _assert_clean(t, 100, 4)
@@ -84,6 +85,7 @@ def test_software_path_image_file(mount_env: None, tmp_path: Path) -> None:
     _no_leftovers(tmp_path)
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_software_path_loop_device(mount_env: None, tmp_path: Path) -> None:
     t = _explore(tmp_path, states=60, kills=3, device="loop", seed=12, mount_every=15)
     _assert_clean(t, 60, 3)
@@ -91,6 +93,7 @@ def test_software_path_loop_device(mount_env: None, tmp_path: Path) -> None:
     _no_leftovers(tmp_path)
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_hardware_path_on_xfs(xfs_dir: str) -> None:
     """Images on XFS report atomic limits: units go out as RWF_ATOMIC writes, recorded
     with the atomic flag, which the generator never tears."""
@@ -140,6 +143,7 @@ def test_cli_reports_and_exits_non_zero_on_torn_units(mount_env: None,
     _no_leftovers(tmp_path)
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_log_filled_again_and_again(mount_env: None, tmp_path: Path) -> None:
     """Issue 17: crash states while a 16 MiB log fills and is checkpointed repeatedly."""
     t = _explore(tmp_path, workloads=["logfill"], states=40, kills=2, device="file",

@@ -15,6 +15,7 @@ from tests.fs.helpers import Driver, expect_errno, open_fs
 UNIT = 16384
 
 
+@pytest.mark.daemon_log(allow=[r"^control inject refused: a test knob, for root on mounts started"])
 async def test_commands_on_the_root(drv: Driver) -> None:
     await drv.create("f", os.urandom(3 * UNIT))
     for cmd in (b"sync", b"checkpoint", b"commit", b"flush", b"drop_caches"):
@@ -27,6 +28,8 @@ async def test_commands_on_the_root(drv: Driver) -> None:
     await expect_errno(errno.EPERM, drv.setxattr("", "user.atomicfs.control", b"sync"))
 
 
+@pytest.mark.daemon_log(allow=[r"^control (fault|delay) refused: (fault|delay) must be ",
+                               r"^getattr failed unexpectedly; the request gets EIO$"])
 async def test_test_knobs_need_the_testing_option(fs_image: str) -> None:
     async with open_fs(fs_image, MountOptions(testing=True)) as d:
         await expect_errno(errno.EINVAL, d.setxattr("", "user.atomicfs.control", b"fault=x"))

@@ -45,6 +45,8 @@ async def _fill(d: Driver, name: str) -> int:
         await d.fs.release(fh)
 
 
+@pytest.mark.daemon_log(allow=[r"the newest metadata snapshot is damaged \(metadata snapshot "
+                               r"checksum mismatch\); mounted the previous checkpoint"])
 async def test_blocks_of_the_fallback_are_not_reused(fs_image: str) -> None:
     """Delete a file after a checkpoint and fill the filesystem: its blocks may only be
     reused once the fallback no longer maps it. Then damage the newest snapshot: in the

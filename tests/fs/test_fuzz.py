@@ -153,6 +153,8 @@ DAMAGES: list[tuple[str, Callable[[str, random.Random], damage.Undo]]] = [
 ]
 
 
+@pytest.mark.daemon_log(allow=[r"the newest metadata snapshot is damaged \(",
+                               r"superblock slot [AB]: .*; run `atomicfs fsck --repair`$"])
 def test_fuzzed_images_are_refused_or_clean(base_image: str, tmp_path: Path) -> None:
     image = str(tmp_path / "fuzz.img")
     shutil.copyfile(base_image, image)

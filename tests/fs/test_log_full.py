@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 import pyfuse3
+import pytest
 import trio
 
 from atomicfs import format as fmt
@@ -145,6 +146,7 @@ async def test_checkpoint_completes_when_its_batches_do_not_fit_in_the_log(
         assert await d.read("/db/b") == bytes(acked[fb])
 
 
+@pytest.mark.daemon_log(allow=[r"super write at \d+ failed: Input/output error"])
 async def test_absorbed_batches_touch_no_home_before_the_checkpoint_is_durable(
         tmp_path: Path) -> None:
     """The superblock write of the absorbing checkpoint fails (as a crash before it would

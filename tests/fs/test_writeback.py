@@ -183,6 +183,7 @@ async def test_throttled_writer_waits_for_room_not_a_timer(tmp_path: Path) -> No
                 await done.wait()
 
 
+@pytest.mark.daemon_log(allow=[r"the log cannot be written.*: \[Errno 5\] test$"])
 async def test_a_failed_log_fails_throttled_writers(tmp_path: Path) -> None:
     opts = MountOptions(cache_size=1 << 20, dirty_expire=3600)
     async with volume(tmp_path, opts, clean=False) as vol:

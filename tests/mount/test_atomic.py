@@ -221,6 +221,7 @@ def test_hardware_path_refused_without_device_support(image: str, tmp_path) -> N
     assert "atomic writes" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_atomic_units_survive_sigkill_after_fsync(image: str, mounter: MountFactory) -> None:
     m = mounter(image)
     path = m / "f"

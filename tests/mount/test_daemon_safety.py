@@ -99,6 +99,7 @@ def detach(path: str) -> None:
 
 # ------------------------------------------------------------ a dying daemon, a live mount
 
+@pytest.mark.daemon_log(allow=[r"^opendir failed unexpectedly; the request gets EIO$"])
 def test_an_unexpected_error_fails_only_its_request(image: str, mounter: MountFactory
                                                     ) -> None:
     m = mounter(image, "testing")
@@ -119,6 +120,7 @@ def test_an_unexpected_error_fails_only_its_request(image: str, mounter: MountFa
     assert m.umount().returncode == 0
 
 
+@pytest.mark.daemon_log(allow=[r"^daemon stopped on an error; .* answering ENOTCONN"])
 def test_a_dead_daemon_leaves_the_mount_answering_enotconn(image: str, mounter: MountFactory
                                                            ) -> None:
     m = mounter(image, "testing")
@@ -147,6 +149,7 @@ def test_a_dead_daemon_leaves_the_mount_answering_enotconn(image: str, mounter: 
         assert f.read() == b"fsynced"
 
 
+@pytest.mark.daemon_log(allow=[r"^cannot unmount .*: Device or resource busy\); still serving$"])
 def test_sigterm_leaves_a_busy_mount_mounted(mnt: Mount) -> None:
     """SIGTERM unmounts as umount does: not while the mount is busy (a lazy unmount would
     let the open file's owner go on in the directory underneath)."""
@@ -169,6 +172,8 @@ BAD_CONTROLS = ["delay=inf", "delay=nan", "delay=1e300", "delay=-5", "delay=", "
                 "sync=now", "bogus"]
 
 
+@pytest.mark.daemon_log(allow=[
+    r"^control (delay|inject|fault) refused: (delay must be|unknown inject|bad inject|fault must)"])
 def test_invalid_control_values_are_refused(image: str, mounter: MountFactory) -> None:
     m = mounter(image, "testing")
     with open(m / "f", "wb") as f:
@@ -187,6 +192,8 @@ def test_invalid_control_values_are_refused(image: str, mounter: MountFactory) -
     assert m.umount().returncode == 0
 
 
+@pytest.mark.daemon_log(allow=[
+    r"^control (delay|inject|fault) refused: a test knob, for root on mounts started"])
 def test_test_knobs_need_a_testing_mount(image: str, mounter: MountFactory) -> None:
     m = mounter(image)
     for value in ("delay=10", "inject=data", "fault=daemon", "fault=request"):
@@ -197,6 +204,8 @@ def test_test_knobs_need_a_testing_mount(image: str, mounter: MountFactory) -> N
     assert m.alive and not gone(m.pid)
 
 
+@pytest.mark.daemon_log(allow=[
+    r"^control (delay|inject|fault) refused: a test knob, for root on mounts started"])
 def test_other_users_get_neither_knobs_nor_the_mounts_statistics(
         image: str, mounter: MountFactory, world_dir: Path) -> None:
     """nobody owns the mount's root directory (so may sync), but on a testing mount gets

@@ -10,6 +10,7 @@ import pytest
 from tests.conftest import MountFactory, cli
 
 
+@pytest.mark.daemon_log(allow=[r"log write at \d+ failed: Input/output error$"])
 def test_log_that_cannot_be_written_fails_fast_and_umount_reports_it(
         image: str, mounter: MountFactory) -> None:
     m = mounter(image, "inject=off", "cache_size=8M")

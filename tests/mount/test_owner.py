@@ -198,6 +198,7 @@ def write_record(image: str, rec: owner.OwnerRecord) -> None:
         os.close(fd)
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_stale_record_after_sigkill_is_taken_over(image: str, mounter: MountFactory
                                                    ) -> None:
     assert record(image) == owner.clean_record(superblock(image))
@@ -245,6 +246,8 @@ def heartbeating(image: str) -> Iterator[None]:
         t.join()
 
 
+@pytest.mark.daemon_log(allow=[
+    r"taking over the owner record of atomicfs pid 4242 on host otherhost \("])
 def test_foreign_live_record_refuses(image: str, mounter: MountFactory, mp: str) -> None:
     first = mounter(image)
     write_synced(first, "f", b"before the other host")
@@ -265,6 +268,8 @@ def test_foreign_live_record_refuses(image: str, mounter: MountFactory, mp: str)
     m.umount()
 
 
+@pytest.mark.daemon_log(allow=[
+    r"the owner record now names atomicfs pid 4242 on host otherhost \("])
 def test_a_mount_whose_record_is_taken_stops_changing(image: str,
                                                       mounter: MountFactory) -> None:
     """Another host claims the filesystem under a live mount (as when both mounted at

@@ -89,6 +89,8 @@ def test_dirty_limit_throttles_writers_instead_of_failing(tmp_path,
         assert f.read() == data
 
 
+@pytest.mark.daemon_log(allow=[
+    r"^writeback of inode \d+ failed: .*data write at \d+ failed: Input/output error$"])
 def test_background_writeback_error_reported_once_per_descriptor(image: str,
                                                                  mounter: MountFactory) -> None:
     """errseq: an EIO during background writeback comes back from the next fsync of every
@@ -121,6 +123,8 @@ def test_background_writeback_error_reported_once_per_descriptor(image: str,
         assert f.read() == data  # the retry wrote it
 
 
+@pytest.mark.daemon_log(allow=[
+    r"^writeback of inode \d+ failed: .*data write at \d+ failed: Input/output error$"])
 def test_fsync_reports_its_own_failed_writeback(image: str, mounter: MountFactory) -> None:
     m = mounter(image, "inject=off")
     fd = os.open(m / "f", os.O_CREAT | os.O_RDWR, 0o644)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
+
+import pytest
 from tests.conftest import Mount, MountFactory, cli
 from tests.mount.persistence_model import Model, check_tree, populate
 from tests.mount.posix_helpers import backing, tree_state
@@ -115,6 +117,7 @@ def _kill_and_recover(m: Mount, mounter: MountFactory) -> Mount:
     return mounter(m.target)
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_sigkill_after_fsync_loses_nothing_fsync_covered(backing: str,
                                                          mounter: MountFactory) -> None:
     m = mounter(backing)
@@ -164,6 +167,7 @@ def test_sigkill_after_fsync_loses_nothing_fsync_covered(backing: str,
     fsck_clean(backing)
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_sigkill_with_unsynced_changes_stays_consistent(mnt: Mount,
                                                         mounter: MountFactory) -> None:
     """What no fsync covered may be lost, but the filesystem must mount and check clean,
@@ -186,6 +190,7 @@ def test_sigkill_with_unsynced_changes_stays_consistent(mnt: Mount,
     fsck_clean(mnt.target)
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_thousands_of_files_mixed_operations_survive(loop_device: str,
                                                      mounter: MountFactory) -> None:
     """A few thousand files under mixed operations, content-checked against a model after
@@ -219,6 +224,7 @@ def test_thousands_of_files_mixed_operations_survive(loop_device: str,
     assert len(model.names) > 2000
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_unlinked_open_file_at_crash_is_removed_by_the_next_mount(
         mnt: Mount, mounter: MountFactory) -> None:
     free0 = os.statvfs(mnt.path).f_bfree
@@ -244,6 +250,7 @@ def test_unlinked_open_file_at_crash_is_removed_by_the_next_mount(
     assert "unlinked but was open" not in res.stdout and "clean" in res.stdout
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_unsynced_file_never_comes_back_as_zeros(mnt: Mount, mounter: MountFactory) -> None:
     """A crash may lose data that was never fsync'ed, but the recorded size follows the
     data: a file is never brought back at its full size with zeros where its data was,

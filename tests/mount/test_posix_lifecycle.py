@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pytest
+
 from tests.conftest import ATOMICFS, Mount, MountFactory, cli, mounted_at, run
 
 
@@ -96,6 +98,7 @@ def test_sigterm_unmounts_and_writes_back(mnt: Mount, mounter: MountFactory) -> 
         assert f.read() == b"written back on SIGTERM"
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_umount_after_a_crash_detaches_and_recovers(mnt: Mount, mounter: MountFactory
                                                     ) -> None:
     with open(mnt / "f", "wb") as f:

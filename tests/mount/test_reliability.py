@@ -44,6 +44,7 @@ def fsck(img: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 # -------------------------------------------------------------------------- -o ro
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_ro_mount_writes_nothing_and_reads_the_log(image: str, mounter: MountFactory
                                                    ) -> None:
     """A crash leaves atomic units only in the log (software path): a read-only mount
@@ -80,6 +81,8 @@ def test_ro_mount_writes_nothing_and_reads_the_log(image: str, mounter: MountFac
 
 # ---------------------------------------------------------------------- fallback
 
+@pytest.mark.daemon_log(allow=[
+    r"the newest metadata snapshot is damaged \(metadata snapshot checksum mismatch\)"])
 def test_damaged_newest_snapshot_falls_back_to_the_previous_checkpoint(
         image: str, mounter: MountFactory, tmp_path: Path) -> None:
     """What was durable before the previous checkpoint survives a bad sector in the
@@ -125,6 +128,8 @@ def test_damaged_newest_snapshot_falls_back_to_the_previous_checkpoint(
 
 # ----------------------------------------------------------- superblock slots, repair
 
+@pytest.mark.daemon_log(allow=[
+    r"superblock slot B: superblock checksum mismatch; run `atomicfs fsck --repair`$"])
 def test_fsck_reports_a_bad_superblock_slot_and_repair_rewrites_it(
         image: str, mounter: MountFactory) -> None:
     m = mounter(image)

@@ -208,6 +208,7 @@ def test_a_write_of_many_units_goes_into_one_log_batch(mnt: Mount) -> None:
     assert data[5 * UNIT + 100: 5 * UNIT + 612] == b"b" * 512
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_o_direct_writes_reach_the_device_before_returning(image: str,
                                                           mounter: MountFactory) -> None:
     m = mounter(image)

@@ -19,6 +19,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_odsync_write_is_durable_when_it_returns(image: str, mounter: MountFactory) -> None:
     """O_DSYNC writes, then SIGKILL at once: every returned write is there (both an
     atomic file, through the log, and a plain file, in place)."""
@@ -60,6 +61,7 @@ def test_writethrough_xattr_and_mount_option(image: str, mounter: MountFactory) 
     assert m2.stat()["cache"]["dirty_bytes"] == 0
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_partial_folio_stays_dirty_for_blocks_not_written(image: str,
                                                           mounter: MountFactory) -> None:
     """A folio (64 KiB here) written through in part: only the blocks written go out; the
@@ -87,6 +89,8 @@ def test_partial_folio_stays_dirty_for_blocks_not_written(image: str,
 
 
 @pytest.mark.parametrize("path, inject", [("in place", "data:1"), ("log", "log:1")])
+@pytest.mark.daemon_log(allow=[
+    r"^(writeback of inode|log write of batch) \d+ failed: .* write at \d+ failed: Input/output"])
 def test_eio_fails_the_write_itself_and_is_not_reported_again(image: str, mounter: MountFactory,
                                                               path: str, inject: str) -> None:
     """An I/O error fails the write-through itself; a later fsync, which writes the data
@@ -270,6 +274,7 @@ def test_checkpoint_writes_home_every_block_of_partly_overwritten_log_records(
         assert f.read() == b"a" * 4096 + b"B" * 4096 + b"c" * 4096 + b"d" * 4096
 
 
+@pytest.mark.daemon_log(allow=[r"taking over the owner record of atomicfs pid \d+ on this host \("])
 def test_fsync_during_a_home_copy_still_writes_the_folios_other_blocks(
         image: str, mounter: MountFactory) -> None:
     """A checkpoint copying a folio's logged blocks home holds the folio (as writeback of

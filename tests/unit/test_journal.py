@@ -599,6 +599,7 @@ async def test_checkpoint_while_a_batch_waits_for_log_space(fs_image: str) -> No
     assert not scope.cancelled_caught, "the checkpoint never finished"
 
 
+@pytest.mark.daemon_log(allow=[r"^log write of batch 1 failed: .*Input/output error"])
 async def test_a_failed_log_write_is_rewritten_in_place(tmp_path: Path) -> None:
     path = str(tmp_path / "fs.img")
     mkfs(path, size=fmt.MIN_SIZE)
@@ -620,6 +621,8 @@ async def test_a_failed_log_write_is_rewritten_in_place(tmp_path: Path) -> None:
         o.close()
 
 
+@pytest.mark.daemon_log(allow=[r"^log (re)?write of batch 1 failed: .*Input/output error",
+                               r"^the log cannot be written, the filesystem stops"])
 async def test_a_log_that_keeps_failing_stops_all_changes(tmp_path: Path) -> None:
     path = str(tmp_path / "fs.img")
     mkfs(path, size=fmt.MIN_SIZE)

@@ -59,6 +59,8 @@ def test_the_native_recorder_writes_what_the_reader_reads(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("cut", [1, 20, 41, 41 + 100])
+@pytest.mark.daemon_log(allow=[
+    r"the last record \((record header|data of write \d+)\) is cut short; the recording ends"])
 def test_a_torn_last_record_ends_the_recording(tmp_path: Path, cut: int,
                                                caplog: pytest.LogCaptureFixture) -> None:
     """Cut anywhere into the last write (its header or its data): the recording is the
