@@ -52,14 +52,53 @@ def daemon_log(pid: int) -> str:
     return run("journalctl", "-q", "-o", "cat", f"_PID={pid}", check=False).stdout
 
 
+def _others_can_reach(path: Path) -> bool:
+    """Whether any user may enter every directory above path (and read it)."""
+    for parent in path.resolve().parents:
+        if not os.stat(parent).st_mode & stat.S_IXOTH:
+            return False
+    return bool(os.stat(path).st_mode & stat.S_IROTH)
+
+
+_WORLD: list[str] = []  # PYTHONPATH of the world-readable copy, once made
+
+
+def _world_pythonpath() -> str:
+    """A checkout in a directory only root may enter (/root, `mktemp -d`) hides the venv
+    and the package from other users: copy the package and the venv's site-packages once
+    into a directory everyone may read, removed when the tests end."""
+    if not _WORLD:
+        import atexit
+
+        import trio
+        top = Path(tempfile.mkdtemp(prefix="atomicfs-world-", dir="/tmp"))
+        atexit.register(shutil.rmtree, top, True)
+        shutil.copytree(Path(trio.__file__).resolve().parents[1], top / "site",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(Path(daemonlog.__file__).resolve().parent, top / "pkg" / "atomicfs",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.c"))
+        for d in [top, *top.rglob("*")]:
+            os.chmod(d, os.stat(d).st_mode | stat.S_IROTH |
+                     (stat.S_IXOTH if d.is_dir() or os.stat(d).st_mode & stat.S_IXUSR else 0))
+        _WORLD.append(f"{top / 'pkg'}:{top / 'site'}")
+    return _WORLD[0]
+
+
 def as_user(user: str, *args: str, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
-    """Run a command as user (no capabilities, no supplementary groups)."""
+    """Run a command as user (no capabilities, no supplementary groups). This project's
+    Python runs from the checkout, or from a world-readable copy where the checkout is
+    closed to other users."""
     need(shutil.which("setpriv"), "setpriv (package util-linux)")
     pw = pwd.getpwnam(user)
+    env = dict(env if env is not None else os.environ)
+    argv = list(args)
+    if argv and argv[0] == sys.executable and not _others_can_reach(Path(sys.executable)):
+        argv[0] = os.path.realpath(sys.executable)  # the system interpreter the venv uses
+        env["PYTHONPATH"] = _world_pythonpath()
     return subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
-                           "--clear-groups", *args], capture_output=True, text=True,
-                          timeout=120, env=env if env is not None else dict(os.environ))
+                           "--clear-groups", *argv], capture_output=True, text=True,
+                          timeout=120, env=env)
 
 
 @pytest.fixture
