@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from atomicfs.stats import delta
-from bench.sysutil import REPO, BenchError, Environment, fstype_at, unmount
+from bench.sysutil import REPO, BenchError, Environment, start_fuse_daemon, stop_fuse_daemon
 from bench.targets import AtomicTarget, KernelTarget, Target
 
 log = logging.getLogger(__name__)
@@ -91,29 +91,17 @@ class Passthrough:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def mount(self) -> None:
-        logf = open(self.env.workdir / "passthrough.log", "ab")
-        self.proc = subprocess.Popen(
+        self.proc = start_fuse_daemon(
             [sys.executable, str(REPO / "bench" / "passthrough.py"), str(self.source),
-             str(self.mountpoint)], start_new_session=True, stdout=logf, stderr=logf)
-        logf.close()
-        deadline = time.monotonic() + 20
-        while fstype_at(self.mountpoint) != "fuse.passthrough":
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"the passthrough did not mount (see {self.env.workdir}/"
-                                 "passthrough.log)")
-            time.sleep(0.05)
+             str(self.mountpoint)], self.mountpoint, "fuse.passthrough",
+            self.env.workdir / "passthrough.log", "the passthrough")
 
     def unmount(self) -> None:
         if self.proc is None:
             return
         try:
-            unmount(self.mountpoint)
+            stop_fuse_daemon(self.proc, self.mountpoint)
         finally:
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
             self.proc = None
 
 

@@ -339,6 +339,8 @@ def plots(data: dict[str, Any], out: Path) -> None:
     colors = dict(zip(ORDER, ("#1f77b4", "#17becf", "#7f7f7f", "#c7c7c7", "#d62728",
                               "#ff7f0e")))
     keys = list(data["figures"])
+    if not keys:
+        return  # only pgbench ran: its table is the report
     ncols = 3
     nrows = (len(keys) + ncols - 1) // ncols
     title = f"atomicfs side by side, {data['date'][:10]} ({data['machine']['kernel']})"

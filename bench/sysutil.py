@@ -113,6 +113,35 @@ def unmount(path: Path, timeout: float = 300) -> None:
         run(["umount", "-l", str(path)], check=False)
 
 
+def start_fuse_daemon(argv: Sequence[str], mountpoint: Path, fstype: str, logpath: Path,
+                      what: str) -> subprocess.Popen[bytes]:
+    """Start a pyfuse3 filesystem of the benchmark (nullfs, the passthrough) in its own
+    session, logging to logpath, and wait until it is mounted (BenchError if it is not
+    within 20 s)."""
+    with open(logpath, "ab") as logf:
+        proc = subprocess.Popen(list(argv), start_new_session=True, stdout=logf, stderr=logf)
+    deadline = time.monotonic() + 20
+    while fstype_at(mountpoint) != fstype:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_fuse_daemon(proc, mountpoint)
+            raise BenchError(f"{what} did not mount (see {logpath})")
+        time.sleep(0.05)
+    return proc
+
+
+def stop_fuse_daemon(proc: subprocess.Popen[bytes] | None, mountpoint: Path) -> None:
+    """Unmount what start_fuse_daemon mounted and reap its process (killed after 20 s)."""
+    try:
+        unmount(mountpoint)
+    finally:
+        if proc is not None:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def drop_kernel_caches() -> None:
     """Write back and drop the kernel's page, dentry and inode caches (all filesystems)."""
     os.sync()

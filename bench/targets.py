@@ -15,12 +15,12 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from bench.sysutil import (ATOMICFS, REPO, BenchError, Environment, drop_kernel_caches,
-                           fstype_at, run, syncfs, unmount, write_zeros)
+                           fstype_at, run, start_fuse_daemon, stop_fuse_daemon, syncfs,
+                           unmount, write_zeros)
 
 log = logging.getLogger(__name__)
 
@@ -189,27 +189,14 @@ class NullTarget(Target):
         args = [sys.executable, str(REPO / "bench" / "nullfs.py"), str(self.root)]
         if self.xattrs:
             args.append("--xattrs")
-        logf = open(self.env.workdir / f"{self.name}.log", "ab")
-        self.proc = subprocess.Popen(args, start_new_session=True, stdout=logf, stderr=logf)
-        logf.close()
-        deadline = time.monotonic() + 20
-        while fstype_at(self.root) != "fuse.nullfs":
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"nullfs did not mount (see {self.env.workdir}/"
-                                 f"{self.name}.log)")
-            time.sleep(0.05)
+        self.proc = start_fuse_daemon(args, self.root, "fuse.nullfs",
+                                      self.env.workdir / f"{self.name}.log", "nullfs")
 
     def teardown(self) -> None:
         try:
-            unmount(self.root)
+            stop_fuse_daemon(self.proc, self.root)
         finally:
-            if self.proc is not None:
-                try:
-                    self.proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait()
-                self.proc = None
+            self.proc = None
 
     def settle(self) -> None:
         pass  # nothing is ever stored
