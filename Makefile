@@ -118,13 +118,17 @@ lint: run-setup lint-deps
 # The long form of the crash explorer: power-loss states from recorded runs of every
 # workload on an image file, a loop device and an image on XFS (hardware path), SIGKILLs of
 # the daemon, then the control runs (atomic protection off), which must see torn units.
-# The rwf workload (RWF_ATOMIC through the preload library) restarts the explorer under it.
+# The rwf workload (RWF_ATOMIC through the preload library) restarts the explorer under it;
+# it gets a run of its own too, so that its whole-write oracle sees thousands of states.
 CRASH_SEED ?= 1
 CRASH_STATES ?= 5400
 CRASH_KILLS ?= 120
+CRASH_RWF_STATES ?= 2100
 crashtest: setup
 	$(PY) -m atomicfs crashtest --workload all --device all --states $(CRASH_STATES) \
 	    --kills $(CRASH_KILLS) --seed $(CRASH_SEED)
+	$(PY) -m atomicfs crashtest --workload rwf --device all --states $(CRASH_RWF_STATES) \
+	    --kills 30 --seed $$(($(CRASH_SEED) + 100))
 	$(PY) -m atomicfs crashtest --workload units --device file,xfs --states 200 \
 	    --seed $(CRASH_SEED) --control --expect-torn
 	$(PY) -m atomicfs crashtest --workload rwf --device file --states 100 \
