@@ -75,6 +75,11 @@ class Allocator:
         return max(0, self.free_blocks - self.reserved_blocks - self.meta_reserve)
 
     @property
+    def reserved_data_blocks(self) -> int:
+        """Blocks promised to dirty data alone (what the folios' reserved bits count)."""
+        return self._reserved
+
+    @property
     def reserved_blocks(self) -> int:
         """Blocks promised to dirty data, and to the extent records that will map them."""
         return self._reserved + self._extent_allowance(self._reserved)

@@ -174,14 +174,18 @@ class Delalloc:
 
     # ---------------------------------------------------------------- invariant
 
+    @staticmethod
+    def reserved_in(m: Mapping | None) -> int:
+        """Blocks of one file's dirty data not yet allocated."""
+        return sum(popcount(f.reserved) for f in m.folios.values()) if m is not None else 0
+
     def reserved_bits(self) -> int:
-        return sum(popcount(f.reserved) for m in self.cache.mappings.values()
-                   for f in m.folios.values())
+        return sum(self.reserved_in(m) for m in self.cache.mappings.values())
 
     def check(self) -> None:
         """The allocator's reserved blocks are exactly the reserved bits of the cached
         folios (no reservation leaked or counted twice)."""
-        held = self.alloc._reserved  # the allocator's own count, without allowances
+        held = self.alloc.reserved_data_blocks
         bits = self.reserved_bits()
         if held != bits:
             raise AssertionError(f"delalloc: allocator holds {held} reserved blocks, "

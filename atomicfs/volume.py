@@ -325,8 +325,7 @@ class Volume:
 
     def reserved_blocks(self, inode: Inode) -> int:
         """Blocks of the file's dirty data not yet allocated (delayed allocation)."""
-        m = self.cache.mappings.get(inode.ino)
-        return sum(f.reserved.bit_count() for f in m.folios.values()) if m is not None else 0
+        return self.delalloc.reserved_in(self.cache.mappings.get(inode.ino))
 
     async def change_folio_size(self, inode: Inode) -> None:
         """Before a file's atomic unit changes: its dirty data goes out and its logged units
