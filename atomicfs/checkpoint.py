@@ -25,7 +25,7 @@ import trio
 
 from atomicfs import format as fmt
 from atomicfs.alloc import Allocator
-from atomicfs.device import Device
+from atomicfs.device import MAX_IO_BYTES, Device
 from atomicfs.errors import DeviceError, NoSpace
 from atomicfs.journal import DataRun, Journal, LogFailed, PendingBatch
 from atomicfs.metadata import Extent, Metadata
@@ -37,7 +37,6 @@ from atomicfs.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
-HOME_IO_BYTES = 4 << 20  # largest home-copy write (as writeback's largest data write)
 
 
 class Checkpointer:
@@ -226,7 +225,7 @@ class Checkpointer:
                 segs: list[Segment] = []
                 nblocks = 0
                 while i < len(jobs) and jobs[i][0] == d0 + nblocks and len(segs) < MAX_IOV \
-                        and nblocks * bs < HOME_IO_BYTES:
+                        and nblocks * bs < MAX_IO_BYTES:
                     _, buf, off, n, _ = jobs[i]
                     segs.append((buf, off, n * bs))
                     nblocks += n

@@ -58,6 +58,7 @@ KIND_BITS = {"super": lib.AFS_KIND_SUPER, "log": lib.AFS_KIND_LOG,
 KINDS = ("super", "log", "snapshot", "data")
 INJECT_TARGETS = KINDS + ("write", "flush", "read")
 IO_THREADS = 4
+MAX_IO_BYTES = 4 << 20  # the largest data write merged into one request (writeback, home copies)
 _KIND_NAMES = {bit: name for name, bit in KIND_BITS.items()}
 _request_kinds: dict[tuple[int, int, int], str] = {}
 

@@ -26,7 +26,7 @@ import trio
 
 from atomicfs.checkpoint import Checkpointer
 from atomicfs.delalloc import Delalloc, Home, extents_of
-from atomicfs.device import Device
+from atomicfs.device import MAX_IO_BYTES, Device
 from atomicfs.errors import DeviceError, NoSpace
 from atomicfs.journal import Journal
 from atomicfs.metadata import Inode, Metadata
@@ -37,7 +37,6 @@ from atomicfs.stats import Counters
 
 log = logging.getLogger(__name__)
 
-MAX_IO_BYTES = 4 << 20
 MAX_WB_RETRIES = 3
 
 
