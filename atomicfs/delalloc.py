@@ -176,20 +176,28 @@ class Delalloc:
 
     @staticmethod
     def reserved_in(m: Mapping | None) -> int:
-        """Blocks of one file's dirty data not yet allocated."""
-        return sum(popcount(f.reserved) for f in m.folios.values()) if m is not None else 0
+        """Blocks of one file's dirty data not yet allocated (the mapping's count)."""
+        return m.reserved_blocks if m is not None else 0
 
     def reserved_bits(self) -> int:
-        return sum(self.reserved_in(m) for m in self.cache.mappings.values())
+        """Reserved bits of all cached folios, counted folio by folio."""
+        return sum(popcount(f.reserved) for m in self.cache.mappings.values()
+                   for f in m.folios.values())
 
     def check(self) -> None:
         """The allocator's reserved blocks are exactly the reserved bits of the cached
-        folios (no reservation leaked or counted twice)."""
+        folios (no reservation leaked or counted twice), and each mapping's count of them
+        is right."""
         held = self.alloc.reserved_data_blocks
         bits = self.reserved_bits()
         if held != bits:
             raise AssertionError(f"delalloc: allocator holds {held} reserved blocks, "
                                  f"folios {bits}")
+        for m in self.cache.mappings.values():
+            counted = sum(popcount(f.reserved) for f in m.folios.values())
+            if m.reserved_blocks != counted:
+                raise AssertionError(f"delalloc: inode {m.ino} counts {m.reserved_blocks} "
+                                     f"reserved blocks, its folios hold {counted}")
 
     def _debug_check(self) -> None:
         if self.debug:

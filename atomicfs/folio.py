@@ -159,7 +159,7 @@ class Mapping:
 
     __slots__ = ("block_size", "ino", "folio_size", "blocks_per_folio", "folios", "dirty",
                  "stable", "wt_inflight", "err_seq", "err_seen", "flush_gen", "meta_seq",
-                 "atomic", "ra_next", "ra_window", "busy")
+                 "atomic", "ra_next", "ra_window", "busy", "reserved_blocks")
 
     def __init__(self, block_size: int, ino: int, folio_size: int, atomic: bool) -> None:
         self.block_size = block_size
@@ -175,6 +175,9 @@ class Mapping:
         self.flush_gen = -1  # device flush generation covering its last in-place write
         self.meta_seq = -1  # newest log batch holding this file's extents or data
         self.busy: dict[int, Folio] = {}  # folios under writeback or locked
+        # reserved bits of its folios (kept by PageCache.reserve/unreserve_blocks, so that
+        # st_blocks costs no walk over a big file's folios: getattr runs on the trio loop)
+        self.reserved_blocks = 0
         self.atomic = atomic
         self.ra_next = -1
         self.ra_window = 0

@@ -273,12 +273,14 @@ class PageCache:
     def reserve_blocks(self, folio: Folio, mask: int) -> None:
         """Space is reserved for these blocks (delalloc.py keeps the allocator's count)."""
         _check("reserve_blocks", folio, mask)
+        folio.mapping.reserved_blocks += popcount(mask & ~folio.reserved)
         folio.reserved |= mask
 
     def unreserve_blocks(self, folio: Folio, mask: int) -> int:
         """Forget reservations of blocks in mask; returns how many were reserved."""
         n = popcount(folio.reserved & mask)
         folio.reserved &= ~mask
+        folio.mapping.reserved_blocks -= n
         return n
 
     def _clear_dirty(self, folio: Folio, mask: int) -> None:

@@ -88,12 +88,13 @@ def test_release_discard_and_drop() -> None:
     a, b = uptodate_folio(cache, m, 0), uptodate_folio(cache, m, 1)
     da.reserve_for_write(inode, [(a, FULL), (b, FULL)])
     cache.mark_dirty(a, FULL)
+    assert da.reserved_in(m) == 8
     da.discard(a, 0b1100)  # truncated
-    assert a.reserved == 0b0011 and alloc._reserved == 6
+    assert a.reserved == 0b0011 and alloc._reserved == 6 and da.reserved_in(m) == 6
     da.release(b, 0b0001)  # a writeback given up
-    assert alloc._reserved == 5
+    assert alloc._reserved == 5 and da.reserved_in(m) == 5
     da.release_mapping(m)
-    assert alloc._reserved == 0
+    assert alloc._reserved == 0 and da.reserved_in(m) == 0
     cache.drop_mapping(m.ino)
     da.check()
 
@@ -109,3 +110,14 @@ def test_check_finds_a_leak() -> None:
         da.check()
     alloc.reserve(1)
     da.check()
+
+
+def test_check_finds_a_wrong_count_of_a_file() -> None:
+    cache, alloc, da = make()
+    inode, m = atomic_mapping(cache)
+    folio = uptodate_folio(cache, m)
+    da.reserve_for_write(inode, [(folio, FULL)])
+    assert da.reserved_in(m) == 4
+    m.reserved_blocks += 1  # the count st_blocks reads, off by one
+    with pytest.raises(AssertionError, match="counts 5 reserved blocks"):
+        da.check()
