@@ -24,6 +24,11 @@ UNITS = {"iops": "IOPS", "bw": "MiB/s", "ops": "ops/s"}
 PCTS = ("p50", "p90", "p99", "p99.9")
 README_BEGIN = "<!-- bench:results:begin (written by make bench) -->"
 README_END = "<!-- bench:results:end -->"
+ISSUE14_NOTE = """The ceiling is the best ratio a FUSE filesystem could reach in this run:
+for one job that waits for each I/O (serial), the null filesystem's time per I/O plus the
+device's own (XFS O_DIRECT on the same loop device) add up; where the daemon can overlap
+the two (buffered writes), the slower bounds it; where the reference is a null filesystem,
+it is the ceiling itself (1.0x). "Of the ceiling" is atomicfs's ratio over it."""
 
 # (what DESIGN.md asks, subject's workload, reference's workload, reference, at least)
 GOALS: tuple[tuple[str, str, str, str, float], ...] = (
@@ -43,6 +48,36 @@ GOALS: tuple[tuple[str, str, str, str, float], ...] = (
      "seq1m_read_direct", "xfs", 0.5),
     ("1M sequential read (O_DIRECT) >= 0.5x XFS O_DIRECT", "seq1m_read_direct",
      "seq1m_read_direct", "xfs", 0.5),
+)
+
+
+# Issue 14's latency goals for the software path, each with the ceiling this machine allows a
+# FUSE filesystem: (title, atomicfs-sw's workload, reference workload, reference, at least,
+# ceiling). A ceiling is None when the reference is itself the transport's ceiling (a null
+# FUSE filesystem), else (how, transport's workload and target, device's workload and target):
+# "serial" for one job that waits for each request (per-I/O times add: transport round trip
+# plus the device's own I/O), "overlap" where the daemon can overlap them (the slower of the
+# two bounds it), "transport" where only the transport is known to bound it.
+Ceiling = tuple[str, str, str, str | None, str | None] | None
+ISSUE14_GOALS: tuple[tuple[str, str, str, str, float, Ceiling], ...] = (
+    ("durable 16K atomic, 1 writer ÷ XFS RWF_ATOMIC|RWF_DSYNC", "atomic16k_j1",
+     "atomic16k_j1", "xfs", 2.0,
+     ("serial", "atomic16k_j1", "nullfs-xattr", "dsync16k_direct_j1", "xfs")),
+    ("same, 4 writers", "atomic16k_j4", "atomic16k_j4", "xfs", 3.0,
+     ("transport", "atomic16k_j4", "nullfs-xattr", None, None)),
+    ("cached 16K random write ÷ null FS with getxattr", "rand16k_cached", "rand16k_cached",
+     "nullfs-xattr", 0.9, None),
+    ("create ÷ null FS", "meta_create", "meta_create", "nullfs", 0.8, None),
+    ("stat ÷ null FS", "meta_stat", "meta_stat", "nullfs", 0.8, None),
+    ("unlink ÷ null FS", "meta_unlink", "meta_unlink", "nullfs", 0.8, None),
+    ("4K random read, cold ÷ XFS", "rand4k_read_cold", "rand4k_read_cold", "xfs", 0.6,
+     ("serial", "rand4k_read_cold", "nullfs", "rand4k_read_cold", "xfs")),
+    ("1M sequential O_DIRECT read ÷ XFS", "seq1m_read_direct", "seq1m_read_direct", "xfs",
+     0.8, ("serial", "seq1m_read_direct", "nullfs", "seq1m_read_direct", "xfs")),
+    ("1M sequential O_DIRECT write ÷ XFS", "seq1m_write_direct", "seq1m_write_direct", "xfs",
+     0.8, ("serial", "seq1m_write_direct", "nullfs-xattr", "seq1m_write_direct", "xfs")),
+    ("1M sequential buffered write + fsync ÷ XFS", "seq1m_write", "seq1m_write", "xfs", 0.8,
+     ("overlap", "seq1m_write", "nullfs-xattr", "seq1m_write_direct", "xfs")),
 )
 
 
@@ -103,6 +138,40 @@ def aggregate(data: dict[str, Any], workloads: Iterable[Any]) -> None:
                       "reference": ref, "at_least": need,
                       **{a: ratio(data, wa, a, wr, ref) for a in SUBJECTS}}
                      for g, wa, wr, ref, need in GOALS]
+    data["issue14_goals"] = [issue14_goal(data, *g) for g in ISSUE14_GOALS]
+
+
+def _median(data: dict[str, Any], workload: str | None, target: str | None) -> float | None:
+    cell = data["figures"].get(workload or "", {}).get(target or "")
+    return cell.get("median") if cell and cell.get("median") else None
+
+
+def issue14_goal(data: dict[str, Any], title: str, wa: str, wr: str, ref: str, need: float,
+                 ceiling: Ceiling) -> dict[str, Any]:
+    """One row of issue 14's goals: atomicfs-sw's ratio, and the ratio the transport and the
+    device allow at best here (its ceiling), both from this run's medians."""
+    row: dict[str, Any] = {"goal": title, "at_least": need, "reference": ref,
+                           "ratio": ratio(data, wa, "atomicfs-sw", wr, ref)}
+    refv = _median(data, wr, ref)
+    if ceiling is None:
+        row.update(ceiling=1.0, ceiling_how=f"{ref} is the transport's ceiling")
+    elif refv:
+        how, tw, tt, dw, dt = ceiling
+        trans, dev = _median(data, tw, tt), _median(data, dw, dt)
+        best = None
+        if how == "serial" and trans and dev:
+            best = 1 / (1 / trans + 1 / dev)  # one I/O at a time: the times add
+        elif how == "overlap" and trans and dev:
+            best = min(trans, dev)
+        elif how == "transport" and trans:
+            best = trans
+        if best is not None:
+            parts = f"{tt} {tw}" + (f" and {dt} {dw}" if dw and how != "transport" else "")
+            row.update(ceiling=best / refv, ceiling_how=f"{how}: {parts}")
+    r = row["ratio"]
+    if r and row.get("ceiling"):
+        row["share_of_ceiling"] = r["ratio"] / row["ceiling"]
+    return row
 
 
 def ratio(data: dict[str, Any], wa: str, a: str, wr: str, ref: str) -> dict[str, Any] | None:
@@ -184,6 +253,26 @@ def goals_table(data: dict[str, Any]) -> str:
                    if "round_min" in r else "")
             cells.append(f"{r['ratio']:.2f}x{rng} {mark}")
         lines.append(f"| {g['goal']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def issue14_table(data: dict[str, Any]) -> str:
+    """Issue 14's goals for atomicfs-sw, each with the best ratio this transport and device
+    allow (see ISSUE14_GOALS) and how much of it atomicfs reaches."""
+    rows = [g for g in data.get("issue14_goals", []) if g.get("ratio")]
+    if not rows:
+        return ""
+    lines = ["| issue 14 goal (atomicfs-sw) | now | goal | ceiling here | of the ceiling "
+             "| ceiling from |", "|---|---:|---:|---:|---:|---|"]
+    for g in rows:
+        r = g["ratio"]
+        mark = "met" if r["ratio"] >= g["at_least"] else "**not met**"
+        ceil = g.get("ceiling")
+        beyond = " (goal above it)" if ceil is not None and ceil < g["at_least"] else ""
+        lines.append(f"| {g['goal']} | {r['ratio']:.2f}x {mark} | {g['at_least']:g}x | "
+                     + (f"{ceil:.2f}x{beyond}" if ceil is not None else "") + " | "
+                     + (f"{g['share_of_ceiling']:.0%}" if "share_of_ceiling" in g else "")
+                     + f" | {g.get('ceiling_how', '')} |")
     return "\n".join(lines)
 
 
@@ -284,6 +373,12 @@ median over the reference's median, all measured in this one run on the same loo
 ## DESIGN.md goals
 
 {goals_table(data)}
+
+## Issue 14's goals and what this machine allows
+
+{ISSUE14_NOTE}
+
+{issue14_table(data)}
 
 ## Ratios (atomicfs ÷ reference; above 1 means atomicfs is faster)
 
@@ -417,6 +512,8 @@ Full figures, latencies and daemon costs: [{rel}/results.md]({rel}/results.md); 
 number: [{rel}/results.json]({rel}/results.json).
 
 {goals_table(data)}
+
+{issue14_table(data)}
 
 Ratios, atomicfs ÷ reference (median over median; above 1 means atomicfs is faster):
 

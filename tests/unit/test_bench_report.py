@@ -1,0 +1,53 @@
+"""bench/report.py's issue 14 goals and their ceilings from synthetic figures (the bench
+itself is never run by the tests)."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench import report
+
+
+def _fig(**medians: float) -> dict[str, Any]:
+    return {t.replace("_", "-"): {"median": v, "runs": {"0": v}} for t, v in medians.items()}
+
+
+def _data() -> dict[str, Any]:
+    return {"figures": {
+        "atomic16k_j1": _fig(atomicfs_sw=1500, xfs=1000, nullfs_xattr=6000),
+        "dsync16k_direct_j1": _fig(xfs=3000),
+        "meta_unlink": _fig(atomicfs_sw=900, nullfs=1000),
+        "seq1m_write": _fig(atomicfs_sw=200, xfs=400, nullfs_xattr=500),
+        "seq1m_write_direct": _fig(xfs=1500)}}
+
+
+def test_a_serial_ceiling_adds_the_transport_and_the_device() -> None:
+    g = report.issue14_goal(_data(), "durable", "atomic16k_j1", "atomic16k_j1", "xfs", 2.0,
+                            ("serial", "atomic16k_j1", "nullfs-xattr",
+                             "dsync16k_direct_j1", "xfs"))
+    assert g["ratio"]["ratio"] == pytest.approx(1.5)
+    # 1/6000 + 1/3000 s per write: 2000 IOPS at best, 2x XFS
+    assert g["ceiling"] == pytest.approx(2.0)
+    assert g["share_of_ceiling"] == pytest.approx(0.75)
+
+
+def test_an_overlapped_ceiling_is_the_slower_of_the_two() -> None:
+    g = report.issue14_goal(_data(), "seq", "seq1m_write", "seq1m_write", "xfs", 0.8,
+                            ("overlap", "seq1m_write", "nullfs-xattr",
+                             "seq1m_write_direct", "xfs"))
+    assert g["ceiling"] == pytest.approx(500 / 400)
+    assert g["ratio"]["ratio"] == pytest.approx(0.5)
+
+
+def test_a_null_filesystem_reference_is_its_own_ceiling_and_the_table_says_so() -> None:
+    data = _data()
+    data["issue14_goals"] = [report.issue14_goal(data, "unlink ÷ null FS", "meta_unlink",
+                                                 "meta_unlink", "nullfs", 0.8, None),
+                             report.issue14_goal(data, "missing", "rand4k_read_cold",
+                                                 "rand4k_read_cold", "xfs", 0.6, None)]
+    g = data["issue14_goals"][0]
+    assert g["ceiling"] == 1.0 and g["share_of_ceiling"] == pytest.approx(0.9)
+    table = report.issue14_table(data)
+    assert "| unlink ÷ null FS | 0.90x met | 0.8x | 1.00x | 90% |" in table
+    assert "missing" not in table  # no figures, no row
