@@ -101,10 +101,11 @@ lock:
 
 native: $(NATIVE)
 
-native: atomicfs/libatomicfs-preload.so
+native: atomicfs/libatomicfs-preload.so atomicfs/libatomicfs-fuseconn.so
 
-$(NATIVE) atomicfs/libatomicfs-preload.so &: native/atomicfs_native.c native/atomicfs_native.h \
-        native/afs_statx.h native/preload.c native/build.py $(VENV)/.installed
+$(NATIVE) atomicfs/libatomicfs-preload.so atomicfs/libatomicfs-fuseconn.so &: \
+        native/atomicfs_native.c native/atomicfs_native.h native/afs_statx.h native/preload.c \
+        native/fuseconn.c native/build.py $(VENV)/.installed
 	$(PY) native/build.py
 
 test: setup apps-deps docs-deps
@@ -179,10 +180,11 @@ docs: run-setup docs-deps
 	@$(PY) -m atomicfs.manpages $(DOCDIR)
 
 # Idempotent; as root. PREFIX=/opt/atomicfs puts everything but the mount helpers there.
-install: docs atomicfs/libatomicfs-preload.so
+install: docs atomicfs/libatomicfs-preload.so atomicfs/libatomicfs-fuseconn.so
 	@test -x $(INSTALL_ENV)/bin/python || $(PYTHON) -m venv $(INSTALL_ENV)
 	@$(call PIP_QUIET,$(INSTALL_ENV)/bin/pip install .)
 	@install -m 755 atomicfs/libatomicfs-preload.so $(INSTALL_ENV)/bin/  # atomicfs run's
+	@install -m 755 atomicfs/libatomicfs-fuseconn.so $(INSTALL_ENV)/bin/  # the daemon's
 	@install -d $(PREFIX)/bin $(PREFIX)/sbin $(SBINDIR) $(MANDIR)/man8 $(COMPLETIONDIR)
 	@ln -sfn $(INSTALL_ENV)/bin/atomicfs $(PREFIX)/bin/atomicfs
 	@for t in mkfs fsck; do ln -sfn $(INSTALL_ENV)/bin/$$t.atomicfs $(PREFIX)/sbin/$$t.atomicfs; done
@@ -201,4 +203,5 @@ uninstall:
 	rm -rf $(INSTALL_ENV)
 
 clean:
-	rm -rf build *.egg-info atomicfs/_native.* atomicfs/libatomicfs-preload.so .pytest_cache
+	rm -rf build *.egg-info atomicfs/_native.* atomicfs/libatomicfs-preload.so \
+	  atomicfs/libatomicfs-fuseconn.so .pytest_cache

@@ -232,6 +232,8 @@ def cmd_mkfs(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from atomicfs import fuseconn
+    fuseconn.load()  # before the daemon loads pyfuse3
     from atomicfs.daemon import mount
     from atomicfs.options import check_privileges, parse_mount_options
     try:

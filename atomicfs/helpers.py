@@ -118,6 +118,8 @@ def mount_main(argv: Sequence[str] | None = None, prog: str = "mount.atomicfs") 
     """mount.atomicfs SOURCE DIR [-sfnv] [-o OPTS] [-t TYPE]; exit 32 when it fails."""
     _setup_logging()
     args = build_mount_parser(prog).parse_args(argv)
+    from atomicfs import fuseconn
+    fuseconn.load()  # before the daemon loads pyfuse3
     from atomicfs.daemon import mount
     from atomicfs.options import parse_mount_options
     try:

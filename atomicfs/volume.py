@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from atomicfs import format as fmt
-from atomicfs import owner
+from atomicfs import fuseconn, owner
 from atomicfs.alloc import Allocator
 from atomicfs.checkpoint import Checkpointer
 from atomicfs.delalloc import Delalloc
@@ -436,6 +436,7 @@ class Volume:
                       "metadata_reserve_blocks": a.meta_reserve,
                       "inodes": len(self.md.inodes)},
             "options": self.opts.describe(),
+            "fuse_conn": fuseconn.state(),
         }
 
     def _folio_states(self) -> dict[str, int]:

@@ -46,11 +46,23 @@ def build_preload(out: Path = PRELOAD) -> Path:
     return out
 
 
+FUSECONN = ROOT / "atomicfs" / "libatomicfs-fuseconn.so"
+
+
+def build_fuseconn(out: Path = FUSECONN) -> Path:
+    """The wrapper of libfuse's fuse_session_new that sets the FUSE connection's
+    capabilities pyfuse3 cannot (atomicfs/fuseconn.py loads it)."""
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-fPIC",
+                    "-shared", "-o", str(out), str(HERE / "fuseconn.c"), "-ldl"], check=True)
+    return out
+
+
 if __name__ == "__main__":
     import os
 
     os.chdir(ROOT)
     build_preload()
+    build_fuseconn()
     built = Path(ffibuilder.compile(verbose=False)).resolve()
     # An older build for another ABI tag (e.g. from `pip install -e`) would shadow nothing
     # but confuse; keep only the module just built.

@@ -167,7 +167,10 @@ def test_mkfs_t_mount_t_umount_fsck_t(installed: Installed, place: Path) -> None
     with open(f"{mnt}/f", "wb") as f:
         f.write(os.urandom(64 << 10))
     assert os.getxattr(f"{mnt}/f", "user.atomicfs.atomic_unit") == b"16384"
-    pid = json.loads(os.getxattr(mnt, "user.atomicfs.stat"))["pid"]
+    stat = json.loads(os.getxattr(mnt, "user.atomicfs.stat"))
+    pid = stat["pid"]
+    # the installed daemon found libatomicfs-fuseconn.so next to its command
+    assert stat["fuse_conn"] == {"wrapped": True, "auto_inval_data": False}
     res = installed.run("umount", mnt)
     assert res.returncode == 0, res.stderr
     # umount.fuse.atomicfs waited for the write-back: the daemon is gone, the image is at

@@ -20,7 +20,7 @@ PACKAGE = Path(atomicfs.__file__).resolve().parent
 
 LAYERS: list[set[str]] = [
     {"_native", "errors", "sizes", "stats", "locks"},  # _native: the C core (cffi)
-    {"native", "runtime", "probe"},
+    {"native", "runtime", "probe", "fuseconn"},
     {"watchdog", "format", "daemonlog"},
     {"device", "metadata", "alloc"},                # the backing store; in-memory metadata
     {"superblock", "options"},
