@@ -473,6 +473,8 @@ def plots(data: dict[str, Any], out: Path) -> None:
     fig.savefig(out / "iops.png", dpi=90)
     plt.close(fig)
 
+    goals_plot(data, out, plt)
+
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 2.9 * nrows),
                              squeeze=False)
     width = 0.8 / len(PCTS)
@@ -500,6 +502,41 @@ def plots(data: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def goals_plot(data: dict[str, Any], out: Path, plt: Any) -> None:
+    """goals.png: issue 14's goals, atomicfs-sw's ratio as a bar, the goal and the ceiling
+    this run allows as marks (see issue14_table)."""
+    rows = [g for g in data.get("issue14_goals", []) if g.get("ratio")]
+    pg = [r for r in (data.get("pgbench") or {}).get("ratios", []) if r.get("ratio")]
+    labels = [g["goal"] for g in rows] + [f"pgbench {r['subject']} ÷ {r['reference']}"
+                                          for r in pg]
+    if not labels:
+        return
+    ratios = [g["ratio"]["ratio"] for g in rows] + [r["ratio"] for r in pg]
+    goals = [g["at_least"] for g in rows] + [r["goal"] for r in pg]
+    ceilings = [g.get("ceiling") for g in rows] + [None] * len(pg)
+    fig, ax = plt.subplots(figsize=(10, 0.42 * len(labels) + 1.2))
+    ys = list(range(len(labels)))[::-1]
+    ax.barh(ys, ratios, color=["#2ca02c" if r >= g else "#1f77b4"
+                               for r, g in zip(ratios, goals)], height=0.6)
+    ax.scatter(goals, ys, marker="|", s=300, color="black", label="goal", zorder=3)
+    cy = [(c, y) for c, y in zip(ceilings, ys) if c is not None]
+    if cy:
+        ax.scatter([c for c, _ in cy], [y for _, y in cy], marker="D", s=30, color="#d62728",
+                   label="ceiling here (transport + device)", zorder=3)
+    for y, r in zip(ys, ratios):
+        ax.text(r, y, f" {r:.2f}x", va="center", fontsize=7)
+    ax.set_yticks(ys)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel("atomicfs-sw ÷ reference", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"issue 14's goals, {data['date'][:10]}: median ratios of one run",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "goals.png", dpi=90)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------ README
 
 def readme_block(data: dict[str, Any], rel: str) -> str:
@@ -519,6 +556,8 @@ Ratios, atomicfs ÷ reference (median over median; above 1 means atomicfs is fas
 
 {ratio_table(data)}
 {pgbench_section(data, readme=True)}
+![issue 14 goals]({rel}/goals.png)
+
 ![throughput]({rel}/iops.png)
 
 ![latency]({rel}/latency.png)
