@@ -45,7 +45,10 @@ XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 MAX_FILE_BLOCKS = fmt.MAX_FILE_BLOCKS
 ATTR_TIMEOUT = 1.0
-ENTRY_TIMEOUT = 1.0
+# Names change only through this mount's kernel (the daemon never renames or removes a name
+# on its own), so the kernel's dentries cannot go stale: keep them longer than the
+# attributes, and a name walked again within 10 s costs no LOOKUP round trip.
+ENTRY_TIMEOUT = 10.0
 SETATTR_FIELDS = ("update_size", "update_mode", "update_uid", "update_gid", "update_atime",
                   "update_mtime", "update_ctime")
 
@@ -374,7 +377,9 @@ class AtomicFS(pyfuse3.Operations):
         return n
 
     async def flush(self, fh: int) -> None:
-        return None
+        # Nothing to do at close(): ENOSYS makes the kernel stop sending FLUSH (it still
+        # writes back and checks errors itself first), one round trip fewer per close.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @fuse_errors
     async def release(self, fh: int) -> None:

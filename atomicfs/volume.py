@@ -311,7 +311,9 @@ class Volume:
         """The writeback-error sequence a new descriptor of a regular file starts from: it
         sees errors recorded after it opened, and also the latest one if nobody has seen
         it yet (Linux errseq_sample)."""
-        m = self.mapping(inode)
+        m = self.cache.mappings.get(inode.ino)
+        if m is None:
+            return 0  # as a new mapping would answer (no error yet); opening creates none
         return m.err_seq if m.err_seen else m.err_seq - 1
 
     def errseq_check(self, inode: Inode, since: int) -> int | None:

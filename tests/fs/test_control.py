@@ -108,6 +108,30 @@ async def test_writeback_error_is_reported_once_per_descriptor(drv: Driver) -> N
         await drv.fs.release(fh)
 
 
+async def test_opening_creates_no_mapping_and_errors_still_reach_earlier_opens(
+        drv: Driver) -> None:
+    # an empty file opened and closed (create, stat, unlink of many files) costs no
+    # page-cache mapping; a descriptor opened before the mapping existed still sees a
+    # writeback error recorded later, once
+    await drv.create("f")
+    ino = await drv.ino("f")
+    fh = await drv.open("f")
+    assert ino not in drv.fs.vol.cache.mappings
+    inode = drv.fs.md.inodes[ino]
+    drv.fs.vol.mapping(inode).record_error()
+    await expect_errno(errno.EIO, drv.fs.fsync(fh, False))
+    await drv.fs.fsync(fh, False)  # reported once
+    await drv.fs.release(fh)
+
+
+async def test_flush_is_left_to_the_kernel(drv: Driver) -> None:
+    # ENOSYS: the kernel stops sending FLUSH at close (a round trip that did nothing)
+    await drv.create("f")
+    fh = await drv.open("f")
+    await expect_errno(errno.ENOSYS, drv.fs.flush(fh))
+    await drv.fs.release(fh)
+
+
 async def test_a_failed_log_refuses_changes(drv: Driver) -> None:
     await drv.create("f", b"data")
     fh = await drv.open("f")
