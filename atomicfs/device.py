@@ -59,6 +59,7 @@ KINDS = ("super", "log", "snapshot", "data")
 INJECT_TARGETS = KINDS + ("write", "flush", "read")
 IO_THREADS = 4
 MAX_IO_BYTES = 4 << 20  # the largest data write merged into one request (writeback, home copies)
+INLINE_READ_MAX = 64 << 10  # the largest read run inline when the device is idle (readv)
 _KIND_NAMES = {bit: name for name, bit in KIND_BITS.items()}
 _request_kinds: dict[tuple[int, int, int], str] = {}
 
@@ -235,6 +236,7 @@ class Device:
         self.write_ios = 0
         self.write_bytes = 0
         self.read_ios = 0
+        self.inline_reads = 0  # reads run in the caller's thread (see readv)
 
     # ------------------------------------------------------------------ open / close
 
@@ -433,8 +435,19 @@ class Device:
         return buf
 
     async def readv(self, offset: int, segments: Sequence[Segment]) -> None:
-        await self._submit(self._request(lib.AFS_OP_READ, "read", offset, segments),
-                           f"read at {offset}")
+        """Read into the segments. A small read while nothing else of this device is in
+        flight runs inline, in the caller's thread with the GIL released: handing it to an
+        I/O thread and waking the loop again costs more than the read itself (a cold 4 KiB
+        read: about 170 µs through the queue against 70 µs of pread on the bench's device),
+        and with nothing in flight nobody waits for the loop meanwhile but requests that
+        arrive during those microseconds."""
+        req = self._request(lib.AFS_OP_READ, "read", offset, segments)
+        if self._reaper_running and not self._pending and \
+                sum(s[2] for s in segments) <= INLINE_READ_MAX:
+            self.inline_reads += 1
+            self._execute(req[0], f"read at {offset}")
+            return
+        await self._submit(req, f"read at {offset}")
 
     async def writev(self, offset: int, segments: Sequence[Segment], kind: str,
                      atomic: bool = False, dsync: bool = False) -> None:

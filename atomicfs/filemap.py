@@ -21,7 +21,7 @@ from atomicfs.device import Device
 from atomicfs.errors import DeviceError
 from atomicfs.flusher import Flusher
 from atomicfs.metadata import Inode, Metadata
-from atomicfs.native import MAX_IOV, Segment, copy_into
+from atomicfs.native import MAX_IOV, Buffer, Segment, copy_into, ffi
 from atomicfs.pagecache import (MAX_GROUP_BYTES, Folio, InvalidTransition, Mapping,
                                 PageCache, mask_range, mask_runs)
 from atomicfs.stats import Counters
@@ -29,6 +29,36 @@ from atomicfs.writeback import Writeback
 
 READAHEAD_MIN = 128 << 10
 READAHEAD_MAX = 1 << 20
+# Reads of at least this size (the kernel's readahead requests) skip the cache: the kernel
+# keeps the data, a second copy here costs a folio buffer, zeroing and a copy per 64 KiB.
+UNCACHED_READ_MIN = 128 << 10
+
+
+class ReplyBuffers:
+    """Aligned buffers for uncached reads, each reused once the reply made from it is gone
+    (pyfuse3 drops the returned view after writing the reply): no allocation, page faults
+    or zeroing of a fresh megabyte per read."""
+
+    KEEP = 4  # free buffers kept per size
+
+    def __init__(self, align: int) -> None:
+        self.align = align
+        self._free: dict[int, list[Buffer]] = {}
+
+    def get(self, n: int) -> tuple[Buffer, memoryview]:
+        """A buffer of at least n bytes (its old content is garbage: the caller writes
+        every byte it returns) and a view of it that gives the buffer back when dropped."""
+        size = max(n, 64 << 10)
+        size = 1 << (size - 1).bit_length()
+        free = self._free.setdefault(size, [])
+        buf = free.pop() if free else Buffer(size, self.align)
+
+        def release(_: object, buf: Buffer = buf, free: list[Buffer] = free) -> None:
+            if len(free) < self.KEEP:
+                free.append(buf)
+
+        owner = ffi.gc(ffi.cast("char *", buf.ptr), release)
+        return buf, memoryview(ffi.buffer(owner, n))
 
 
 class FileMap:
@@ -44,6 +74,7 @@ class FileMap:
         self.wb = wb
         self.counters = counters
         self.bs = cache.block_size
+        self._replies = ReplyBuffers(cache.align)
 
     # --------------------------------------------------------------------- pins
 
@@ -154,6 +185,79 @@ class FileMap:
             return out
         finally:
             self._unpin_all(pinned)
+
+    async def read_uncached(self, inode: Inode, m: Mapping, off: int,
+                            size: int) -> bytes | bytearray | memoryview:
+        """Read up to size bytes at off without filling the cache (O_DIRECT, and large
+        reads whose data the kernel caches anyway): blocks the cache holds are copied from
+        it, the rest come from the device straight into the reply buffer (one read per
+        extent, holes zeroed). Falls back to `read` when the file's mapping changed or a
+        cached block went away while the device read was in flight, so no block read from
+        a freed home is ever returned."""
+        end = min(off + size, inode.size)
+        if off >= end:
+            return b""
+        bs = self.bs
+        b0, b1 = off // bs, (end + bs - 1) // bs
+        n = b1 - b0
+        held = self._held_blocks(m, b0, n)
+        runs = list(extents_of(inode).runs(b0, n))
+        buf, reply = self._replies.get(n * bs)
+        ios: list[tuple[int, int, int]] = []  # device block, block in buf, count
+        for f, d, k in runs:
+            rel = f - b0
+            for r, c in mask_runs(~held >> rel & mask_range(0, k)):
+                if d is None:
+                    buf.zero((rel + r) * bs, c * bs)
+                elif ios and ios[-1][0] + ios[-1][2] == d + r and \
+                        ios[-1][1] + ios[-1][2] == rel + r:
+                    ios[-1] = (ios[-1][0], ios[-1][1], ios[-1][2] + c)
+                else:
+                    ios.append((d + r, rel + r, c))
+        for dblock, at, c in ios:
+            try:
+                await self.dev.readv(dblock * bs, [(buf, at * bs, c * bs)])
+            except DeviceError as exc:
+                raise OSError(errno.EIO, f"read error: {exc}") from exc
+        if ios:
+            # From here to the return nothing awaits: the reply is this instant's data.
+            now = self._held_blocks(m, b0, n)
+            if held & ~now or list(extents_of(inode).runs(b0, n)) != runs:
+                return await self.read(inode, m, off, size)
+            held = now
+            end = min(end, inode.size)  # a truncate may have raced with the read
+            if off >= end:
+                return b""
+        self._copy_held(m, b0, held, buf)
+        return reply[off - b0 * bs: end - b0 * bs]
+
+    @staticmethod
+    def _held_blocks(m: Mapping, b0: int, n: int) -> int:
+        """Mask (bit i: file block b0+i) of the blocks the cache holds valid data for."""
+        bpf = m.blocks_per_folio
+        held = 0
+        for index in range(b0 // bpf, (b0 + n - 1) // bpf + 1):
+            folio = m.folios.get(index)
+            if folio is None:
+                continue
+            valid = folio.uptodate | folio.dirty
+            shift = index * bpf - b0
+            held |= valid << shift if shift >= 0 else valid >> -shift
+        return held & mask_range(0, n)
+
+    def _copy_held(self, m: Mapping, b0: int, held: int, buf: Buffer) -> None:
+        """Copy the held blocks (mask from `_held_blocks`) from their folios into buf."""
+        bs = self.bs
+        bpf = m.blocks_per_folio
+        for r, c in mask_runs(held):
+            b = b0 + r
+            while c:
+                folio = m.folios[b // bpf]
+                i = b - folio.fblock
+                k = min(c, bpf - i)
+                buf.copy_from((b - b0) * bs, folio.buf, i * bs, k * bs)
+                b += k
+                c -= k
 
     @staticmethod
     def _readahead_end(m: Mapping, inode: Inode, off: int, end: int) -> int:

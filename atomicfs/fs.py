@@ -33,6 +33,7 @@ import pyfuse3
 from atomicfs import format as fmt
 from atomicfs.control import PREFIX, SETTINGS, Control, InjectedDaemonFault
 from atomicfs.errors import DeviceError, NoSpace
+from atomicfs.filemap import UNCACHED_READ_MIN
 from atomicfs.handles import Handles
 from atomicfs.metadata import DIRENT_SNAP, SYMLINK_SNAP, XATTR_SNAP, Inode
 from atomicfs.namespace import NAME_MAX, NEW_INODE_SNAP, Namespace
@@ -334,7 +335,12 @@ class AtomicFS(pyfuse3.Operations):
         h = self.handles[fh]
         inode = h.inode
         m = self.vol.mapping(inode)
-        data = await self.filemap.read(inode, m, off, size)
+        if h.direct or size >= UNCACHED_READ_MIN:
+            # O_DIRECT bypasses the cache, and the kernel caches what its readahead asks
+            # for: neither needs a second copy here (see FileMap.read_uncached).
+            data = await self.filemap.read_uncached(inode, m, off, size)
+        else:
+            data = await self.filemap.read(inode, m, off, size)
         self._touch_atime(inode)
         return data
 

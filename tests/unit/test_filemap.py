@@ -11,7 +11,7 @@ import pytest
 
 from atomicfs.alloc import Allocator
 from atomicfs.delalloc import Delalloc
-from atomicfs.filemap import FileMap
+from atomicfs.filemap import FileMap, ReplyBuffers
 from atomicfs.metadata import Inode
 from atomicfs.pagecache import Folio, Mapping, PageCache
 from tests.unit.cacheutil import (BS, DEFAULT_FOLIO, FULL, UNIT, atomic_mapping, cache_state,
@@ -292,3 +292,113 @@ async def test_truncate_takes_folios_out_of_their_group() -> None:
     await fm.truncate(inode, m, 2 * UNIT)
     inode.size = 2 * UNIT
     assert sorted(f.index for f in group.folios) == [0, 1]
+
+
+class FakeDevice:
+    """A device of bytes; `during_read` runs while a read is in flight (a racing change)."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.reads: list[tuple[int, int]] = []
+        self.during_read: Any = None
+
+    async def readv(self, offset: int, segments: list[Any]) -> None:
+        if self.during_read is not None:
+            hook, self.during_read = self.during_read, None
+            hook()
+        pos = offset
+        for buf, off, n in segments:
+            buf.write(off, self.data[pos:pos + n])
+            pos += n
+        self.reads.append((offset, pos - offset))
+
+
+def mapped_file(cache: PageCache, nblocks: int) -> tuple[Inode, Mapping, FileMap, FakeDevice]:
+    """A plain file of nblocks blocks mapped at device block 100 + i, except blocks 3 and 4
+    (a hole); block i's device content is bytes of value i + 1."""
+    inode = make_inode(11, 0)
+    m = cache.mapping(inode, DEFAULT_FOLIO)
+    fm, _ = make_filemap(cache)
+    dev = FakeDevice((200 + nblocks) * BS)
+    fm.dev = dev  # type: ignore[assignment]
+    for i in range(nblocks):
+        dev.data[(100 + i) * BS:(101 + i) * BS] = bytes([i + 1]) * BS
+    assert inode.extents is not None
+    inode.extents.map(0, 100, 3)
+    inode.extents.map(5, 105, nblocks - 5)
+    inode.size = nblocks * BS - 100
+    return inode, m, fm, dev
+
+
+def expected(nblocks: int) -> bytearray:
+    out = bytearray()
+    for i in range(nblocks):
+        out += bytes(BS) if i in (3, 4) else bytes([i + 1]) * BS
+    return out[:nblocks * BS - 100]
+
+
+async def test_uncached_read_merges_extents_zeroes_holes_and_leaves_the_cache_alone() -> None:
+    cache = make_cache()
+    inode, m, fm, dev = mapped_file(cache, 40)
+    out = await fm.read_uncached(inode, m, 10, 1 << 20)
+    assert bytes(out) == expected(40)[10:]
+    assert dev.reads == [(100 * BS, 3 * BS), (105 * BS, 35 * BS)]
+    assert not m.folios
+    check_accounting(cache)
+
+
+async def test_uncached_read_takes_dirty_and_cached_blocks_from_the_cache() -> None:
+    cache = make_cache()
+    inode, m, fm, dev = mapped_file(cache, 40)
+    await fm.write(inode, m, 2 * BS + 7, b"x" * (2 * BS))  # blocks 2..4, 3 in the hole
+    want = expected(40)
+    want[2 * BS + 7: 4 * BS + 7] = b"x" * (2 * BS)
+    dev.reads.clear()  # the write read block 2 in (its partial first block)
+    out = await fm.read_uncached(inode, m, 0, 40 * BS)
+    assert bytes(out) == bytes(want)
+    # blocks 2, 3 and 4 came from the cache: only blocks 0, 1 and 5.. from the device
+    assert dev.reads == [(100 * BS, 2 * BS), (105 * BS, 35 * BS)]
+    check_accounting(cache)
+
+
+async def test_uncached_read_falls_back_when_the_mapping_changes_under_it() -> None:
+    cache = make_cache()
+    inode, m, fm, dev = mapped_file(cache, 40)
+    dev.data[150 * BS:151 * BS] = b"n" * BS
+    assert inode.extents is not None
+    extents = inode.extents
+    # block 6 moves to device block 150 while the first read is in flight
+    dev.during_read = lambda: extents.map(6, 150, 1)
+    out = await fm.read_uncached(inode, m, 0, 10 * BS)
+    want = expected(40)[:10 * BS]
+    want[6 * BS:7 * BS] = b"n" * BS
+    assert bytes(out) == bytes(want)
+    assert m.folios  # the fallback went through the cache
+    check_accounting(cache)
+
+
+async def test_uncached_read_clips_to_a_size_that_shrank_meanwhile() -> None:
+    cache = make_cache()
+    inode, m, fm, dev = mapped_file(cache, 40)
+
+    def shrink() -> None:
+        inode.size = 5000
+    dev.during_read = shrink
+    out = await fm.read_uncached(inode, m, 4096, 8192)
+    assert bytes(out) == bytes(expected(40)[4096:5000])
+    assert await fm.read_uncached(inode, m, 6000, 10) == b""
+
+
+def test_reply_buffers_are_reused_only_after_the_reply_is_dropped() -> None:
+    replies = ReplyBuffers(4096)
+    a, view = replies.get(5000)
+    b, held = replies.get(5000)
+    assert a is not b and len(view) == 5000 and a.size == 64 << 10
+    view[:3] = b"abc"
+    assert a.bytes(0, 3) == b"abc"
+    del view
+    c, _ = replies.get(70000)
+    assert c.size == 128 << 10
+    d, _ = replies.get(100)
+    assert d is a  # a's reply was dropped; b's is still held
+    del held
