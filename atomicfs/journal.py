@@ -145,6 +145,7 @@ class Journal:
         self._resident: dict[tuple[int, int], Resident] = {}
         self.failed: BaseException | None = None
         self._wakeup = trio.Event()
+        self._followers = 0  # commits waiting for the batch in flight, to lead the next
         self._room = trio.Event()
         self._absorbed: list[PendingBatch] = []  # a running checkpoint writes these home
         self._request_checkpoint: Callable[[], None] = lambda: None  # attach_checkpointer
@@ -252,7 +253,14 @@ class Journal:
     async def commit(self, seq: int | None = None) -> None:
         """Wait until every batch up to seq (default: everything appended so far, including
         dirty inode attributes) is durable. LogFailed if a write of it failed meanwhile
-        (it is rewritten later; a later commit may succeed)."""
+        (it is rewritten later; a later commit may succeed).
+
+        A commit that needs the pending batch and finds nothing in flight seals and writes
+        it in its own task (it leads): no hand-off to the writer and back, and a lone
+        committer never waits for company. One that finds a batch in flight waits for it
+        (follows) and then leads the next one, which holds everything appended meanwhile:
+        that is group commit. The writer task does the rest (failed batches, checkpoint
+        boundaries, batches nobody commits, waiting for log space)."""
         self.check_failed()
         if seq is None:
             open_batch = not self._pending.empty or self.md.any_dirty
@@ -260,13 +268,38 @@ class Journal:
         while self.durable_seq < seq:
             self.check_failed()
             batch = self._batch(seq)
-            self._wakeup.set()
+            if batch is self._pending and self._in_order():
+                if not self._sealed:
+                    led = self._seal_now()
+                    if led is not None:
+                        # Shielded: a sealed batch must be written (or fail) whatever
+                        # happens to the task that leads it.
+                        with trio.CancelScope(shield=True):
+                            await self._write_batch(led)
+                        if led.error is not None and not led.done.is_set():
+                            raise LogFailed(5, f"log write failed: {led.error}")
+                        continue
+                else:
+                    inflight = self._sealed[-1]
+                    self._followers += 1
+                    try:
+                        with waiting(f"log batch {inflight.seq} before leading the next"):
+                            await inflight.attempt.wait()
+                    except BaseException:
+                        self._followers -= 1
+                        self._wakeup.set()  # the writer leads what this one would have
+                        raise
+                    self._followers -= 1
+                    continue
+            if batch is self._pending or batch in self._boundaries or self._retrying:
+                self._wakeup.set()  # the writer's work (in flight already: nothing to do)
             if self._retrying and (batch is self._pending or batch in self._boundaries):
                 self._rewrite_wanted = True  # new work waits behind the failed batches
             attempt = batch.attempt
             if attempt.is_set() and batch.error is not None:
                 # that attempt failed before this caller came: ask for a rewrite, wait
                 self._rewrite_wanted = True
+                self._wakeup.set()
                 started = self._rewrite_started
                 with waiting(f"a rewrite of log batch {batch.seq}"):
                     await started.wait()
@@ -275,6 +308,33 @@ class Journal:
                 await attempt.wait()
             if batch.error is not None and not batch.done.is_set():
                 raise LogFailed(5, f"log write failed: {batch.error}")
+
+    def _in_order(self) -> bool:
+        """May the pending batch be the next one written? Not while the writer has
+        failed batches to rewrite, a checkpoint's boundary to write or absorbed batches
+        (those come first), nor after the log failed."""
+        return not (self._retrying or self._boundaries or self._absorbed
+                    or self.failed is not None)
+
+    def _seal_now(self) -> PendingBatch | None:
+        """Seal and place the pending batch for a commit that writes it in its own task,
+        if that needs no waiting: nothing in flight, and log space free now (otherwise
+        None: the writer takes it and waits for space)."""
+        self.md.flush_dirty()
+        batch = self._pending
+        if batch.empty:
+            return None
+        size = fmt.header_area_size(len(batch.meta), self.bs) + batch.payload_bytes
+        if size > self.log_size - self.reserve:
+            return None  # the writer reports it
+        pos = self._try_place(size, batch)
+        if pos is None:
+            return None
+        self._pending = PendingBatch(batch.seq + 1)
+        batch.sealed.set()
+        self._sealed.append(batch)
+        self._placed_at(batch, pos)
+        return batch
 
     # ------------------------------------------------------------------- writer
 
@@ -304,7 +364,8 @@ class Journal:
                     continue
                 # Nothing new is placed while a checkpoint holds absorbed batches: they
                 # come first in the order in which batches become durable.
-                while self.has_pending() and not self._sealed and not self._absorbed:
+                while self.has_pending() and not self._sealed and not self._absorbed and \
+                        not (self._followers and not self._boundaries):
                     batch = await self._seal_and_place()
                     if batch is None or self._retrying or self.failed is not None:
                         break
@@ -340,10 +401,13 @@ class Journal:
             return None
         if pos < 0:
             return None  # a checkpoint absorbed it while it waited for room
+        self._placed_at(batch, pos)
+        return batch
+
+    def _placed_at(self, batch: PendingBatch, pos: int) -> None:
         batch.pos = pos
         batch.placed_after = self._placed
-        batch.segments, batch.total = self._assemble(batch, batch.pos)
-        return batch
+        batch.segments, batch.total = self._assemble(batch, pos)
 
     async def _write_batch(self, batch: PendingBatch) -> None:
         try:
@@ -388,7 +452,10 @@ class Journal:
                     b.error = b.error or failure
                     b.attempt.set()
         batch.attempt.set()
-        self._wakeup.set()
+        # The writer goes on unless the commits waiting for this batch lead the next.
+        if self._retrying or self._boundaries or self._absorbed or \
+                (self.has_pending() and not self._followers):
+            self._wakeup.set()
 
     def _acknowledge(self, batch: PendingBatch) -> None:
         self._failures = 0
@@ -478,25 +545,32 @@ class Journal:
         while True:
             if batch.absorbed:
                 return -1
-            pos = self.head_pos
-            waste = 0
-            if pos + size > self.log_size:
-                waste, pos = self.log_size - pos, 0
-            limit = self.log_size - self.bs if batch.checkpoint else \
-                self.log_size - self.reserve
-            if self.used + waste + size <= limit:
-                self._placed += waste + size
-                self.head_pos = pos + size
-                if self.head_pos + self.bs > self.log_size:
-                    self.head_pos = 0
-                if self.used > self.log_size // 2:
-                    self.request_checkpoint()
+            pos = self._try_place(size, batch)
+            if pos is not None:
                 return pos
             self.request_checkpoint()
             room = self._room
             with waiting(f"log space for batch {batch.seq} ({size} bytes, "
                          f"{self.used} of {self.log_size} used)"):
                 await room.wait()
+
+    def _try_place(self, size: int, batch: PendingBatch) -> int | None:
+        """The batch's log position if there is room for it now (taken), else None."""
+        pos = self.head_pos
+        waste = 0
+        if pos + size > self.log_size:
+            waste, pos = self.log_size - pos, 0
+        limit = self.log_size - self.bs if batch.checkpoint else \
+            self.log_size - self.reserve
+        if self.used + waste + size > limit:
+            return None
+        self._placed += waste + size
+        self.head_pos = pos + size
+        if self.head_pos + self.bs > self.log_size:
+            self.head_pos = 0
+        if self.used > self.log_size // 2:
+            self.request_checkpoint()
+        return pos
 
     # --------------------------------------------------------------- checkpoints
     #

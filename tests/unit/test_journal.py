@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from atomicfs import format as fmt
-from atomicfs.device import Device, parse_inject
+from atomicfs.device import Device, DeviceOptions, parse_inject
 from atomicfs.journal import Journal, LogFailed
 from atomicfs.replay import ScannedBatch, scan_log
 from atomicfs.superblock import read_superblock
@@ -597,6 +597,101 @@ async def test_checkpoint_while_a_batch_waits_for_log_space(fs_image: str) -> No
             nursery.cancel_scope.cancel()
     o.close()
     assert not scope.cancelled_caught, "the checkpoint never finished"
+
+
+def created(path: str) -> list[list[bytes]]:
+    """The names each valid batch of the log adds, batch by batch."""
+    return [[r.args[1] for r in b.records if r.rtype == fmt.REC_DIRENT_ADD]
+            for b in scan(path)]
+
+
+async def test_a_lone_commit_writes_its_batch_in_its_own_task(fs_image: str) -> None:
+    """With nothing in flight a commit seals and writes the pending batch itself: it needs
+    no writer task (none runs here), only the device's completions."""
+    o = open_fs(fs_image)
+    j = o.journal
+    async with trio.open_nursery() as nursery:
+        await nursery.start(o.dev.run_reaper)
+        create_file(o.md, b"a")
+        with trio.fail_after(10):
+            await j.commit()
+        assert j.durable_seq == 1 and not j.has_pending()
+        create_file(o.md, b"b")
+        with trio.fail_after(10):
+            await j.commit()
+        assert j.durable_seq == 2
+        nursery.cancel_scope.cancel()
+    o.close()
+    assert created(fs_image) == [[b"a"], [b"b"]]
+
+
+async def test_commits_arriving_during_a_write_share_the_next_batch(fs_image: str) -> None:
+    """Group commit: while one batch is in flight (a slow device holds it), three more
+    commits gather in the pending batch, and one of them writes it for all."""
+    o = open_fs(fs_image, options=DeviceOptions(delay_s=0.2))
+    j = o.journal
+    async with trio.open_nursery() as outer:
+        await outer.start(o.dev.run_reaper)
+        async with running(j):
+            create_file(o.md, b"a")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(j.commit)
+                await trio.testing.wait_all_tasks_blocked()
+                assert j._sealed and j.durable_seq == 0  # batch 1 in flight
+                for name in (b"b", b"c", b"d"):
+                    create_file(o.md, name)
+                    nursery.start_soon(j.commit)
+                await trio.testing.wait_all_tasks_blocked()
+                assert j._followers == 3
+            assert j.durable_seq == 2 and o.journal.counters.log_batches == 2
+        outer.cancel_scope.cancel()
+    o.close()
+    assert created(fs_image) == [[b"a"], [b"b", b"c", b"d"]]
+
+
+async def test_a_cancelled_commit_still_writes_the_batch_it_sealed(fs_image: str) -> None:
+    """The batch a commit sealed is written even if that commit is cancelled meanwhile:
+    batches become durable in order, and the next one must not wait for ever."""
+    o = open_fs(fs_image, options=DeviceOptions(delay_s=0.2))
+    j = o.journal
+    async with trio.open_nursery() as outer:
+        await outer.start(o.dev.run_reaper)
+        async with running(j):
+            create_file(o.md, b"a")
+            with trio.move_on_after(0.05):
+                await j.commit()
+            assert j.durable_seq == 1 and not j._sealed
+            create_file(o.md, b"b")
+            with trio.fail_after(10):
+                await j.commit()
+            assert j.durable_seq == 2
+        outer.cancel_scope.cancel()
+    o.close()
+    assert created(fs_image) == [[b"a"], [b"b"]]
+
+
+async def test_a_cancelled_follower_leaves_its_batch_to_the_writer(fs_image: str) -> None:
+    """A commit waiting for the batch in flight, to write the next, is cancelled: the
+    writer writes the next batch instead (nobody else would until the commit interval)."""
+    o = open_fs(fs_image, options=DeviceOptions(delay_s=0.2))
+    j = o.journal
+    async with trio.open_nursery() as outer:
+        await outer.start(o.dev.run_reaper)
+        async with running(j):
+            create_file(o.md, b"a")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(j.commit)
+                await trio.testing.wait_all_tasks_blocked()
+                create_file(o.md, b"b")
+                with trio.move_on_after(0.05):
+                    await j.commit()
+                assert j._followers == 0
+            with trio.fail_after(10):
+                while j.durable_seq < 2:
+                    await trio.sleep(0.01)
+        outer.cancel_scope.cancel()
+    o.close()
+    assert created(fs_image) == [[b"a"], [b"b"]]
 
 
 @pytest.mark.daemon_log(allow=[r"^log write of batch 1 failed: .*Input/output error"])
