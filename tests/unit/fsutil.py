@@ -84,6 +84,21 @@ async def running(journal: Journal) -> AsyncIterator[None]:
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def reaped(o: "Opened", writer: bool = True) -> AsyncIterator[None]:
+    """The device's completion reaper, and the journal writer unless writer=False, for the
+    duration of the block; the filesystem closed after it."""
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(o.dev.run_reaper)
+            if writer:
+                await nursery.start(o.journal.run)
+            yield
+            nursery.cancel_scope.cancel()
+    finally:
+        o.close()
+
+
 def canonical(md: Metadata) -> dict[str, Any]:
     """Everything that must survive a replay, independent of dict insertion order,
     including the fields derived at load time (parent, parsed atomicfs xattrs)."""

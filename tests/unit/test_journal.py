@@ -16,7 +16,7 @@ from atomicfs.replay import ScannedBatch, scan_log
 from atomicfs.superblock import read_superblock
 from atomicfs.mkfs import mkfs
 from tests.unit.fsutil import (Opened, canonical, create_file, open_fs, pattern, payload,
-                               read_blocks, reopen, running, scribble)
+                               read_blocks, reaped, reopen, running, scribble)
 
 BS = 4096
 
@@ -610,8 +610,7 @@ async def test_a_lone_commit_writes_its_batch_in_its_own_task(fs_image: str) -> 
     no writer task (none runs here), only the device's completions."""
     o = open_fs(fs_image)
     j = o.journal
-    async with trio.open_nursery() as nursery:
-        await nursery.start(o.dev.run_reaper)
+    async with reaped(o, writer=False):
         create_file(o.md, b"a")
         with trio.fail_after(10):
             await j.commit()
@@ -620,8 +619,6 @@ async def test_a_lone_commit_writes_its_batch_in_its_own_task(fs_image: str) -> 
         with trio.fail_after(10):
             await j.commit()
         assert j.durable_seq == 2
-        nursery.cancel_scope.cancel()
-    o.close()
     assert created(fs_image) == [[b"a"], [b"b"]]
 
 
@@ -630,22 +627,18 @@ async def test_commits_arriving_during_a_write_share_the_next_batch(fs_image: st
     commits gather in the pending batch, and one of them writes it for all."""
     o = open_fs(fs_image, options=DeviceOptions(delay_s=0.2))
     j = o.journal
-    async with trio.open_nursery() as outer:
-        await outer.start(o.dev.run_reaper)
-        async with running(j):
-            create_file(o.md, b"a")
-            async with trio.open_nursery() as nursery:
+    async with reaped(o):
+        create_file(o.md, b"a")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(j.commit)
+            await trio.testing.wait_all_tasks_blocked()
+            assert j._sealed and j.durable_seq == 0  # batch 1 in flight
+            for name in (b"b", b"c", b"d"):
+                create_file(o.md, name)
                 nursery.start_soon(j.commit)
-                await trio.testing.wait_all_tasks_blocked()
-                assert j._sealed and j.durable_seq == 0  # batch 1 in flight
-                for name in (b"b", b"c", b"d"):
-                    create_file(o.md, name)
-                    nursery.start_soon(j.commit)
-                await trio.testing.wait_all_tasks_blocked()
-                assert j._followers == 3
-            assert j.durable_seq == 2 and o.journal.counters.log_batches == 2
-        outer.cancel_scope.cancel()
-    o.close()
+            await trio.testing.wait_all_tasks_blocked()
+            assert j._followers == 3
+        assert j.durable_seq == 2 and o.journal.counters.log_batches == 2
     assert created(fs_image) == [[b"a"], [b"b", b"c", b"d"]]
 
 
@@ -654,19 +647,15 @@ async def test_a_cancelled_commit_still_writes_the_batch_it_sealed(fs_image: str
     batches become durable in order, and the next one must not wait for ever."""
     o = open_fs(fs_image, options=DeviceOptions(delay_s=0.2))
     j = o.journal
-    async with trio.open_nursery() as outer:
-        await outer.start(o.dev.run_reaper)
-        async with running(j):
-            create_file(o.md, b"a")
-            with trio.move_on_after(0.05):
-                await j.commit()
-            assert j.durable_seq == 1 and not j._sealed
-            create_file(o.md, b"b")
-            with trio.fail_after(10):
-                await j.commit()
-            assert j.durable_seq == 2
-        outer.cancel_scope.cancel()
-    o.close()
+    async with reaped(o):
+        create_file(o.md, b"a")
+        with trio.move_on_after(0.05):
+            await j.commit()
+        assert j.durable_seq == 1 and not j._sealed
+        create_file(o.md, b"b")
+        with trio.fail_after(10):
+            await j.commit()
+        assert j.durable_seq == 2
     assert created(fs_image) == [[b"a"], [b"b"]]
 
 
@@ -675,22 +664,18 @@ async def test_a_cancelled_follower_leaves_its_batch_to_the_writer(fs_image: str
     writer writes the next batch instead (nobody else would until the commit interval)."""
     o = open_fs(fs_image, options=DeviceOptions(delay_s=0.2))
     j = o.journal
-    async with trio.open_nursery() as outer:
-        await outer.start(o.dev.run_reaper)
-        async with running(j):
-            create_file(o.md, b"a")
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(j.commit)
-                await trio.testing.wait_all_tasks_blocked()
-                create_file(o.md, b"b")
-                with trio.move_on_after(0.05):
-                    await j.commit()
-                assert j._followers == 0
-            with trio.fail_after(10):
-                while j.durable_seq < 2:
-                    await trio.sleep(0.01)
-        outer.cancel_scope.cancel()
-    o.close()
+    async with reaped(o):
+        create_file(o.md, b"a")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(j.commit)
+            await trio.testing.wait_all_tasks_blocked()
+            create_file(o.md, b"b")
+            with trio.move_on_after(0.05):
+                await j.commit()
+            assert j._followers == 0
+        with trio.fail_after(10):
+            await j._batch(2).done.wait()  # written by the writer task
+        assert j.durable_seq == 2
     assert created(fs_image) == [[b"a"], [b"b"]]
 
 
