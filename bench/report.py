@@ -502,17 +502,24 @@ def plots(data: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def _goal_of(text: Any) -> float | None:
+    """A pgbench ratio's goal (">= 0.8") as a number; None for none."""
+    m = re.search(r"[0-9.]+", str(text or ""))
+    return float(m.group()) if m else None
+
+
 def goals_plot(data: dict[str, Any], out: Path, plt: Any) -> None:
     """goals.png: issue 14's goals, atomicfs-sw's ratio as a bar, the goal and the ceiling
     this run allows as marks (see issue14_table)."""
     rows = [g for g in data.get("issue14_goals", []) if g.get("ratio")]
-    pg = [r for r in (data.get("pgbench") or {}).get("ratios", []) if r.get("ratio")]
+    pg = [r for r in (data.get("pgbench") or {}).get("ratios", [])
+          if r.get("ratio") and _goal_of(r.get("goal"))]
     labels = [g["goal"] for g in rows] + [f"pgbench {r['subject']} ÷ {r['reference']}"
                                           for r in pg]
     if not labels:
         return
     ratios = [g["ratio"]["ratio"] for g in rows] + [r["ratio"] for r in pg]
-    goals = [g["at_least"] for g in rows] + [r["goal"] for r in pg]
+    goals = [g["at_least"] for g in rows] + [_goal_of(r["goal"]) or 0.0 for r in pg]
     ceilings = [g.get("ceiling") for g in rows] + [None] * len(pg)
     fig, ax = plt.subplots(figsize=(10, 0.42 * len(labels) + 1.2))
     ys = list(range(len(labels)))[::-1]

@@ -51,3 +51,19 @@ def test_a_null_filesystem_reference_is_its_own_ceiling_and_the_table_says_so() 
     table = report.issue14_table(data)
     assert "| unlink ÷ null FS | 0.90x met | 0.8x | 1.00x | 90% |" in table
     assert "missing" not in table  # no figures, no row
+
+
+def test_the_goals_plot_takes_pgbench_goals_as_written(tmp_path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = _data()
+    data["date"] = "2026-12-05T00:00:00"
+    data["issue14_goals"] = [report.issue14_goal(data, "unlink ÷ null FS", "meta_unlink",
+                                                 "meta_unlink", "nullfs", 0.8, None)]
+    data["pgbench"] = {"ratios": [
+        {"subject": "atomicfs-sw/off", "reference": "xfs/on", "goal": ">= 0.8", "ratio": 0.5},
+        {"subject": "xfs/off", "reference": "xfs/on", "goal": "", "ratio": 1.1}]}
+    report.goals_plot(data, tmp_path, plt)
+    assert (tmp_path / "goals.png").stat().st_size > 0
+    assert report._goal_of(">= 1.2") == 1.2 and report._goal_of("") is None
