@@ -508,19 +508,28 @@ def _goal_of(text: Any) -> float | None:
     return float(m.group()) if m else None
 
 
+def goal_rows(data: dict[str, Any]) -> list[tuple[str, float, float, float | None]]:
+    """What goals.png shows: (label, atomicfs's ratio, goal, ceiling or None) for issue 14's
+    goals and the pgbench ratios that have one."""
+    rows = [(g["goal"], g["ratio"]["ratio"], g["at_least"], g.get("ceiling"))
+            for g in data.get("issue14_goals", []) if g.get("ratio")]
+    for r in (data.get("pgbench") or {}).get("ratios", []):
+        goal = _goal_of(r.get("goal"))
+        if r.get("ratio") and goal:
+            rows.append((f"pgbench {r['subject']} ÷ {r['reference']}", r["ratio"], goal, None))
+    return rows
+
+
 def goals_plot(data: dict[str, Any], out: Path, plt: Any) -> None:
     """goals.png: issue 14's goals, atomicfs-sw's ratio as a bar, the goal and the ceiling
     this run allows as marks (see issue14_table)."""
-    rows = [g for g in data.get("issue14_goals", []) if g.get("ratio")]
-    pg = [r for r in (data.get("pgbench") or {}).get("ratios", [])
-          if r.get("ratio") and _goal_of(r.get("goal"))]
-    labels = [g["goal"] for g in rows] + [f"pgbench {r['subject']} ÷ {r['reference']}"
-                                          for r in pg]
-    if not labels:
+    rows = goal_rows(data)
+    if not rows:
         return
-    ratios = [g["ratio"]["ratio"] for g in rows] + [r["ratio"] for r in pg]
-    goals = [g["at_least"] for g in rows] + [_goal_of(r["goal"]) or 0.0 for r in pg]
-    ceilings = [g.get("ceiling") for g in rows] + [None] * len(pg)
+    labels = [r[0] for r in rows]
+    ratios = [r[1] for r in rows]
+    goals = [r[2] for r in rows]
+    ceilings = [r[3] for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.42 * len(labels) + 1.2))
     ys = list(range(len(labels)))[::-1]
     ax.barh(ys, ratios, color=["#2ca02c" if r >= g else "#1f77b4"
