@@ -45,10 +45,12 @@ PATH_MAX = 4096
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 MAX_FILE_BLOCKS = fmt.MAX_FILE_BLOCKS
-ATTR_TIMEOUT = 1.0
-# Names change only through this mount's kernel (the daemon never renames or removes a name
-# on its own), so the kernel's dentries cannot go stale: keep them longer than the
-# attributes, and a name walked again within 10 s costs no LOOKUP round trip.
+# Names and attributes change only through this mount's kernel: the daemon never renames or
+# removes a name on its own, and what it changes of an inode by itself (atime after a read,
+# mtime, ctime and blocks after a write, ctime after setxattr) the kernel invalidates when it
+# sends that request. So its dentries and attributes cannot go stale, and a name walked or
+# stat'ed again within 10 s costs no LOOKUP or GETATTR round trip.
+ATTR_TIMEOUT = 10.0
 ENTRY_TIMEOUT = 10.0
 SETATTR_FIELDS = ("update_size", "update_mode", "update_uid", "update_gid", "update_atime",
                   "update_mtime", "update_ctime")

@@ -4,12 +4,21 @@ It serves one directory in which any name can be created; files keep only their 
 It runs in the same FUSE mode as atomicfs (kernel page cache, keep_cache, no writeback
 cache), so a side-by-side run measures what atomicfs costs on top of FUSE itself.
 
-    python bench/nullfs.py MOUNTPOINT [--xattrs]
+    python bench/nullfs.py MOUNTPOINT [--xattrs | --perm]
 
 With --xattrs it answers getxattr (ENODATA: no attribute) as a filesystem with extended
 attributes does. The kernel then asks for security.capability before every write, one more
 round trip per write, as it does on atomicfs; without it the first getxattr gets ENOSYS and
 the kernel never asks again.
+
+With --perm it is mounted with default_permissions, as atomicfs is: the kernel checks
+permissions itself and, since a create or unlink changes the directory's attributes, asks
+for them (GETATTR) before the next create or unlink in it. That is the transport's ceiling
+for the metadata rows; plain nullfs, which checks nothing, pays one round trip fewer.
+
+Names and attributes are cached by the kernel as long as atomicfs lets it cache them
+(ENTRY_TIMEOUT, ATTR_TIMEOUT: the same values, checked by tests/unit/test_bench_report.py),
+so both answer the same requests.
 """
 from __future__ import annotations
 
@@ -23,6 +32,8 @@ import pyfuse3
 import trio
 
 ROOT = pyfuse3.ROOT_INODE
+ENTRY_TIMEOUT = 10.0  # = atomicfs.fs.ENTRY_TIMEOUT
+ATTR_TIMEOUT = 10.0   # = atomicfs.fs.ATTR_TIMEOUT
 
 
 class NullFS(pyfuse3.Operations):
@@ -42,7 +53,8 @@ class NullFS(pyfuse3.Operations):
         e.st_nlink = 2 if ino == ROOT else 1
         e.st_size = self.sizes.get(ino, 0)
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = self.now
-        e.attr_timeout = e.entry_timeout = 1.0
+        e.entry_timeout = ENTRY_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT
         return e
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None
@@ -135,11 +147,14 @@ class NullXattrFS(NullFS):
 
 def main() -> None:
     args = sys.argv[1:]
-    if len(args) not in (1, 2) or (len(args) == 2 and args[1] != "--xattrs"):
-        sys.exit("usage: nullfs.py MOUNTPOINT [--xattrs]")
+    if len(args) not in (1, 2) or (len(args) == 2 and args[1] not in ("--xattrs", "--perm")):
+        sys.exit("usage: nullfs.py MOUNTPOINT [--xattrs | --perm]")
     mountpoint = args[0]
-    fs = NullXattrFS() if len(args) == 2 else NullFS()
-    pyfuse3.init(fs, mountpoint, {"fsname=nullfs", "subtype=nullfs"})
+    fs = NullXattrFS() if args[1:] == ["--xattrs"] else NullFS()
+    opts = {"fsname=nullfs", "subtype=nullfs"}
+    if args[1:] == ["--perm"]:
+        opts.add("default_permissions")
+    pyfuse3.init(fs, mountpoint, opts)
     try:
         trio.run(pyfuse3.main, 4, 64)
     finally:

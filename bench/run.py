@@ -35,7 +35,7 @@ from bench.workloads import (META_COUNT, RAND_SIZE, SEQ_SIZE, WORKLOADS, Outcome
 log = logging.getLogger(__name__)
 
 BACKING_SIZE = 4 << 30
-REFERENCES = ("nullfs", "nullfs-xattr", "xfs", "ext4")
+REFERENCES = ("nullfs", "nullfs-xattr", "nullfs-perm", "xfs", "ext4")
 SUBJECTS = ("atomicfs-sw", "atomicfs-hw")
 
 

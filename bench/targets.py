@@ -6,7 +6,10 @@
 - xfs, ext4: the kernel's filesystems formatted on the loop device, mounted directly;
 - nullfs, nullfs-xattr: bench/nullfs.py, no device (the FUSE transport's ceiling); the
   -xattr variant answers getxattr like a filesystem with extended attributes, so the kernel
-  asks it for security.capability before every write, as it asks atomicfs.
+  asks it for security.capability before every write, as it asks atomicfs;
+- nullfs-perm: bench/nullfs.py mounted with default_permissions, as atomicfs is, for the
+  metadata rows only (the kernel then asks for a directory's attributes after each create
+  or unlink in it: the ceiling of a filesystem that lets the kernel check permissions).
 """
 from __future__ import annotations
 
@@ -165,16 +168,19 @@ class AtomicTarget(Target):
 class NullTarget(Target):
     family = "nullfs"
 
-    def __init__(self, env: Environment, xattrs: bool) -> None:
+    def __init__(self, env: Environment, variant: str = "") -> None:
         super().__init__(env)
-        self.xattrs = xattrs
-        self.name = "nullfs-xattr" if xattrs else "nullfs"
-        self.description = (
-            "bench/nullfs.py --xattrs: discards writes, reads zeros, answers getxattr "
-            "(so pays the per-write security.capability round trip, as atomicfs does)"
-            if xattrs else
-            "bench/nullfs.py: discards writes, reads zeros (getxattr unimplemented: the "
-            "kernel stops asking)")
+        self.variant = variant  # "", "xattr" or "perm"
+        self.name = f"nullfs-{variant}" if variant else "nullfs"
+        self.description = {
+            "xattr": "bench/nullfs.py --xattrs: discards writes, reads zeros, answers "
+                     "getxattr (so pays the per-write security.capability round trip, as "
+                     "atomicfs does)",
+            "perm": "bench/nullfs.py --perm: nullfs mounted with default_permissions, as "
+                    "atomicfs is (the kernel asks for the directory's attributes after each "
+                    "create or unlink); metadata rows only",
+            "": "bench/nullfs.py: discards writes, reads zeros (getxattr unimplemented: the "
+                "kernel stops asking)"}[variant]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -187,8 +193,10 @@ class NullTarget(Target):
 
     def setup(self) -> None:
         args = [sys.executable, str(REPO / "bench" / "nullfs.py"), str(self.root)]
-        if self.xattrs:
+        if self.variant == "xattr":
             args.append("--xattrs")
+        elif self.variant == "perm":
+            args.append("--perm")
         self.proc = start_fuse_daemon(args, self.root, "fuse.nullfs",
                                       self.env.workdir / f"{self.name}.log", "nullfs")
 
@@ -205,7 +213,10 @@ class NullTarget(Target):
         return self.proc.pid if self.proc is not None else 0
 
 
-ALL_TARGETS = ("atomicfs-sw", "atomicfs-hw", "nullfs", "nullfs-xattr", "xfs", "ext4")
+ALL_TARGETS = ("atomicfs-sw", "atomicfs-hw", "nullfs", "nullfs-xattr", "nullfs-perm", "xfs",
+               "ext4")
+# Targets that run only the metadata rows (they are those rows' ceiling, nothing else's)
+META_ONLY_TARGETS = frozenset({"nullfs-perm"})
 
 
 def stub(name: str) -> Target:
@@ -222,8 +233,8 @@ def make_target(env: Environment, name: str) -> Target:
         return AtomicTarget(env, hardware=False)
     if name == "atomicfs-hw":
         return AtomicTarget(env, hardware=True)
-    if name in ("nullfs", "nullfs-xattr"):
-        return NullTarget(env, xattrs=name.endswith("xattr"))
+    if name in ("nullfs", "nullfs-xattr", "nullfs-perm"):
+        return NullTarget(env, name.partition("-")[2])
     if name in ("xfs", "ext4"):
         return KernelTarget(env, name)
     raise BenchError(f"unknown target {name!r} (known: {', '.join(ALL_TARGETS)})")

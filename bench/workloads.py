@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bench.sysutil import BenchError, run
-from bench.targets import Target
+from bench.targets import META_ONLY_TARGETS, Target
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class Workload:
     notes: str = ""
 
     def spec_for(self, target: Target) -> Spec | None:
+        if target.name in META_ONLY_TARGETS and self.part is None:
+            return None
         for k in (target.name, target.family, "*"):
             if k in self.variants:
                 return self.variants[k]

@@ -64,3 +64,34 @@ def test_the_goals_plot_takes_pgbench_goals_as_written() -> None:
     assert rows == [("unlink ÷ null FS", pytest.approx(0.9), 0.8, 1.0),
                     ("pgbench atomicfs-sw/off ÷ xfs/on", 0.5, 0.8, None)]
     assert report._goal_of(">= 1.2") == 1.2 and report._goal_of("") is None
+
+
+def test_nullfs_caches_what_atomicfs_lets_the_kernel_cache() -> None:
+    """The null filesystem is the transport's ceiling only if the kernel sends it the same
+    requests: the same entry and attribute timeouts as atomicfs."""
+    import importlib.util
+    from pathlib import Path
+
+    from atomicfs import fs
+    path = Path(report.__file__).with_name("nullfs.py")
+    spec = importlib.util.spec_from_file_location("bench_nullfs", path)
+    assert spec is not None and spec.loader is not None
+    nullfs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nullfs)
+    assert (nullfs.ENTRY_TIMEOUT, nullfs.ATTR_TIMEOUT) == (fs.ENTRY_TIMEOUT, fs.ATTR_TIMEOUT)
+
+
+def test_nullfs_perm_runs_only_the_metadata_rows() -> None:
+    from bench.targets import stub
+    from bench.workloads import WORKLOADS
+    ran = {w.key for w in WORKLOADS if w.spec_for(stub("nullfs-perm")) is not None}
+    assert ran == {"meta_create", "meta_stat", "meta_unlink"}
+
+
+def test_the_metadata_ceiling_is_nullfs_with_default_permissions() -> None:
+    data = _data()
+    data["figures"]["meta_unlink"].update(_fig(nullfs_perm=600))
+    g = report.issue14_goal(data, "unlink ÷ null FS", "meta_unlink", "meta_unlink", "nullfs",
+                            0.8, ("transport", "meta_unlink", "nullfs-perm", None, None))
+    assert g["ceiling"] == pytest.approx(0.6) and g["share_of_ceiling"] == pytest.approx(1.5)
+    assert g["ceiling_how"] == "transport: nullfs-perm meta_unlink"
