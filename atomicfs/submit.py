@@ -490,5 +490,6 @@ class Submitter:
         the recorded size may be its size (the rest, if any, is a hole made by truncate)."""
         if inode.disk_size >= inode.size:
             return
-        if m is None or not (m.dirty or any(f.io_mask for f in m.busy.values())):
+        # (data_busy: a checkpoint's home copies, io_mask 0, need no walk)
+        if m is None or not (m.dirty or any(f.io_mask for f in m.data_busy.values())):
             self.md.data_written(inode, inode.size)
