@@ -269,7 +269,8 @@ class Journal:
             seq = self._pending.seq if open_batch else self._pending.seq - 1
         while self.durable_seq < seq:
             self.check_failed()
-            batch = self._batch(seq)
+            # (the pending batch is the newest: no search for it)
+            batch = self._pending if seq >= self._pending.seq else self._batch(seq)
             if batch is self._pending and self._in_order():
                 if not self._sealed:
                     led = self._seal_now()
@@ -520,18 +521,17 @@ class Journal:
         self._rewrite_started.set()  # waiters look again and find the log failed
 
     def _assemble(self, batch: PendingBatch, pos: int) -> tuple[list[Segment], int]:
-        meta = bytes(batch.meta)
+        meta = batch.meta  # sealed: nothing appends to it any more
         hdr_area = fmt.header_area_size(len(meta), self.bs)
         total = hdr_area + batch.payload_bytes
         header = fmt.BatchHeader(self.uuid_tag, batch.seq, pos, total, len(meta),
                                  len(batch.payloads))
         hbuf = Buffer(hdr_area)
-        hbuf.write(0, header.pack(0))
-        hbuf.write(fmt.BATCH_HEADER_SIZE, meta)
+        hbuf.write(0, header.pack(0) + meta)  # the checksum covers it with crc 0
         crc = hbuf.crc32c()
         for buf, length in batch.payloads:
             crc = buf.crc32c(0, length, crc)
-        hbuf.write(0, header.pack(crc))
+        hbuf.write(fmt.CRC_FIELD_OFFSET, crc.to_bytes(4, "little"))
         segments: list[Segment] = [(hbuf, 0, hdr_area)]
         segments += [(buf, 0, length) for buf, length in batch.payloads]
         off = pos + hdr_area
