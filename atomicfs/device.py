@@ -172,6 +172,11 @@ class Recorder:
         return cls.EVENT.pack(rtype, seq, offset, length, flags, time_ns, ref)
 
 
+def _never_abort(_: Any) -> trio.lowlevel.Abort:
+    """A device wait that a cancellation does not end (Device._submit, uncancellable)."""
+    return trio.lowlevel.Abort.FAILED
+
+
 def _field_offsets(fmt: str) -> list[int]:
     """Where each field of a packed little-endian struct format starts."""
     return [struct.calcsize(fmt[: i + 1]) for i in range(len(fmt) - 1)]
@@ -225,7 +230,8 @@ class Device:
             lib.afs_ioq_set_record(q, self._record_fd)
         self.set_inject(self.options.inject)
         self.set_delay(self.options.delay_s)
-        # id -> [io, bufs, lens, done, kind, submitted ns, reaped ns]
+        # id -> [io, bufs, lens, waiting task (None once it gave up), kind, submitted ns,
+        # reaped ns]
         self._pending: dict[int, list[Any]] = {}
         self.latency = Histograms()  # by request kind, see request_kind
         self._next_id = 1
@@ -365,25 +371,32 @@ class Device:
         self.latency.add(request_kind(io), time.perf_counter_ns() - t0)
         return self._check(io, what)
 
-    async def _submit(self, req: tuple[Any, Any, Any], what: str) -> int:
+    async def _submit(self, req: tuple[Any, Any, Any], what: str,
+                      uncancellable: bool = False) -> int:
+        """Hand the request to the C threads and wait for the reaper to wake this task (a
+        bare task wake-up, no Event: this runs for every device request). uncancellable:
+        a cancellation waits for the outcome, as a shielded cancel scope would, without
+        the cost of one (the caller must learn what happened to its write)."""
         io = req[0]
         if not self._reaper_running:  # before trio runs the reaper: run it here
             return await trio.to_thread.run_sync(self._execute, io, what)
         ident = self._next_id
         self._next_id += 1
         io.id = ident
-        done = trio.Event()
-        entry = [*req, done, request_kind(io), time.perf_counter_ns(), 0]
+        entry = [*req, trio.lowlevel.current_task(), request_kind(io), time.perf_counter_ns(),
+                 0]
         self._pending[ident] = entry
         lib.afs_ioq_submit(self._q, io)
-        try:
-            with waiting(f"device {what}"):
-                await done.wait()
-        except BaseException:
-            # the request is in a C thread and will complete; keep its memory alive
-            if ident in self._pending:
-                entry[3] = trio.Event()
-            raise
+        if uncancellable:
+            abort = _never_abort
+        else:
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                # The request is in a C thread and will complete: its entry (and so its
+                # memory) stays in _pending until the reaper takes it; nobody is woken.
+                entry[3] = None
+                return trio.lowlevel.Abort.SUCCEEDED
+        with waiting(f"device {what}"):
+            await trio.lowlevel.wait_task_rescheduled(abort)
         self.latency.add("completion_wakeup", time.perf_counter_ns() - entry[6])
         return self._check(io, what)
 
@@ -404,7 +417,8 @@ class Device:
                     if entry is not None:
                         entry[6] = now
                         self.latency.add(entry[4], now - entry[5])
-                        entry[3].set()
+                        if entry[3] is not None:
+                            trio.lowlevel.reschedule(entry[3])
         finally:
             self._reaper_running = False
 
@@ -453,24 +467,27 @@ class Device:
         await self._submit(req, f"read at {offset}")
 
     async def writev(self, offset: int, segments: Sequence[Segment], kind: str,
-                     atomic: bool = False, dsync: bool = False) -> None:
+                     atomic: bool = False, dsync: bool = False,
+                     uncancellable: bool = False) -> None:
+        """uncancellable: see _submit."""
         if self.readonly:
             raise DeviceError(errno.EROFS, "device opened read-only")
         flags = (native.RWF_ATOMIC if atomic else 0) | (native.RWF_DSYNC if dsync else 0)
         await self._submit(self._request(lib.AFS_OP_WRITE, kind, offset, segments, flags),
-                           f"{kind} write at {offset}")
+                           f"{kind} write at {offset}", uncancellable)
 
     async def writev_flush(self, offset: int, segments: Sequence[Segment], kind: str,
-                           atomic: bool = False) -> None:
+                           atomic: bool = False, uncancellable: bool = False) -> None:
         """A write, then a device flush, in one request: durable when it returns. For the
-        group flush it counts as a flush that started when it was submitted."""
+        group flush it counts as a flush that started when it was submitted.
+        uncancellable: see _submit."""
         if self.readonly:
             raise DeviceError(errno.EROFS, "device opened read-only")
         flags = native.RWF_ATOMIC if atomic else 0
         self._flush_started += 1
         gen = self._flush_started
         await self._submit(self._request(lib.AFS_OP_WRITE_FLUSH, kind, offset, segments,
-                                         flags), f"{kind} write at {offset}")
+                                         flags), f"{kind} write at {offset}", uncancellable)
         # A flush covers what completed before it started, so also what earlier flushes
         # covered: completing number gen completes every lower number.
         self._flush_done = max(self._flush_done, gen)

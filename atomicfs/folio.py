@@ -33,6 +33,10 @@ class IOKind(enum.Enum):
     LOG_HELD = "log-held"  # copied into the log; a write-through holds it until durable
     HOME = "home copy"  # a checkpoint copies logged, clean blocks home (io_mask 0)
 
+    # Members are singletons compared by identity: hash them as such, in C. Enum's own
+    # __hash__ is Python code, and `io in STABLE_IO` runs on every write and fsync.
+    __hash__ = object.__hash__
+
 
 # I/O that needs the buffer unchanged until it ends: writers wait (stable pages).
 STABLE_IO = frozenset({IOKind.STABLE_IN_PLACE, IOKind.ATOMIC, IOKind.LOG_HELD, IOKind.HOME})
@@ -159,7 +163,8 @@ class Mapping:
 
     __slots__ = ("block_size", "ino", "folio_size", "blocks_per_folio", "folios", "dirty",
                  "stable", "wt_inflight", "err_seq", "err_seen", "flush_gen", "meta_seq",
-                 "atomic", "ra_next", "ra_window", "busy", "reserved_blocks")
+                 "atomic", "ra_next", "ra_window", "busy", "data_busy",
+                 "reserved_blocks")
 
     def __init__(self, block_size: int, ino: int, folio_size: int, atomic: bool) -> None:
         self.block_size = block_size
@@ -175,6 +180,9 @@ class Mapping:
         self.flush_gen = -1  # device flush generation covering its last in-place write
         self.meta_seq = -1  # newest log batch holding this file's extents or data
         self.busy: dict[int, Folio] = {}  # folios under writeback or locked
+        # The subset of busy that fsync waits for: locked, or under I/O of dirty blocks
+        # (not a checkpoint's home copy), kept by PageCache's transitions.
+        self.data_busy: dict[int, Folio] = {}
         # reserved bits of its folios (kept by PageCache.reserve/unreserve_blocks, so that
         # st_blocks costs no walk over a big file's folios: getattr runs on the trio loop)
         self.reserved_blocks = 0

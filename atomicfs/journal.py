@@ -37,6 +37,8 @@ from atomicfs.watchdog import waiting
 
 log = logging.getLogger(__name__)
 
+_CHUNK_SEGMENTS = 512  # segments of a batch per device write (within native.MAX_IOV)
+
 
 @dataclass
 class DataRun:
@@ -267,15 +269,21 @@ class Journal:
             seq = self._pending.seq if open_batch else self._pending.seq - 1
         while self.durable_seq < seq:
             self.check_failed()
-            batch = self._batch(seq)
+            # (the pending batch is the newest: no search for it)
+            batch = self._pending if seq >= self._pending.seq else self._batch(seq)
             if batch is self._pending and self._in_order():
                 if not self._sealed:
                     led = self._seal_now()
                     if led is not None:
                         # Shielded: a sealed batch must be written (or fail) whatever
-                        # happens to the task that leads it.
-                        with trio.CancelScope(shield=True):
-                            await self._write_batch(led)
+                        # happens to the task that leads it. Without a barrier to
+                        # wait for, that is device writes made uncancellable
+                        # themselves, at less cost than a cancel scope.
+                        if led.barrier_gen < 0:
+                            await self._write_batch(led, uncancellable=True)
+                        else:
+                            with trio.CancelScope(shield=True):
+                                await self._write_batch(led)
                         if led.error is not None and not led.done.is_set():
                             raise LogFailed(5, f"log write failed: {led.error}")
                         continue
@@ -409,9 +417,9 @@ class Journal:
         batch.placed_after = self._placed
         batch.segments, batch.total = self._assemble(batch, pos)
 
-    async def _write_batch(self, batch: PendingBatch) -> None:
+    async def _write_batch(self, batch: PendingBatch, uncancellable: bool = False) -> None:
         try:
-            await self._write_placed(batch)
+            await self._write_placed(batch, uncancellable)
             batch.written = True
         except DeviceError as exc:
             batch.error = exc
@@ -419,18 +427,23 @@ class Journal:
             log.error("log write of batch %d failed: %s", batch.seq, exc)
         self._finish_attempt(batch)
 
-    async def _write_placed(self, batch: PendingBatch) -> None:
+    async def _write_placed(self, batch: PendingBatch, uncancellable: bool = False) -> None:
+        """uncancellable: the device writes cannot be cancelled (the caller checked that
+        there is no barrier flush to wait for, which could be)."""
         if batch.barrier_gen >= 0:
             await self.dev.flush_covering(batch.barrier_gen)
         off = batch.pos
-        chunks = [batch.segments[i: i + 512] for i in range(0, len(batch.segments), 512)]
+        n = _CHUNK_SEGMENTS
+        chunks = [batch.segments[i: i + n] for i in range(0, len(batch.segments), n)]
         for i, chunk in enumerate(chunks):
             # The last write carries the flush (one request; not RWF_DSYNC, which on
             # devices without FUA, such as loop devices, costs a flush before and after).
             if i == len(chunks) - 1:
-                await self.dev.writev_flush(self.log_offset + off, chunk, "log")
+                await self.dev.writev_flush(self.log_offset + off, chunk, "log",
+                                            uncancellable=uncancellable)
             else:
-                await self.dev.writev(self.log_offset + off, chunk, "log")
+                await self.dev.writev(self.log_offset + off, chunk, "log",
+                                      uncancellable=uncancellable)
             off += sum(n for _, _, n in chunk)
 
     def _finish_attempt(self, batch: PendingBatch) -> None:
@@ -508,18 +521,17 @@ class Journal:
         self._rewrite_started.set()  # waiters look again and find the log failed
 
     def _assemble(self, batch: PendingBatch, pos: int) -> tuple[list[Segment], int]:
-        meta = bytes(batch.meta)
+        meta = batch.meta  # sealed: nothing appends to it any more
         hdr_area = fmt.header_area_size(len(meta), self.bs)
         total = hdr_area + batch.payload_bytes
         header = fmt.BatchHeader(self.uuid_tag, batch.seq, pos, total, len(meta),
                                  len(batch.payloads))
         hbuf = Buffer(hdr_area)
-        hbuf.write(0, header.pack(0))
-        hbuf.write(fmt.BATCH_HEADER_SIZE, meta)
+        hbuf.write(0, header.pack(0) + meta)  # the checksum covers it with crc 0
         crc = hbuf.crc32c()
         for buf, length in batch.payloads:
             crc = buf.crc32c(0, length, crc)
-        hbuf.write(0, header.pack(crc))
+        hbuf.write(fmt.CRC_FIELD_OFFSET, crc.to_bytes(4, "little"))
         segments: list[Segment] = [(hbuf, 0, hdr_area)]
         segments += [(buf, 0, length) for buf, length in batch.payloads]
         off = pos + hdr_area

@@ -112,6 +112,8 @@ class PageCache:
         self.dirty_bytes = 0
         self.writeback_bytes = 0
         self.logged_bytes = 0  # folios pinned until a checkpoint writes them home
+        # Those folios, by id: a checkpoint releases them without walking the whole cache.
+        self._logged: dict[int, Folio] = {}
         self._room: trio.Event | None = None  # throttled writers wait on it
         # Buffers of dropped folios, reused for new ones: allocating and first touching
         # fresh memory costs more than zeroing a buffer that is already mapped. They count
@@ -169,6 +171,7 @@ class PageCache:
         folio.io = kind
         folio.io_mask = mask
         folio.mapping.busy[folio.index] = folio
+        folio.mapping.data_busy[folio.index] = folio
         self._clear_dirty(folio, mask)
         self.writeback_bytes += popcount(mask) * self.block_size
         was_atomic = folio.atomic
@@ -203,6 +206,7 @@ class PageCache:
         folio.io_mask = 0
         if not folio.locked:
             folio.mapping.busy.pop(folio.index, None)
+            folio.mapping.data_busy.pop(folio.index, None)
         if failed_mask:
             self.mark_dirty(folio, failed_mask)
             if restore_atomic:
@@ -225,6 +229,7 @@ class PageCache:
         _check("set_logged", folio)
         if not folio.logged_seq:
             self.logged_bytes += folio.size
+            self._logged[id(folio)] = folio
         folio.logged_seq = seq
         self._lru_remove(folio)
 
@@ -233,21 +238,22 @@ class PageCache:
         if folio.logged_seq and folio.logged_seq <= upto_seq:
             folio.logged_seq = 0
             self.logged_bytes -= folio.size
+            del self._logged[id(folio)]
             self._refresh_lru(folio)
             self._room_freed()
 
     def checkpointed(self, upto_seq: int) -> None:
         """A checkpoint wrote home everything logged up to batch upto_seq: those folios
         may go, and writers throttled on them may go on."""
-        for m in self.mappings.values():
-            for folio in m.folios.values():
-                self.clear_logged(folio, upto_seq)
+        for folio in list(self._logged.values()):
+            self.clear_logged(folio, upto_seq)
         self.trim()
 
     def lock(self, folio: Folio) -> None:
         _check("lock", folio)
         folio.locked = True
         folio.mapping.busy[folio.index] = folio
+        folio.mapping.data_busy[folio.index] = folio
         self._lru_remove(folio)
 
     def unlock(self, folio: Folio) -> None:
@@ -255,6 +261,8 @@ class PageCache:
         folio.locked = False
         if not folio.writeback:
             folio.mapping.busy.pop(folio.index, None)
+        if folio.io not in DATA_IO:
+            folio.mapping.data_busy.pop(folio.index, None)
         self._refresh_lru(folio)
         folio._wake()
 
@@ -458,6 +466,7 @@ class PageCache:
         if folio.logged_seq:
             folio.logged_seq = 0
             self.logged_bytes -= folio.size
+            del self._logged[id(folio)]
         if folio.dirty:
             self.dirty_bytes -= popcount(folio.dirty) * self.block_size
             m.dirty.pop(folio.index, None)
@@ -566,8 +575,11 @@ class PageCache:
     async def wait_data_io(m: Mapping) -> None:
         """Wait for the writeback of dirty blocks and the reads in flight on this file when
         called. A checkpoint's home copies are of data already durable in the log: nobody
-        syncing the file needs to wait for them."""
-        for folio in list(m.busy.values()):
+        syncing the file needs to wait for them. (data_busy holds exactly the folios
+        this waits for: most fsyncs find it empty and return without awaiting.)"""
+        if not m.data_busy:
+            return
+        for folio in list(m.data_busy.values()):
             while folio.locked or folio.io in DATA_IO:
                 await folio.wait_unlocked_or_written()
 

@@ -449,11 +449,12 @@ class Submitter:
         before = [f.buf.crc32c() for f in check] if self.policy.debug and check else None
         # Not cancellable: once submitted the write lands anyway, and until it has, its
         # buffer must not change nor its blocks be given to anyone else.
-        with trio.CancelScope(shield=True):
-            if durable:
-                await self.dev.writev_flush(dblock * self.bs, segments, "data", atomic=atomic)
-            else:
-                await self.dev.writev(dblock * self.bs, segments, "data", atomic=atomic)
+        if durable:
+            await self.dev.writev_flush(dblock * self.bs, segments, "data", atomic=atomic,
+                                        uncancellable=True)
+        else:
+            await self.dev.writev(dblock * self.bs, segments, "data", atomic=atomic,
+                                  uncancellable=True)
         if before is not None:
             after = [f.buf.crc32c() for f in check]
             if after != before:
@@ -490,5 +491,6 @@ class Submitter:
         the recorded size may be its size (the rest, if any, is a hole made by truncate)."""
         if inode.disk_size >= inode.size:
             return
-        if m is None or not (m.dirty or any(f.io_mask for f in m.busy.values())):
+        # (data_busy: a checkpoint's home copies, io_mask 0, need no walk)
+        if m is None or not (m.dirty or any(f.io_mask for f in m.data_busy.values())):
             self.md.data_written(inode, inode.size)

@@ -117,7 +117,8 @@ class Writeback(Submitter):
                     if self.route(m, f) is Route.IN_PLACE])
         # The order to send them out in (groups, hardware, log, in place); each folio is
         # routed again when its writeback starts.
-        queue = deque(sorted(todo, key=lambda it: self.route(m, it[0], small).value))
+        queue = deque(sorted(todo, key=lambda it: self.route(m, it[0], small).value)
+                      if len(todo) > 1 else todo)
         inplace: list[tuple[Folio, int]] = []
         tried: set[int] = set()  # write groups this call has sent (or failed to)
         with Held(self.cache) as held:

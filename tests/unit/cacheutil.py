@@ -48,6 +48,10 @@ def check_accounting(cache: PageCache) -> None:
             {i: id(f) for i, f in m.folios.items() if f.dirty}
         assert {i: id(f) for i, f in m.busy.items()} == \
             {i: id(f) for i, f in m.folios.items() if f.writeback or f.locked}
+        assert {i: id(f) for i, f in m.data_busy.items()} == \
+            {i: id(f) for i, f in m.folios.items() if f.locked or f.io in DATA_IO}
+    # the folios a checkpoint looks at are exactly the logged ones
+    assert {id(f) for f in cache._logged.values()} == {id(f) for f in folios if f.logged_seq}
     # the LRU holds exactly the evictable folios
     assert set(cache.lru) == {(f.mapping.ino, f.index) for f in folios if f.evictable}
     assert all(f.in_lru == f.evictable for f in folios)
@@ -67,7 +71,8 @@ def cache_state(cache: PageCache) -> tuple:
             list(cache.lru),
             {(m.ino, i): folio_state(f) for m in cache.mappings.values()
              for i, f in m.folios.items()},
-            {m.ino: (sorted(m.dirty), sorted(m.busy)) for m in cache.mappings.values()})
+            {m.ino: (sorted(m.dirty), sorted(m.busy), sorted(m.data_busy))
+             for m in cache.mappings.values()})
 
 
 def uptodate_folio(cache: PageCache, m: Mapping, index: int = 0,
