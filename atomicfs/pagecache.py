@@ -470,12 +470,18 @@ class PageCache:
         folios and spare buffers make room first (keep: bytes of the caller's folio that
         are about to be released, already in `bytes`)."""
         spare = self._spare.get(size)
+        if not spare:
+            # Making room drops clean folios; the buffer of one of this size is kept for
+            # us: reusing it costs a zeroing, not an allocation and first touch of fresh
+            # memory (a sequential write that runs through the cache evicts one folio for
+            # each new one).
+            self.evict(size - keep, reuse=size)
+            spare = self._spare.get(size)
         if spare:
             buf = spare.pop()
             self._spare_bytes -= size
             buf.zero()
             return buf
-        self.evict(size - keep)
         return Buffer(size, self.align)
 
     def _recycle(self, buf: Buffer) -> None:
@@ -488,21 +494,27 @@ class PageCache:
             self._spare.setdefault(size, []).append(buf)
             self._spare_bytes += size
 
-    def _free_spares(self, room: int) -> None:
-        """Free spare buffers until folios, spares and `room` more bytes fit the limit."""
+    def _free_spares(self, room: int, reuse: int = 0) -> None:
+        """Free spare buffers until folios, spares and `room` more bytes fit the limit,
+        but keep one of size `reuse` (the caller takes it)."""
         for size in sorted(self._spare, reverse=True):
             spare = self._spare[size]
-            while spare and self.bytes + self._spare_bytes + room > self.limit:
+            keep = 1 if size == reuse else 0
+            while len(spare) > keep and self.bytes + self._spare_bytes + room > self.limit:
                 spare.pop()
                 self._spare_bytes -= size
 
-    def evict(self, room: int = 0) -> int:
+    def evict(self, room: int = 0, reuse: int = 0) -> int:
         """Free spare buffers, then drop clean folios, least recently used first, until
-        `room` more bytes fit within the limit."""
+        `room` more bytes fit within the limit. reuse: the caller takes a spare buffer of
+        that size if there is one, which moves it from the spares to the folios (it needs
+        no room), so one is kept and room counts it."""
         evicted = 0
         while True:
-            self._free_spares(room)  # including the buffer of a folio just dropped
-            if not self.lru or self.bytes + self._spare_bytes + room <= self.limit:
+            credit = reuse if reuse and self._spare.get(reuse) else 0
+            # including the buffer of a folio just dropped
+            self._free_spares(room - credit, reuse)
+            if not self.lru or self.bytes + self._spare_bytes + room - credit <= self.limit:
                 break
             _, folio = self.lru.popitem(last=False)
             folio.in_lru = False
