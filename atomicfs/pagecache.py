@@ -389,16 +389,20 @@ class PageCache:
             return m.folio_size
         return (1 << max(0, nblocks - 1).bit_length()) * self.block_size
 
-    def get_folio(self, m: Mapping, index: int, nblocks: int | None = None) -> Folio:
+    def get_folio(self, m: Mapping, index: int, nblocks: int | None = None,
+                  zeroed: bool = True) -> Folio:
         """The folio at index, created if missing with room for its first nblocks blocks
-        (default: all). An existing folio may be smaller: see `fit`."""
+        (default: all). An existing folio may be smaller: see `fit`. zeroed=False: a new
+        folio's buffer may hold old bytes, because the caller overwrites all of it before
+        any other task can see the folio, or else zeroes it (blocks that are not uptodate
+        must read as zeros)."""
         folio = self.find_folio(m, index)
         if folio is not None:
             self.counters.cache_hits += 1
             return folio
         self.counters.cache_misses += 1
         size = self._buffer_size(m, m.blocks_per_folio if nblocks is None else nblocks)
-        folio = Folio(m, index, self._new_buffer(size))
+        folio = Folio(m, index, self._new_buffer(size, zeroed=zeroed))
         m.folios[index] = folio
         self.bytes += size
         self._lru_add(folio)
@@ -465,10 +469,11 @@ class PageCache:
         self.bytes -= folio.size
         self._recycle(folio.buf)
 
-    def _new_buffer(self, size: int, keep: int = 0) -> Buffer:
-        """A zeroed buffer: a spare one of that size, else fresh memory, for which clean
-        folios and spare buffers make room first (keep: bytes of the caller's folio that
-        are about to be released, already in `bytes`)."""
+    def _new_buffer(self, size: int, keep: int = 0, zeroed: bool = True) -> Buffer:
+        """A zeroed buffer (not zeroed if it is a spare and not `zeroed`): a spare one of
+        that size, else fresh memory, for which clean folios and spare buffers make room
+        first (keep: bytes of the caller's folio that are about to be released, already
+        in `bytes`)."""
         spare = self._spare.get(size)
         if not spare:
             # Making room drops clean folios; the buffer of one of this size is kept for
@@ -480,7 +485,8 @@ class PageCache:
         if spare:
             buf = spare.pop()
             self._spare_bytes -= size
-            buf.zero()
+            if zeroed:
+                buf.zero()
             return buf
         return Buffer(size, self.align)
 
