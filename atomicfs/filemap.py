@@ -79,10 +79,10 @@ class FileMap:
     # --------------------------------------------------------------------- pins
 
     def _pinned_folio(self, m: Mapping, index: int, pinned: dict[int, Folio],
-                      nblocks: int | None = None) -> Folio:
+                      nblocks: int | None = None, zeroed: bool = True) -> Folio:
         folio = pinned.get(index)
         if folio is None:
-            folio = self.cache.get_folio(m, index, nblocks)
+            folio = self.cache.get_folio(m, index, nblocks, zeroed)
             self.cache.pin(folio)
             pinned[index] = folio
         return folio
@@ -315,52 +315,80 @@ class FileMap:
         """Get the folios of [off, end) ready for copying: wait for locks and stable
         writeback, send out pending write groups they belong to, read partial blocks, and
         reserve space for blocks that have none (NoSpace changes nothing). Returns
-        (folio, mask of blocks written); nothing awaits after the last check."""
+        (folio, mask of blocks written); nothing awaits after the last check, and the
+        caller calls write_end without awaiting either (new folios it covers whole are
+        not zeroed)."""
         fs = m.folio_size
         bs = self.bs
         cache = self.cache
         first, last = off // fs, (end - 1) // fs
-        while True:
-            items: list[tuple[Folio, int]] = []
-            needs: list[tuple[Folio, int]] = []
-            waited = False
-            for index in range(first, last + 1):
-                base = index * fs
-                lo = max(off, base) - base
-                hi = min(end, base + fs) - base
-                b0, b1 = lo // bs, (hi + bs - 1) // bs
-                folio = self._pinned_folio(m, index, pinned, b1)
-                # A write that makes the folio atomic must not change it under a writeback
-                # that started before (an in-place one would send part of it out torn).
-                becomes_atomic = grouped or (m.atomic and off <= base and end >= base + fs)
-                if m.must_wait(folio) or (becomes_atomic and folio.writeback) or \
-                        not cache.fit(folio, b1):
-                    await cache.wait_folio(folio)
-                    waited = True
+        # New folios this write covers whole get a spare buffer as it is, not zeroed
+        # first: write_end overwrites all of it. Until then nothing else may see the old
+        # bytes: they are zeroed before any await and on any error.
+        fresh: list[Folio] = []
+        try:
+            while True:
+                items: list[tuple[Folio, int]] = []
+                needs: list[tuple[Folio, int]] = []
+                waited = False
+                for index in range(first, last + 1):
+                    base = index * fs
+                    lo = max(off, base) - base
+                    hi = min(end, base + fs) - base
+                    b0, b1 = lo // bs, (hi + bs - 1) // bs
+                    if lo == 0 and hi == fs and index not in pinned and \
+                            index not in m.folios:
+                        folio = self._pinned_folio(m, index, pinned, b1, zeroed=False)
+                        fresh.append(folio)
+                    else:
+                        folio = self._pinned_folio(m, index, pinned, b1)
+                    # A write that makes the folio atomic must not change it under a
+                    # writeback that started before (an in-place one would send part of
+                    # it out torn).
+                    becomes_atomic = grouped or (m.atomic and off <= base and end >= base + fs)
+                    if m.must_wait(folio) or (becomes_atomic and folio.writeback) or \
+                            not cache.fit(folio, b1):
+                        self._zero_fresh(fresh)
+                        await cache.wait_folio(folio)
+                        waited = True
+                        break
+                    if folio.group is not None:
+                        # An earlier write group must not be torn by this write: it goes
+                        # into the log first, whole, so no crash shows this write without
+                        # it.
+                        self._zero_fresh(fresh)
+                        await self.wb.write_group(inode, m, folio.group)
+                        waited = True
+                        break
+                    items.append((folio, mask_range(b0, b1 - b0)))
+                    partial = (1 << b0 if lo % bs else 0) | (1 << (b1 - 1) if hi % bs else 0)
+                    partial &= ~folio.uptodate & ~folio.dirty
+                    for b, _ in mask_runs(partial):
+                        if base + b * bs >= inode.size:
+                            # nothing on the device beyond EOF: the (zeroed) block is valid
+                            partial &= ~(1 << b)
+                            cache.mark_uptodate(folio, 1 << b)
+                    if partial:
+                        needs.append((folio, partial))
+                if waited:
+                    continue
+                if not needs:
                     break
-                if folio.group is not None:
-                    # An earlier write group must not be torn by this write: it goes into
-                    # the log first, whole, so no crash shows this write without it.
-                    await self.wb.write_group(inode, m, folio.group)
-                    waited = True
-                    break
-                items.append((folio, mask_range(b0, b1 - b0)))
-                partial = (1 << b0 if lo % bs else 0) | (1 << (b1 - 1) if hi % bs else 0)
-                partial &= ~folio.uptodate & ~folio.dirty
-                for b, _ in mask_runs(partial):
-                    if base + b * bs >= inode.size:
-                        # nothing on the device beyond EOF: the (zeroed) block is valid
-                        partial &= ~(1 << b)
-                        cache.mark_uptodate(folio, 1 << b)
-                if partial:
-                    needs.append((folio, partial))
-            if waited:
-                continue
-            if not needs:
-                break
-            await self.read_folios(inode, needs)
-        self.delalloc.reserve_for_write(inode, items)
+                self._zero_fresh(fresh)
+                await self.read_folios(inode, needs)
+            self.delalloc.reserve_for_write(inode, items)
+        except BaseException:
+            self._zero_fresh(fresh)
+            raise
         return items
+
+    @staticmethod
+    def _zero_fresh(fresh: list[Folio]) -> None:
+        """The new folios of write_begin that are not zeroed yet will be seen (an await,
+        an error) before write_end has overwritten them: zero them now."""
+        for folio in fresh:
+            folio.buf.zero()
+        fresh.clear()
 
     def write_end(self, inode: Inode, m: Mapping, items: list[tuple[Folio, int]], off: int,
                   data: bytes, grouped: bool, now: int | None) -> bool:

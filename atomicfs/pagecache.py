@@ -397,16 +397,20 @@ class PageCache:
             return m.folio_size
         return (1 << max(0, nblocks - 1).bit_length()) * self.block_size
 
-    def get_folio(self, m: Mapping, index: int, nblocks: int | None = None) -> Folio:
+    def get_folio(self, m: Mapping, index: int, nblocks: int | None = None,
+                  zeroed: bool = True) -> Folio:
         """The folio at index, created if missing with room for its first nblocks blocks
-        (default: all). An existing folio may be smaller: see `fit`."""
+        (default: all). An existing folio may be smaller: see `fit`. zeroed=False: a new
+        folio's buffer may hold old bytes, because the caller overwrites all of it before
+        any other task can see the folio, or else zeroes it (blocks that are not uptodate
+        must read as zeros)."""
         folio = self.find_folio(m, index)
         if folio is not None:
             self.counters.cache_hits += 1
             return folio
         self.counters.cache_misses += 1
         size = self._buffer_size(m, m.blocks_per_folio if nblocks is None else nblocks)
-        folio = Folio(m, index, self._new_buffer(size))
+        folio = Folio(m, index, self._new_buffer(size, zeroed=zeroed))
         m.folios[index] = folio
         self.bytes += size
         self._lru_add(folio)
@@ -474,17 +478,25 @@ class PageCache:
         self.bytes -= folio.size
         self._recycle(folio.buf)
 
-    def _new_buffer(self, size: int, keep: int = 0) -> Buffer:
-        """A zeroed buffer: a spare one of that size, else fresh memory, for which clean
-        folios and spare buffers make room first (keep: bytes of the caller's folio that
-        are about to be released, already in `bytes`)."""
+    def _new_buffer(self, size: int, keep: int = 0, zeroed: bool = True) -> Buffer:
+        """A zeroed buffer (not zeroed if it is a spare and not `zeroed`): a spare one of
+        that size, else fresh memory, for which clean folios and spare buffers make room
+        first (keep: bytes of the caller's folio that are about to be released, already
+        in `bytes`)."""
         spare = self._spare.get(size)
+        if not spare:
+            # Making room drops clean folios; the buffer of one of this size is kept for
+            # us: reusing it costs a zeroing, not an allocation and first touch of fresh
+            # memory (a sequential write that runs through the cache evicts one folio for
+            # each new one).
+            self.evict(size - keep, reuse=size)
+            spare = self._spare.get(size)
         if spare:
             buf = spare.pop()
             self._spare_bytes -= size
-            buf.zero()
+            if zeroed:
+                buf.zero()
             return buf
-        self.evict(size - keep)
         return Buffer(size, self.align)
 
     def _recycle(self, buf: Buffer) -> None:
@@ -497,21 +509,27 @@ class PageCache:
             self._spare.setdefault(size, []).append(buf)
             self._spare_bytes += size
 
-    def _free_spares(self, room: int) -> None:
-        """Free spare buffers until folios, spares and `room` more bytes fit the limit."""
+    def _free_spares(self, room: int, reuse: int = 0) -> None:
+        """Free spare buffers until folios, spares and `room` more bytes fit the limit,
+        but keep one of size `reuse` (the caller takes it)."""
         for size in sorted(self._spare, reverse=True):
             spare = self._spare[size]
-            while spare and self.bytes + self._spare_bytes + room > self.limit:
+            keep = 1 if size == reuse else 0
+            while len(spare) > keep and self.bytes + self._spare_bytes + room > self.limit:
                 spare.pop()
                 self._spare_bytes -= size
 
-    def evict(self, room: int = 0) -> int:
+    def evict(self, room: int = 0, reuse: int = 0) -> int:
         """Free spare buffers, then drop clean folios, least recently used first, until
-        `room` more bytes fit within the limit."""
+        `room` more bytes fit within the limit. reuse: the caller takes a spare buffer of
+        that size if there is one, which moves it from the spares to the folios (it needs
+        no room), so one is kept and room counts it."""
         evicted = 0
         while True:
-            self._free_spares(room)  # including the buffer of a folio just dropped
-            if not self.lru or self.bytes + self._spare_bytes + room <= self.limit:
+            credit = reuse if reuse and self._spare.get(reuse) else 0
+            # including the buffer of a folio just dropped
+            self._free_spares(room - credit, reuse)
+            if not self.lru or self.bytes + self._spare_bytes + room - credit <= self.limit:
                 break
             _, folio = self.lru.popitem(last=False)
             folio.in_lru = False

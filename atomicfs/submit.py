@@ -377,15 +377,19 @@ class Submitter:
                 out.meta_changed = True
                 m.meta_seq = self.journal.pending_seq
             m.flush_gen = out.flush_gen = max(m.flush_gen, gen)
-            self.md.data_written(inode, max((f.fblock + mask.bit_length()) * self.bs
-                                            for f, mask in io.parts))
+            # parts are in file order (see _plan_in_place): the last one ends highest
+            last, mask = io.parts[-1]
+            self.md.data_written(inode, (last.fblock + mask.bit_length()) * self.bs)
             self.counters.writeback_ios += 1
             self.counters.writeback_bytes += io.nblocks * self.bs
 
         try:
-            async with trio.open_nursery() as nursery:
-                for io in ios:
-                    nursery.start_soon(run, io)
+            if len(ios) == 1:  # no nursery and task for one write (a 1 MiB O_DIRECT write)
+                await run(ios[0])
+            else:
+                async with trio.open_nursery() as nursery:
+                    for io in ios:
+                        nursery.start_soon(run, io)
         finally:
             # blocks whose new home was not written: free again, reserved again
             for io in ios:

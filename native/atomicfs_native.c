@@ -269,7 +269,10 @@ int64_t afs_bitmap_find(const uint8_t *bm, int64_t lo, int64_t hi, int64_t goal,
                 int64_t gap = clear_run(bm, i, start);
                 if (gap < start - i) { i += gap + 1; continue; }
             }
-            int64_t len = clear_run(bm, start, hi);
+            /* Runs are never used beyond want: measuring one further would scan all the
+             * free space after goal on every call (a sequential writeback allocates per
+             * folio run, each time right after the last allocation). */
+            int64_t len = clear_run(bm, start, hi - start > want ? start + want : hi);
             if (len >= want) { *found = want; return start; }
             if (len >= min_len && len > best_len) { best = start; best_len = len; }
             i = start + len + 1;

@@ -139,9 +139,10 @@ async def test_an_error_between_start_and_end_makes_the_blocks_dirty_again(
             raise RuntimeError("not a device error")
 
         vol.wb._device_write = broken  # type: ignore[method-assign]
-        with pytest.raises(Exception, match="Trio nursery") as info:
+        # one device write runs in the caller's task, several in a nursery (a group)
+        with pytest.raises(Exception) as info:
             await vol.wb.write_folios(inode, m, [(folio, folio.dirty)])
-        assert "not a device error" in repr(info.value.exceptions)  # type: ignore[attr-defined]
+        assert "not a device error" in repr(getattr(info.value, "exceptions", info.value))
         assert folio.io is IOKind.NONE and folio.dirty == 0b11 and folio.reserved == 0b11
         vol.delalloc.check()
         del vol.wb._device_write

@@ -11,6 +11,7 @@ import pytest
 
 from atomicfs.alloc import Allocator
 from atomicfs.delalloc import Delalloc
+from atomicfs.errors import NoSpace
 from atomicfs.filemap import FileMap, ReplyBuffers
 from atomicfs.metadata import Inode
 from atomicfs.pagecache import Folio, Mapping, PageCache
@@ -177,6 +178,50 @@ async def test_write_extends_the_file_and_reports_it() -> None:
     assert await fm.write(inode, m, 0, b"") == 0
     out = await fm.read(inode, m, 0, 100)
     assert bytes(out) == b"b" * 5 + b"a" * 5
+
+
+def _spare_with_old_bytes(cache: PageCache) -> Any:
+    """A spare buffer of a whole unit that holds another file's bytes."""
+    other, om = atomic_mapping(cache, 99)
+    folio = cache.get_folio(om, 0)
+    folio.buf.write(0, b"o" * UNIT)
+    cache.mark_uptodate(folio, FULL)
+    cache.drop_mapping(other.ino)
+    assert cache.spare_bytes == UNIT
+    return folio.buf
+
+
+async def test_a_new_folio_covered_whole_never_shows_old_bytes() -> None:
+    """Its buffer is not zeroed before the copy: if the write awaits first (a partial
+    block of another folio is read) or fails, it is zeroed then."""
+    cache = make_cache()
+    inode, m = atomic_mapping(cache)
+    inode.size = 4 * UNIT
+    seen: list[bool] = []
+
+    class Checking(RecordingFileMap):
+        async def read_folios(self, inode: Inode, needs: list[tuple[Folio, int]]) -> None:
+            seen.append(m.folios[0].buf.is_zero())
+            await super().read_folios(inode, needs)
+
+    low = Lower(cache)
+    fm = Checking(None, low, cache, RecordingDelalloc(low), low, low,  # type: ignore[arg-type]
+                  cache.counters)
+    fm.lower = low
+    old = _spare_with_old_bytes(cache)
+    await fm.write(inode, m, 0, b"w" * (UNIT + 10))  # folio 0 whole, block 0 of 1 in part
+    assert m.folios[0].buf is old and seen == [True]
+    assert bytes(await fm.read(inode, m, 0, UNIT + 10)) == b"w" * (UNIT + 10)
+
+    def no_space(inode: Inode, items: list[tuple[Folio, int]]) -> None:
+        raise NoSpace("full")
+
+    old = _spare_with_old_bytes(cache)
+    fm.delalloc.reserve_for_write = no_space  # type: ignore[method-assign]
+    with pytest.raises(NoSpace):
+        await fm.write(inode, m, 2 * UNIT, b"x" * UNIT)
+    assert m.folios[2].buf is old and old.is_zero() and not m.folios[2].uptodate
+    check_accounting(cache)
 
 
 async def test_write_through_runs_with_the_mapping_stable() -> None:

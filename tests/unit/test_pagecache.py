@@ -532,6 +532,20 @@ def test_spare_buffers_count_against_the_limit() -> None:
     check_accounting(cache)
 
 
+def test_a_new_folio_at_the_limit_takes_the_buffer_of_the_folio_evicted_for_it() -> None:
+    cache = make_cache(limit=8 * UNIT)  # spares may hold limit / 8
+    _, m = atomic_mapping(cache)
+    folios = [cache.get_folio(m, i) for i in range(8)]
+    for f in folios:
+        cache.mark_uptodate(f, FULL)
+        f.buf.write(0, b"x" * BS)
+    old = folios[0].buf
+    new = cache.get_folio(m, 8)  # over the limit: folio 0 goes, its buffer is reused
+    assert new.buf is old and new.buf.is_zero() and 0 not in m.folios
+    assert cache.bytes == 8 * UNIT and cache.spare_bytes == 0
+    check_accounting(cache)
+
+
 def test_trim_evicts_as_soon_as_folios_come_back_clean() -> None:
     cache = make_cache(limit=4 * UNIT)
     _, m = atomic_mapping(cache)
