@@ -142,13 +142,17 @@ def profile_case(target: Target, name: str, title: str, spec: Spec, args: argpar
 
 
 def read_collapsed(path: Path) -> list[tuple[list[str], int]]:
-    """py-spy's raw output: one line per distinct stack, root first, then a count."""
+    """py-spy's raw output: one line per distinct stack, root first, then a count. Only the
+    trio loop's thread is kept: Python threads started by `threading` (trio's worker threads,
+    idle in a lock wait nearly always) would count as busy samples of the loop."""
     stacks = []
     for line in path.read_text().splitlines():
         m = _LINE.match(line.strip())
         if m:
             frames = [f for f in m.group(1).split(";") if not f.startswith("process ")
                       and not f.startswith("thread ")]
+            if any(f.startswith("Thread._bootstrap") for f in frames):
+                continue
             stacks.append((frames, int(m.group(2))))
     return stacks
 

@@ -95,3 +95,15 @@ def test_the_metadata_ceiling_is_nullfs_with_default_permissions() -> None:
                             0.8, ("transport", "meta_unlink", "nullfs-perm", None, None))
     assert g["ceiling"] == pytest.approx(0.6) and g["share_of_ceiling"] == pytest.approx(1.5)
     assert g["ceiling_how"] == "transport: nullfs-perm meta_unlink"
+
+
+def test_the_profile_counts_only_the_trio_loops_thread(tmp_path: Any) -> None:
+    from bench import profile
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        "main (atomicfs/cli.py:1);unrolled_run (trio/_core/_run.py:2);"
+        "write (atomicfs/fs.py:3) 5\n"
+        "Thread._bootstrap (threading.py:1002);WorkerThread._work "
+        "(trio/_core/_thread_cache.py:211);0x7f18310a3f16 (libc.so.6) 7\n")
+    stacks = profile.read_collapsed(raw)
+    assert [n for _, n in stacks] == [5]
