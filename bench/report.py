@@ -18,6 +18,9 @@ from bench.targets import stub
 log = logging.getLogger(__name__)
 
 ORDER = ("atomicfs-sw", "atomicfs-hw", "nullfs", "nullfs-xattr", "nullfs-perm", "xfs", "ext4")
+COLORS = {"atomicfs-sw": "#1f77b4", "atomicfs-hw": "#17becf", "nullfs": "#7f7f7f",
+          "nullfs-xattr": "#c7c7c7", "nullfs-perm": "#bcbd22", "xfs": "#d62728",
+          "ext4": "#ff7f0e"}  # one per target in ORDER
 SUBJECTS = ("atomicfs-sw", "atomicfs-hw")
 RATIO_REFS = ("nullfs", "xfs", "ext4")
 UNITS = {"iops": "IOPS", "bw": "MiB/s", "ops": "ops/s"}
@@ -436,8 +439,7 @@ def plots(data: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     tgts = _present(data, ORDER)
-    colors = dict(zip(ORDER, ("#1f77b4", "#17becf", "#7f7f7f", "#c7c7c7", "#d62728",
-                              "#ff7f0e")))
+    colors = COLORS
     keys = list(data["figures"])
     if not keys:
         return  # only pgbench ran: its table is the report

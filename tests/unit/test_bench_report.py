@@ -107,3 +107,8 @@ def test_the_profile_counts_only_the_trio_loops_thread(tmp_path: Any) -> None:
         "(trio/_core/_thread_cache.py:211);0x7f18310a3f16 (libc.so.6) 7\n")
     stacks = profile.read_collapsed(raw)
     assert [n for _, n in stacks] == [5]
+
+
+def test_every_target_has_a_colour_in_the_plots() -> None:
+    from bench.targets import ALL_TARGETS
+    assert set(report.COLORS) == set(report.ORDER) == set(ALL_TARGETS)
