@@ -433,8 +433,8 @@ class Journal:
         if batch.barrier_gen >= 0:
             await self.dev.flush_covering(batch.barrier_gen)
         off = batch.pos
-        n = _CHUNK_SEGMENTS
-        chunks = [batch.segments[i: i + n] for i in range(0, len(batch.segments), n)]
+        per = _CHUNK_SEGMENTS
+        chunks = [batch.segments[i: i + per] for i in range(0, len(batch.segments), per)]
         for i, chunk in enumerate(chunks):
             # The last write carries the flush (one request; not RWF_DSYNC, which on
             # devices without FUA, such as loop devices, costs a flush before and after).

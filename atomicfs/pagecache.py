@@ -595,8 +595,6 @@ class PageCache:
         called. A checkpoint's home copies are of data already durable in the log: nobody
         syncing the file needs to wait for them. (data_busy holds exactly the folios
         this waits for: most fsyncs find it empty and return without awaiting.)"""
-        if not m.data_busy:
-            return
         for folio in list(m.data_busy.values()):
             while folio.locked or folio.io in DATA_IO:
                 await folio.wait_unlocked_or_written()

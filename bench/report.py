@@ -439,7 +439,6 @@ def plots(data: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     tgts = _present(data, ORDER)
-    colors = COLORS
     keys = list(data["figures"])
     if not keys:
         return  # only pgbench ran: its table is the report
@@ -460,7 +459,7 @@ def plots(data: dict[str, Any], out: Path) -> None:
                 hs.append(c["median"])
                 lo.append(c["median"] - c["min"])
                 hi.append(c["max"] - c["median"])
-                cs.append(colors[t])
+                cs.append(COLORS[t])
             elif c:  # refused (ext4 and RWF_ATOMIC) or failed
                 ax.text(i, 0.02, "n/a", ha="center", va="bottom", fontsize=7,
                         transform=ax.get_xaxis_transform())
@@ -492,7 +491,7 @@ def plots(data: dict[str, Any], out: Path) -> None:
             lat = (f.get(t) or {}).get("lat_us", {})
             for j, p in enumerate(PCTS):
                 if p in lat:
-                    ax.bar(i - 0.4 + (j + 0.5) * width, lat[p], width, color=colors[t],
+                    ax.bar(i - 0.4 + (j + 0.5) * width, lat[p], width, color=COLORS[t],
                            alpha=shades[j], edgecolor="black", linewidth=0.3)
         ax.set_yscale("log")
         ax.set_title(data["workloads"][key]["title"], fontsize=9)
