@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import pyfuse3
 
 from atomicfs import format as fmt
+from atomicfs import fuseconn
 from atomicfs.control import PREFIX, SETTINGS, Control, InjectedDaemonFault
 from atomicfs.errors import DeviceError, NoSpace
 from atomicfs.filemap import UNCACHED_READ_MIN
@@ -52,8 +53,20 @@ MAX_FILE_BLOCKS = fmt.MAX_FILE_BLOCKS
 # stat'ed again within 10 s costs no LOOKUP or GETATTR round trip.
 ATTR_TIMEOUT = 10.0
 ENTRY_TIMEOUT = 10.0
+SUIDGID = stat.S_ISUID | stat.S_ISGID
 SETATTR_FIELDS = ("update_size", "update_mode", "update_uid", "update_gid", "update_atime",
                   "update_mtime", "update_ctime")
+
+
+def privs_to_clear(node: Inode, caller: fuseconn.Caller) -> int:
+    """The setuid/setgid bits a write, truncate or chown by `caller` clears (the kernel's
+    setattr_should_drop_suidgid): setuid; setgid when group-executable, or else when the
+    caller is not in the file's group."""
+    bits = node.mode & stat.S_ISUID
+    if node.mode & stat.S_ISGID and (node.mode & stat.S_IXGRP or
+                                     not caller.in_group(node.gid)):
+        bits |= stat.S_ISGID
+    return bits
 
 
 def fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -189,6 +202,7 @@ class AtomicFS(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        kill = fuseconn.kill_suidgid()  # before any await (see fuseconn)
         await self.vol.prepare_change()
         node = self._get(inode)
         self.vol.check_writable()
@@ -219,8 +233,27 @@ class AtomicFS(pyfuse3.Operations):
             node.ctime_ns = attr.st_ctime_ns
         if not any(getattr(fields, f) for f in SETATTR_FIELDS):
             node.ctime_ns = now  # chown(path, -1, -1): the kernel sends nothing to set
+        if kill and node.mode & SUIDGID:  # chown, or truncate without CAP_FSETID
+            node.mode &= ~privs_to_clear(node, kill)
+            node.ctime_ns = now
         self.md.log_inode(node)
         return self._attr(node)
+
+    async def _kill_suidgid(self, node: Inode, caller: fuseconn.Caller) -> None:
+        """Clear the setuid/setgid bits a write or open(O_TRUNC) by a caller without
+        CAP_FSETID clears (the kernel flags it under FUSE_HANDLE_KILLPRIV_V2, and leaves it
+        to us), and tell the kernel, whose copy of the mode no reply refreshes."""
+        bits = privs_to_clear(node, caller)
+        if not bits:
+            return
+        await self.vol.prepare_change()
+        node.mode &= ~bits
+        node.ctime_ns = time.time_ns()
+        self.md.log_inode(node)
+        try:
+            pyfuse3.invalidate_inode(node.ino, attr_only=True)
+        except OSError as exc:  # the kernel forgot the inode: nothing cached to refresh
+            log.debug("invalidating inode %d after clearing setuid: %s", node.ino, exc)
 
     async def _truncate(self, inode: Inode, size: int) -> None:
         if size == inode.size:
@@ -305,11 +338,14 @@ class AtomicFS(pyfuse3.Operations):
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
+        kill = fuseconn.kill_suidgid()  # before any await (see fuseconn)
         node = self._get(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR) or flags & os.O_TRUNC:
             self.vol.check_writable()
+        if kill and node.mode & SUIDGID:  # O_TRUNC without CAP_FSETID
+            await self._kill_suidgid(node, kill)
         if flags & os.O_TRUNC and node.is_reg and node.size:
             await self.vol.prepare_change()
             await self._truncate(node, 0)
@@ -364,6 +400,9 @@ class AtomicFS(pyfuse3.Operations):
         h = self.handles[fh]
         inode = h.inode
         self.vol.check_writable()
+        kill = fuseconn.kill_suidgid() if inode.mode & SUIDGID else None  # before any await
+        if kill:
+            await self._kill_suidgid(inode, kill)
         if off + len(buf) > self.max_file_size:  # as generic_write_checks: clip, or EFBIG
             if off >= self.max_file_size:
                 raise pyfuse3.FUSEError(errno.EFBIG)

@@ -5,9 +5,16 @@ page cache whenever a getattr shows a new mtime, which without writeback caching
 every write. atomicfs has no use for it (every change to file data passes through the
 kernel), and it cost a FUSE read for data the kernel had just cached (pgbench: one per
 transaction). native/fuseconn.c wraps libfuse's fuse_session_new to clear the flag in the
-init callback pyfuse3 keeps to itself; it must be loaded RTLD_GLOBAL before pyfuse3 is, so
-the commands that mount (`atomicfs mount`, mount.atomicfs) call `load` before they import
-the daemon. `atomicfs stat --json` says whether it took effect (key `fuse_conn`).
+init callback pyfuse3 keeps to itself.
+
+And libfuse 3.14 cannot negotiate FUSE_HANDLE_KILLPRIV_V2, without which the kernel asks
+for `security.capability` before every write (a round trip per write). The wrapper's custom
+I/O adds it to the INIT reply; the kernel then asks once per inode and leaves clearing the
+setuid/setgid bits to the filesystem, flagging the requests that must (`kill_suidgid`).
+
+The library must be loaded RTLD_GLOBAL before pyfuse3 is, so the commands that mount
+(`atomicfs mount`, mount.atomicfs) call `load` before they import the daemon. `atomicfs
+stat --json` says what took effect (key `fuse_conn`).
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import ctypes
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,7 @@ log = logging.getLogger(__name__)
 
 LIBRARY = "libatomicfs-fuseconn.so"
 FUSE_CAP_AUTO_INVAL_DATA = 1 << 12  # fuse_common.h (libfuse 3)
+FUSE_HANDLE_KILLPRIV_V2 = 1 << 28  # linux/fuse.h, INIT flags
 
 _lib: Any = None
 
@@ -53,9 +62,12 @@ def load() -> bool:
         log.warning("FUSE connection wrapper not loaded (%s): the kernel will drop a file's "
                     "cache whenever its mtime changes", exc)
         return False
-    lib.afs_fuseconn_clear.argtypes = [ctypes.c_uint]
+    lib.afs_fuseconn_clear.argtypes = lib.afs_fuseconn_add_init.argtypes = [ctypes.c_uint]
     lib.afs_fuseconn_want.restype = lib.afs_fuseconn_capable.restype = ctypes.c_uint
+    for name in ("init_replied", "kill_uid", "kill_gid", "kill_pid"):
+        getattr(lib, "afs_fuseconn_" + name).restype = ctypes.c_uint
     lib.afs_fuseconn_clear(FUSE_CAP_AUTO_INVAL_DATA)
+    lib.afs_fuseconn_add_init(FUSE_HANDLE_KILLPRIV_V2)
     _lib = lib
     return True
 
@@ -63,6 +75,47 @@ def load() -> bool:
 def state() -> dict[str, Any]:
     """What the session was set up with (`atomicfs stat --json`, key `fuse_conn`)."""
     if _lib is None or _lib.afs_fuseconn_state() != 1:
-        return {"wrapped": False, "auto_inval_data": None}
+        return {"wrapped": False, "auto_inval_data": None, "handle_killpriv_v2": False}
     return {"wrapped": True,
-            "auto_inval_data": bool(_lib.afs_fuseconn_want() & FUSE_CAP_AUTO_INVAL_DATA)}
+            "auto_inval_data": bool(_lib.afs_fuseconn_want() & FUSE_CAP_AUTO_INVAL_DATA),
+            "handle_killpriv_v2": killpriv_v2()}
+
+
+def killpriv_v2() -> bool:
+    """The kernel took FUSE_HANDLE_KILLPRIV_V2: requests flag when the filesystem must clear
+    setuid/setgid bits (`kill_suidgid`), and the kernel asks for security.capability once
+    per inode instead of before every write."""
+    return (_lib is not None and _lib.afs_fuseconn_io_state() == 1
+            and bool(_lib.afs_fuseconn_init_replied() & FUSE_HANDLE_KILLPRIV_V2))
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request that asks to clear setuid/setgid bits."""
+    uid: int
+    gid: int
+    pid: int
+
+    def in_group(self, gid: int) -> bool:
+        """The kernel's in_group_or_capable for a caller the kernel found without
+        CAP_FSETID (a chown is flagged for everyone: root counts as capable there)."""
+        if self.uid == 0 or self.gid == gid:
+            return True
+        try:
+            with open(f"/proc/{self.pid}/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("Groups:"):
+                        return str(gid) in line.split()[1:]
+        except OSError:  # the caller is gone
+            pass
+        return False
+
+
+def kill_suidgid() -> Caller | None:
+    """The caller, if the request being handled (a write, setattr or open) asks the
+    filesystem to clear the setuid/setgid bits. Valid only before the handler's first
+    await: pyfuse3 reads the next request after that."""
+    if _lib is None or not _lib.afs_fuseconn_kill_suidgid():
+        return None
+    return Caller(_lib.afs_fuseconn_kill_uid(), _lib.afs_fuseconn_kill_gid(),
+                  _lib.afs_fuseconn_kill_pid())

@@ -11,18 +11,36 @@
  * cache cannot go stale. The filesystem's init callback could clear the flag in conn->want,
  * but pyfuse3 (3.5) keeps that callback to itself.
  *
+ * FUSE_HANDLE_KILLPRIV_V2 is the other: without it the kernel asks for the
+ * security.capability attribute before every write (one more round trip per write, 40% of
+ * a cached 16 KiB write); with it the superblock is SB_NOSEC and the kernel asks once per
+ * inode, leaving the clearing of setuid/setgid bits on write, truncate, chown and
+ * open(O_TRUNC) to the filesystem, which it flags in the request. Debian 12's libfuse
+ * (3.14) does not know the flag, so it can neither offer it nor pass the request flags on.
+ *
  * So this library, loaded RTLD_GLOBAL before pyfuse3 (atomicfs/fuseconn.py), provides
- * fuse_session_new: it wraps the operations' init callback and passes the call on to
- * libfuse's own (looked up in libfuse3.so.3 itself: pyfuse3 loads it RTLD_LOCAL, out of
- * RTLD_NEXT's reach). The wrapper calls pyfuse3's init, then clears the flags asked
- * for. It changes nothing else and fails safe: without it, the flag simply stays on.
+ * fuse_session_new and fuse_session_mount. The first wraps the operations' init callback
+ * and passes the call on to libfuse's own (looked up in libfuse3.so.3 itself: pyfuse3 loads
+ * it RTLD_LOCAL, out of RTLD_NEXT's reach); the wrapper calls pyfuse3's init, then clears
+ * the flags asked for. The second mounts, then gives the session custom I/O (libfuse's
+ * fuse_session_custom_io) that reads and writes /dev/fuse as libfuse would, and on the way
+ * adds FUSE_HANDLE_KILLPRIV_V2 to the INIT reply when the kernel offers it and notes
+ * whether the request just read asks to clear setuid/setgid bits. pyfuse3 starts the
+ * handler of a request before it reads the next (the handler runs to its first await in
+ * the same task, see _session_loop), so a handler that asks first thing gets the answer
+ * for its own request. It fails safe: without the library nothing is added, and the
+ * kernel clears the bits and asks for security.capability itself as before.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 32
 #include <dlfcn.h>
 #include <fuse3/fuse_lowlevel.h>
+#include <linux/fuse.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                size_t, void *);
@@ -70,4 +88,111 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     next_init = ops.init;
     ops.init = wrapped_init;
     return next(args, &ops, op_size, userdata);
+}
+
+/* ---- custom I/O: the INIT reply's FUSE_HANDLE_KILLPRIV_V2 and the requests' kill flags ---- */
+
+typedef int (*session_mount_fn)(struct fuse_session *, const char *);
+typedef int (*custom_io_fn)(struct fuse_session *, const struct fuse_custom_io *, int);
+typedef int (*session_fd_fn)(struct fuse_session *);
+
+static unsigned add_init;        /* FUSE_* INIT flags to add to the reply, if offered */
+static int io_state;             /* 0: libfuse's own I/O; 1: custom I/O installed */
+static uint64_t init_unique;     /* the INIT request, until its reply is written */
+static uint32_t init_offered;    /* the kernel's INIT flags */
+static uint32_t init_replied;    /* the flags of the INIT reply as sent */
+static int kill_suidgid;         /* the last request read asks to clear setuid/setgid */
+static uint32_t kill_uid, kill_gid, kill_pid;  /* and who sent it */
+
+void afs_fuseconn_add_init(unsigned flags) { add_init = flags; }
+int afs_fuseconn_io_state(void) { return io_state; }
+unsigned afs_fuseconn_init_offered(void) { return init_offered; }
+unsigned afs_fuseconn_init_replied(void) { return init_replied; }
+int afs_fuseconn_kill_suidgid(void) { return kill_suidgid; }
+unsigned afs_fuseconn_kill_uid(void) { return kill_uid; }
+unsigned afs_fuseconn_kill_gid(void) { return kill_gid; }
+unsigned afs_fuseconn_kill_pid(void) { return kill_pid; }
+
+static int request_kills_suidgid(const struct fuse_in_header *h, size_t n)
+{
+    const void *arg = h + 1;
+    switch (h->opcode) {
+    case FUSE_WRITE:
+        return n >= sizeof(*h) + offsetof(struct fuse_write_in, lock_owner) &&
+               (((const struct fuse_write_in *)arg)->write_flags & FUSE_WRITE_KILL_SUIDGID);
+    case FUSE_SETATTR:
+        return n >= sizeof(*h) + sizeof(struct fuse_setattr_in) &&
+               (((const struct fuse_setattr_in *)arg)->valid & FATTR_KILL_SUIDGID);
+    case FUSE_OPEN:
+        return n >= sizeof(*h) + sizeof(struct fuse_open_in) &&
+               (((const struct fuse_open_in *)arg)->open_flags & FUSE_OPEN_KILL_SUIDGID);
+    default:
+        return 0;
+    }
+}
+
+static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
+{
+    (void)userdata;
+    ssize_t n = read(fd, buf, len);
+    kill_suidgid = 0;
+    if (n >= (ssize_t)sizeof(struct fuse_in_header)) {
+        const struct fuse_in_header *h = buf;
+        if (h->opcode == FUSE_INIT &&
+            (size_t)n >= sizeof(*h) + offsetof(struct fuse_init_in, max_readahead) + 8) {
+            init_unique = h->unique;
+            init_offered = ((const struct fuse_init_in *)(h + 1))->flags;
+        } else {
+            kill_suidgid = request_kills_suidgid(h, (size_t)n);
+            if (kill_suidgid) {
+                kill_uid = h->uid;
+                kill_gid = h->gid;
+                kill_pid = h->pid;
+            }
+        }
+    }
+    return n;
+}
+
+static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+    (void)userdata;
+    if (init_unique && count >= 2 && iov[0].iov_len >= sizeof(struct fuse_out_header)) {
+        const struct fuse_out_header *oh = iov[0].iov_base;
+        if (oh->unique == init_unique) {
+            init_unique = 0;
+            if (oh->error == 0 && iov[1].iov_len >= offsetof(struct fuse_init_out, max_background)) {
+                struct fuse_init_out *out = iov[1].iov_base;
+                out->flags |= add_init & init_offered;
+                if (out->flags & FUSE_HANDLE_KILLPRIV_V2)
+                    out->flags &= ~FUSE_HANDLE_KILLPRIV; /* v2 replaces it */
+                init_replied = out->flags;
+            }
+        }
+    }
+    return writev(fd, iov, count);
+}
+
+int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
+{
+    static session_mount_fn next;
+    static custom_io_fn custom_io;
+    static session_fd_fn session_fd;
+    static const struct fuse_custom_io io = {.writev = io_writev, .read = io_read};
+    if (!next) {
+        void *libfuse = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_LOCAL);
+        if (libfuse) {
+            next = (session_mount_fn)dlvsym(libfuse, "fuse_session_mount", "FUSE_3.0");
+            custom_io = (custom_io_fn)dlvsym(libfuse, "fuse_session_custom_io", "FUSE_3.0");
+            session_fd = (session_fd_fn)dlvsym(libfuse, "fuse_session_fd", "FUSE_3.0");
+        }
+    }
+    if (!next)
+        return -1;
+    int res = next(se, mountpoint);
+    /* custom I/O only when something needs it: the same reads and writes, minus splice */
+    if (res == 0 && add_init && custom_io && session_fd &&
+        custom_io(se, &io, session_fd(se)) == 0)
+        io_state = 1;
+    return res;
 }

@@ -10,6 +10,7 @@ import os
 import random
 import socket
 import stat
+import struct
 import threading
 import time
 
@@ -114,6 +115,8 @@ def test_attribute_side_effects_match_ext4(afs: Mount, ext4_dir: str) -> None:
          (os.stat(f"{r}/d/sub").st_gid, mode(f"{r}/d/sub"))),
         ("mknod fifo mode", lambda r: os.mkfifo(f"{r}/p", 0o640) or mode(f"{r}/p")),
         ("chmod fifo", lambda r: os.chmod(f"{r}/p", 0o600) or mode(f"{r}/p")),
+        ("write clears nothing for root", lambda r: os.chmod(f"{r}/s", 0o6755) or
+         write_file(f"{r}/s", b"root") or mode(f"{r}/s")),
         ("truncate clears nothing for root", lambda r: os.chmod(f"{r}/s", 0o4755) or
          os.truncate(f"{r}/s", 0) or mode(f"{r}/s")),
     ]
@@ -451,6 +454,10 @@ def test_invalid_atomicfs_xattr_changes_nothing(mnt: Mount, name: str, value: by
 
 # -------------------------------------------------------------------- permissions
 
+# struct vfs_cap_data, revision 2: CAP_NET_RAW (13) permitted
+CAP_NET_RAW = struct.pack("<5I", 0x02000000, 1 << 13, 0, 0, 0)
+
+
 def _perm_steps() -> list[Step]:
     """Run as uid 65534 in the test directory (relative paths)."""
     def append(p: str) -> int:
@@ -493,6 +500,15 @@ def _perm_steps() -> list[Step]:
          os.unlink("sticky/mine")),
         ("write 4777 file clears suid",
          lambda r: (append("suid"), oct(os.stat("suid").st_mode))),
+        ("truncate 6777 file clears suid and sgid",
+         lambda r: (os.truncate("suid_t", 1), oct(os.stat("suid_t").st_mode))),
+        ("O_TRUNC 6777 file clears suid and sgid",
+         lambda r: (os.close(os.open("suid_o", os.O_WRONLY | os.O_TRUNC)),
+                    oct(os.stat("suid_o").st_mode))),
+        ("write 2766 file of another group clears sgid",
+         lambda r: (append("sgid_nx"), oct(os.stat("sgid_nx").st_mode))),
+        ("write file with capabilities drops them",
+         lambda r: (append("capable"), os.listxattr("capable"))),
         ("setxattr root file", lambda r: os.setxattr("public", "user.k", b"v")),
         ("getxattr root file", lambda r: os.getxattr("public", "user.r")),
         ("getxattr 0600 root file", lambda r: os.getxattr("secret", "user.r")),
@@ -518,6 +534,14 @@ def _perm_setup(root: str) -> None:
     os.setxattr(f"{root}/public", "trusted.t", b"root")
     write_file(f"{root}/suid", b"")
     os.chmod(f"{root}/suid", 0o4777)
+    for name, mode in (("suid_t", 0o6777), ("suid_o", 0o6777), ("sgid_nx", 0o2766),
+                       ("capable", 0o777)):
+        write_file(f"{root}/{name}", b"data")
+        os.chmod(f"{root}/{name}", mode)
+    # after a write found none (the kernel may then stop asking), file capabilities are set
+    with open(f"{root}/capable", "ab") as f:
+        f.write(b"+")
+    os.setxattr(f"{root}/capable", "security.capability", CAP_NET_RAW)
     for d, mode in (("private", 0o700), ("traverse", 0o711), ("open", 0o777),
                     ("sticky", 0o1777)):
         os.mkdir(f"{root}/{d}")
@@ -544,6 +568,10 @@ def test_permissions_as_another_user_match_ext4(afs: Mount, ext4_dir: str) -> No
     assert got["create in 0777 dir"] == (65534, 65534, oct(stat.S_IFREG | 0o644))
     assert got["sticky: unlink root file"] == "EPERM"
     assert got["write 4777 file clears suid"] == (1, oct(stat.S_IFREG | 0o777))
+    assert got["truncate 6777 file clears suid and sgid"] == (None, oct(stat.S_IFREG | 0o777))
+    assert got["O_TRUNC 6777 file clears suid and sgid"] == (None, oct(stat.S_IFREG | 0o777))
+    assert got["write 2766 file of another group clears sgid"] == (1, oct(stat.S_IFREG | 0o766))
+    assert got["write file with capabilities drops them"] == (1, [])
 
 
 def as_user_steps(root: str, steps: list[Step]) -> list[tuple[str, object]]:
