@@ -63,15 +63,18 @@ GOALS: tuple[tuple[str, str, str, str, float], ...] = (
 # two bounds it), "transport" where only the transport is known to bound it (for the
 # metadata rows: nullfs-perm, the null filesystem mounted with default_permissions as atomicfs
 # is, which pays the directory GETATTR the kernel then sends after each create and unlink).
+# The write rows' transport is plain nullfs: with FUSE_HANDLE_KILLPRIV_V2 atomicfs no longer
+# answers a security.capability getxattr per write, and nullfs never does (nullfs-xattr,
+# which does, stays the issue's reference for cached writes and is no longer a ceiling).
 Ceiling = tuple[str, str, str, str | None, str | None] | None
 ISSUE14_GOALS: tuple[tuple[str, str, str, str, float, Ceiling], ...] = (
     ("durable 16K atomic, 1 writer ÷ XFS RWF_ATOMIC|RWF_DSYNC", "atomic16k_j1",
      "atomic16k_j1", "xfs", 2.0,
-     ("serial", "atomic16k_j1", "nullfs-xattr", "dsync16k_direct_j1", "xfs")),
+     ("serial", "atomic16k_j1", "nullfs", "dsync16k_direct_j1", "xfs")),
     ("same, 4 writers", "atomic16k_j4", "atomic16k_j4", "xfs", 3.0,
-     ("transport", "atomic16k_j4", "nullfs-xattr", None, None)),
+     ("transport", "atomic16k_j4", "nullfs", None, None)),
     ("cached 16K random write ÷ null FS with getxattr", "rand16k_cached", "rand16k_cached",
-     "nullfs-xattr", 0.9, None),
+     "nullfs-xattr", 0.9, ("transport", "rand16k_cached", "nullfs", None, None)),
     ("create ÷ null FS", "meta_create", "meta_create", "nullfs", 0.8,
      ("transport", "meta_create", "nullfs-perm", None, None)),
     ("stat ÷ null FS", "meta_stat", "meta_stat", "nullfs", 0.8,
@@ -83,9 +86,9 @@ ISSUE14_GOALS: tuple[tuple[str, str, str, str, float, Ceiling], ...] = (
     ("1M sequential O_DIRECT read ÷ XFS", "seq1m_read_direct", "seq1m_read_direct", "xfs",
      0.8, ("serial", "seq1m_read_direct", "nullfs", "seq1m_read_direct", "xfs")),
     ("1M sequential O_DIRECT write ÷ XFS", "seq1m_write_direct", "seq1m_write_direct", "xfs",
-     0.8, ("serial", "seq1m_write_direct", "nullfs-xattr", "seq1m_write_direct", "xfs")),
+     0.8, ("serial", "seq1m_write_direct", "nullfs", "seq1m_write_direct", "xfs")),
     ("1M sequential buffered write + fsync ÷ XFS", "seq1m_write", "seq1m_write", "xfs", 0.8,
-     ("overlap", "seq1m_write", "nullfs-xattr", "seq1m_write_direct", "xfs")),
+     ("overlap", "seq1m_write", "nullfs", "seq1m_write_direct", "xfs")),
 )
 
 

@@ -170,7 +170,8 @@ def test_mkfs_t_mount_t_umount_fsck_t(installed: Installed, place: Path) -> None
     stat = json.loads(os.getxattr(mnt, "user.atomicfs.stat"))
     pid = stat["pid"]
     # the installed daemon found libatomicfs-fuseconn.so next to its command
-    assert stat["fuse_conn"] == {"wrapped": True, "auto_inval_data": False}
+    assert stat["fuse_conn"] == {"wrapped": True, "auto_inval_data": False,
+                                 "handle_killpriv_v2": True}
     res = installed.run("umount", mnt)
     assert res.returncode == 0, res.stderr
     # umount.fuse.atomicfs waited for the write-back: the daemon is gone, the image is at
