@@ -175,7 +175,7 @@ class NullTarget(Target):
         self.description = {
             "xattr": "bench/nullfs.py --xattrs: discards writes, reads zeros, answers "
                      "getxattr (so pays the per-write security.capability round trip, as "
-                     "atomicfs does)",
+                     "atomicfs did before it negotiated FUSE_HANDLE_KILLPRIV_V2)",
             "perm": "bench/nullfs.py --perm: nullfs mounted with default_permissions, as "
                     "atomicfs is (the kernel asks for the directory's attributes after each "
                     "create or unlink); metadata rows only",
