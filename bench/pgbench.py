@@ -46,7 +46,8 @@ RATIOS = ((("atomicfs-sw", "off"), ("xfs", "on"), ">= 0.8"),
 # Where a commit's time goes: (what, latency section, histogram names)
 BREAKDOWN = (
     ("write (WAL, and data files the checkpointer and bgwriter write)", "fuse", ("write",)),
-    ("getxattr (security.capability: per inode, not per write, with KILLPRIV_V2)", "fuse", ("getxattr",)),
+    ("getxattr (security.capability: per inode, not per write, with KILLPRIV_V2)", "fuse",
+     ("getxattr",)),
     ("fsync / fdatasync", "fuse", ("fsync",)),
     ("log batch write (+ its flush)", "device", ("log_write", "log_write_flush")),
     ("device flush", "device", ("flush",)),
