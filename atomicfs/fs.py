@@ -338,7 +338,8 @@ class AtomicFS(pyfuse3.Operations):
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
-        kill = fuseconn.kill_suidgid()  # before any await (see fuseconn)
+        # before any await (see fuseconn); the kernel flags only O_TRUNC opens
+        kill = fuseconn.kill_suidgid() if flags & os.O_TRUNC else None
         node = self._get(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
