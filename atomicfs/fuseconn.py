@@ -85,8 +85,7 @@ def killpriv_v2() -> bool:
     """The kernel took FUSE_HANDLE_KILLPRIV_V2: requests flag when the filesystem must clear
     setuid/setgid bits (`kill_suidgid`), and the kernel asks for security.capability once
     per inode instead of before every write."""
-    return (_lib is not None and _lib.afs_fuseconn_io_state() == 1
-            and bool(_lib.afs_fuseconn_init_replied() & FUSE_HANDLE_KILLPRIV_V2))
+    return _lib is not None and bool(_lib.afs_fuseconn_init_replied() & FUSE_HANDLE_KILLPRIV_V2)
 
 
 @dataclass(frozen=True)

@@ -97,16 +97,13 @@ typedef int (*custom_io_fn)(struct fuse_session *, const struct fuse_custom_io *
 typedef int (*session_fd_fn)(struct fuse_session *);
 
 static unsigned add_init;        /* FUSE_* INIT flags to add to the reply, if offered */
-static int io_state;             /* 0: libfuse's own I/O; 1: custom I/O installed */
 static uint64_t init_unique;     /* the INIT request, until its reply is written */
 static uint32_t init_offered;    /* the kernel's INIT flags */
-static uint32_t init_replied;    /* the flags of the INIT reply as sent */
+static uint32_t init_replied;    /* the INIT reply's flags, once custom I/O sent it */
 static int kill_suidgid;         /* the last request read asks to clear setuid/setgid */
 static uint32_t kill_uid, kill_gid, kill_pid;  /* and who sent it */
 
 void afs_fuseconn_add_init(unsigned flags) { add_init = flags; }
-int afs_fuseconn_io_state(void) { return io_state; }
-unsigned afs_fuseconn_init_offered(void) { return init_offered; }
 unsigned afs_fuseconn_init_replied(void) { return init_replied; }
 int afs_fuseconn_kill_suidgid(void) { return kill_suidgid; }
 unsigned afs_fuseconn_kill_uid(void) { return kill_uid; }
@@ -191,8 +188,7 @@ int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
         return -1;
     int res = next(se, mountpoint);
     /* custom I/O only when something needs it: the same reads and writes, minus splice */
-    if (res == 0 && add_init && custom_io && session_fd &&
-        custom_io(se, &io, session_fd(se)) == 0)
-        io_state = 1;
+    if (res == 0 && add_init && custom_io && session_fd)
+        custom_io(se, &io, session_fd(se)); /* on failure libfuse's own I/O stays */
     return res;
 }
