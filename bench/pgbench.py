@@ -1,8 +1,11 @@
 """The pgbench row of `make bench`: PostgreSQL's TPC-B-like load on atomicfs with
 full_page_writes off and on, on kernel XFS with it on and off, and on a pyfuse3
 passthrough over that XFS (bench/passthrough.py, fpw on), all on the bench's one loop
-device in one run; then where a commit's time goes on atomicfs, from the daemon's latency
-histograms (`atomicfs stat`'s `latency` key) over each atomicfs run.
+device in one run; then where a commit's time goes, link by link: PostgreSQL's own timing
+of its WAL writes and syncs (pg_stat_wal, every configuration), the kernel's round trip of
+each FUSE request (the fuse tracepoints, bench/fusetrace.py: atomicfs and the
+passthrough), the daemon's latency histograms (`atomicfs stat`'s `latency` key) and its
+device requests.
 
 Two groups, each set up once (initdb, `pgbench -i -s SCALE`): atomicfs on the loop device
 (software path, a data directory with 8 KiB atomic units, so fpw=off is safe), then XFS on
@@ -14,6 +17,7 @@ rotate from round to round. Servers run as user postgres on private sockets (tes
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from atomicfs.stats import delta
+from bench.fusetrace import FuseTrace
 from bench.sysutil import REPO, BenchError, Environment, start_fuse_daemon, stop_fuse_daemon
 from bench.targets import AtomicTarget, KernelTarget, Target
 
@@ -45,6 +50,9 @@ RATIOS = ((("atomicfs-sw", "off"), ("xfs", "on"), ">= 0.8"),
           (("xfs", "off"), ("xfs", "on"), ""))
 # Where a commit's time goes: (what, latency section, histogram names)
 BREAKDOWN = (
+    ("FUSE write round trip in the kernel (queued to replied: the daemon's time, the wait "
+     "for the daemon to read it and the transport)", "kernel", ("write",)),
+    ("FUSE fsync round trip in the kernel (the same)", "kernel", ("fsync",)),
     ("write (WAL, and data files the checkpointer and bgwriter write)", "fuse", ("write",)),
     ("getxattr (security.capability: per inode, not per write, with KILLPRIV_V2)", "fuse",
      ("getxattr",)),
@@ -58,6 +66,10 @@ BREAKDOWN = (
     ("completion wake-up (reap to waiting task)", "device", ("completion_wakeup",)),
 )
 DATA_UNIT = 8192
+# PostgreSQL times its own WAL writes and syncs (pg_stat_wal); a clock read around each,
+# for every configuration alike
+PG_SETTINGS = {"track_wal_io_timing": "on"}
+WAL_STATS = "SELECT wal_write, wal_write_time, wal_sync, wal_sync_time FROM pg_stat_wal"
 XATTR_UNIT = "user.atomicfs.atomic_unit"
 
 
@@ -148,7 +160,7 @@ def _run_group(env: Environment, group: list[tuple[str, str]], rounds: int,
         shutil.chown(datadir, "postgres", "postgres")
         if atomic:  # inherited by everything initdb creates
             os.setxattr(datadir, XATTR_UNIT, str(DATA_UNIT).encode())
-        pg = PgServer(lab, datadir, {"full_page_writes": "on"}, name="bench")
+        pg = PgServer(lab, datadir, {"full_page_writes": "on", **PG_SETTINGS}, name="bench")
         pg.initdb()
         pg.start()
         pg.pgbench_init(settings.scale)
@@ -165,7 +177,9 @@ def _run_group(env: Environment, group: list[tuple[str, str]], rounds: int,
                     passthrough.mount()
                 try:
                     pg.datadir = via
-                    run = _one_run(pg, target if atomic else None, fpw, settings)
+                    fuse_mnt = (env.host if name == "passthrough" else
+                                env.mnt if atomic else None)
+                    run = _one_run(pg, target if atomic else None, fpw, settings, fuse_mnt)
                 finally:
                     passthrough.unmount()
                 run.update({"round": rnd, "target": name, "full_page_writes": fpw})
@@ -180,9 +194,11 @@ def _run_group(env: Environment, group: list[tuple[str, str]], rounds: int,
             raise BenchError(f"cleanup: {errors}")
 
 
-def _one_run(pg: Any, atomicfs: Target | None, fpw: str, settings: Settings
-             ) -> dict[str, Any]:
-    """Start the server with this full_page_writes, checkpoint, one timed pgbench run."""
+def _one_run(pg: Any, atomicfs: Target | None, fpw: str, settings: Settings,
+             fuse_mnt: Path | None) -> dict[str, Any]:
+    """Start the server with this full_page_writes, checkpoint, one timed pgbench run;
+    PostgreSQL's own WAL timings and, on a FUSE mount (fuse_mnt), the kernel's round
+    trips of its requests."""
     from tests.apps.harness import run
     t0 = time.monotonic()
     pg.settings["full_page_writes"] = fpw
@@ -191,13 +207,16 @@ def _one_run(pg: Any, atomicfs: Target | None, fpw: str, settings: Settings
         if pg.psql("SHOW full_page_writes") != fpw:
             raise BenchError(f"full_page_writes is not {fpw}")
         pg.psql("CHECKPOINT")
+        pg.psql("SELECT pg_stat_reset_shared('wal')")
         lsn0 = pg.wal_lsn()
         before = atomicfs.stats() if atomicfs else None
         args = pg.pgbench_args(settings.clients, settings.seconds, keep_history=False)
         args[args.index("-j") + 1] = str(settings.threads)
-        res = run(args, timeout=settings.seconds + 600)
+        with FuseTrace(fuse_mnt) if fuse_mnt else contextlib.nullcontext() as trace:
+            res = run(args, timeout=settings.seconds + 600)
         after = atomicfs.stats() if atomicfs else None
         wal = pg.wal_lsn() - lsn0
+        wal_io = wal_stats(pg.psql(WAL_STATS))
     finally:
         pg.stop()
     out: dict[str, Any] = {"tps": _field(r"^tps = ([0-9.]+)", res.stdout),
@@ -206,8 +225,11 @@ def _one_run(pg: Any, atomicfs: Target | None, fpw: str, settings: Settings
                                res.stdout)),
                            "latency_ms": _field(r"^latency average = ([0-9.]+) ms",
                                                 res.stdout),
-                           "wal_bytes": wal, "wall_s": round(time.monotonic() - t0, 1),
+                           "wal_bytes": wal, "wal_io": wal_io,
+                           "wall_s": round(time.monotonic() - t0, 1),
                            "cmd": " ".join(args)}
+    if trace is not None and (rtt := trace.result()) is not None:
+        out["fuse_rtt"] = rtt
     if before and after:
         out["latency"] = {sec: {name: delta(h, before["latency"].get(sec, {}).get(name))
                                 for name, h in after["latency"].get(sec, {}).items()}
@@ -220,6 +242,16 @@ def _field(pattern: str, text: str) -> float:
     if m is None:
         raise BenchError(f"pgbench printed no {pattern!r}:\n{text[-2000:]}")
     return float(m.group(1))
+
+
+def wal_stats(row: str) -> dict[str, float]:
+    """pg_stat_wal's WAL writes and syncs and the milliseconds they took (WAL_STATS's row,
+    as psql -A -t prints it)."""
+    try:
+        writes, write_ms, syncs, sync_ms = (float(x) for x in row.split("|"))
+    except ValueError:
+        raise BenchError(f"pg_stat_wal gave {row!r}") from None
+    return {"writes": writes, "write_ms": write_ms, "syncs": syncs, "sync_ms": sync_ms}
 
 
 # ---------------------------------------------------------------------------- figures
@@ -239,6 +271,11 @@ def aggregate(data: dict[str, Any]) -> None:
                     r["wal_bytes"] / r["transactions"] for r in runs
                     if r["target"] == name and r["full_page_writes"] == fpw
                     and r["transactions"])}
+    for key, f in figures.items():
+        name, fpw = key.split("/")
+        same = [r for r in runs if r["target"] == name and r["full_page_writes"] == fpw]
+        f["wal_io"] = _wal_io(same)
+        f["fuse_rtt"] = _fuse_rtt(same)
     data["figures"] = figures
     ratios = []
     for (a, ra), (b, rb), goal in RATIOS:
@@ -257,13 +294,45 @@ def aggregate(data: dict[str, Any]) -> None:
                          for fpw in ("off", "on")}
 
 
+def _wal_io(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """PostgreSQL's WAL writes and syncs per transaction and their mean µs, medians over
+    the runs (empty when no run has pg_stat_wal's figures)."""
+    per_run = [(w["writes"] / r["transactions"], 1000 * w["write_ms"] / w["writes"],
+                w["syncs"] / r["transactions"], 1000 * w["sync_ms"] / w["syncs"])
+               for r in runs if (w := r.get("wal_io")) and w["writes"] and w["syncs"]]
+    if not per_run:
+        return {}
+    keys = ("writes_per_txn", "write_us", "syncs_per_txn", "sync_us")
+    return {k: statistics.median(v[i] for v in per_run) for i, k in enumerate(keys)}
+
+
+def _fuse_rtt(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The kernel's round trip of FUSE writes and fsyncs: mean and p50 µs, medians over
+    the runs that recorded it."""
+    out = {}
+    for op in ("write", "fsync"):
+        hs = [h for r in runs if (h := r.get("fuse_rtt", {}).get(op)) and h["count"]]
+        if hs:
+            out[op] = {k: statistics.median(h[k] for h in hs) for k in ("mean_us", "p50_us")}
+    return out
+
+
 def _breakdown(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per transaction, medians over the rounds: how many of each request, their mean,
     p50 and p99 (of the row's busiest histogram), and the daemon time they took."""
     if not runs:
         return []
-    rows = [row for what, section, names in BREAKDOWN
-            if (row := _row(runs, what, section, names)) is not None]
+    rows = []
+    wal = _wal_io(runs)
+    if wal:  # what PostgreSQL saw first, then the kernel, the daemon, the device
+        rows += [{"what": "WAL write, as PostgreSQL timed it (pg_stat_wal)",
+                  "per_txn": wal["writes_per_txn"], "mean_us": wal["write_us"],
+                  "us_per_txn": wal["writes_per_txn"] * wal["write_us"]},
+                 {"what": "WAL sync (fdatasync), as PostgreSQL timed it",
+                  "per_txn": wal["syncs_per_txn"], "mean_us": wal["sync_us"],
+                  "us_per_txn": wal["syncs_per_txn"] * wal["sync_us"]}]
+    rows += [row for what, section, names in BREAKDOWN
+             if (row := _row(runs, what, section, names)) is not None]
     fuse = [(sum(h["count"] for h in r["latency"]["fuse"].values()),
              sum(h["sum_us"] for h in r["latency"]["fuse"].values()), r["transactions"])
             for r in runs]
@@ -279,7 +348,8 @@ def _row(runs: list[dict[str, Any]], what: str, section: str, names: tuple[str, 
          ) -> dict[str, Any] | None:
     per_run = []
     for r in runs:
-        hs = [h for n, h in r["latency"][section].items() if n in names and h["count"]]
+        hists = r.get("fuse_rtt", {}) if section == "kernel" else r["latency"][section]
+        hs = [h for n, h in hists.items() if n in names and h["count"]]
         if not hs:
             continue
         count = sum(h["count"] for h in hs)
@@ -316,11 +386,29 @@ def markdown(data: dict[str, Any]) -> str:
                    if r["round_min"] is not None else "")
             lines.append(f"| {r['subject']} ÷ {r['reference']} | {r['ratio']:.2f} | {rng} | "
                          f"{r['goal']} |")
+    wal_rows = [(name, fpw, f) for name, fpw in CONFIGS
+                if (f := fig.get(f"{name}/{fpw}")) and f.get("wal_io")]
+    if wal_rows:
+        lines += ["", "WAL I/O as PostgreSQL timed it (pg_stat_wal with track_wal_io_timing; "
+                  "mean µs) and, on the FUSE mounts, the kernel's round trip of the FUSE "
+                  "requests (queued to replied, from the fuse tracepoints; mean / p50 µs); "
+                  "medians over the rounds:", "",
+                  "| filesystem | full_page_writes | WAL writes/txn | WAL write µs | "
+                  "WAL syncs/txn | WAL sync µs | FUSE write round trip | FUSE fsync round "
+                  "trip |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for name, fpw, f in wal_rows:
+            w = f["wal_io"]
+            rtt = [f"{h['mean_us']:,.0f} / {h['p50_us']:,.0f}" if (h := f["fuse_rtt"].get(op))
+                   else "" for op in ("write", "fsync")]
+            lines.append(f"| {name} | {fpw} | {w['writes_per_txn']:.2f} | {w['write_us']:,.0f} "
+                         f"| {w['syncs_per_txn']:.2f} | {w['sync_us']:,.0f} | "
+                         + " | ".join(rtt) + " |")
     for fpw, rows in data.get("breakdown", {}).items():
         if not rows:
             continue
         lines += ["", f"Where a transaction's time goes on atomicfs-sw, full_page_writes={fpw} "
-                  "(daemon latency histograms over the run; per transaction, medians over "
+                  "(PostgreSQL's WAL timings, the kernel's FUSE round trips, the "
+                  "daemon's latency histograms over the run; per transaction, medians over "
                   "the rounds; requests overlap, so times do not add up to the total):", "",
                   "| request | per txn | mean µs | p50 µs | p99 µs | µs per txn |",
                   "|---|---:|---:|---:|---:|---:|"]

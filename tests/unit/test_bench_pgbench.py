@@ -16,8 +16,11 @@ def _run(rnd: int, target: str, fpw: str, tps: float) -> dict[str, Any]:
     run: dict[str, Any] = {"round": rnd, "target": target, "full_page_writes": fpw,
                            "tps": tps, "transactions": int(tps * 5), "latency_ms": 2.0,
                            "wal_bytes": int(tps * 5) * 1000, "wall_s": 7.0}
+    n = run["transactions"]
+    run["wal_io"] = {"writes": n, "write_ms": n * 0.25, "syncs": n / 2, "sync_ms": n * 0.45}
+    if target in ("atomicfs-sw", "passthrough"):
+        run["fuse_rtt"] = {"write": _h(2 * n, 70), "fsync": _h(n, 600)}
     if target == "atomicfs-sw":
-        n = run["transactions"]
         run["latency"] = {"fuse": {"write": _h(2 * n, 50), "fsync": _h(n, 400),
                                    "getxattr": _h(2 * n, 10)},
                           "device": {"log_write_flush": _h(n, 300),
@@ -45,9 +48,25 @@ def test_figures_ratios_and_breakdown() -> None:
     assert rows["write"]["per_txn"] == 2.0 and rows["log batch write"]["mean_us"] == 300
     assert "device flush" not in rows  # none in these runs
     assert rows["all FUSE requests"]["us_per_txn"] == 2 * 50 + 400 + 2 * 10
+    # the chain: PostgreSQL's own timings, then the kernel's round trips, then the daemon
+    assert [r["what"].split(",")[0].split(" (")[0] for r in data["breakdown"]["off"][:4]] == [
+        "WAL write", "WAL sync", "FUSE write round trip in the kernel",
+        "FUSE fsync round trip in the kernel"]
+    wal = data["figures"]["xfs/on"]["wal_io"]
+    assert (wal["writes_per_txn"], wal["write_us"]) == (1.0, 250.0)
+    assert (wal["syncs_per_txn"], wal["sync_us"]) == (0.5, 900.0)
+    assert data["figures"]["xfs/on"]["fuse_rtt"] == {}
+    assert data["figures"]["passthrough/on"]["fuse_rtt"]["fsync"]["mean_us"] == 600
     text = pgbench.markdown(data)
+    assert "| xfs | on | 1.00 | 250 | 0.50 | 900 |  |  |" in text
+    assert "| atomicfs-sw | off | 1.00 | 250 | 0.50 | 900 | 70 / 70 | 600 / 600 |" in text
     assert "| atomicfs-sw/off ÷ xfs/on | 0.85 | 0.80–0.90 | >= 0.8 |" in text
     assert "full_page_writes=on" in text and "FAILED: boom" in text
+
+
+def test_wal_stats_row() -> None:
+    assert pgbench.wal_stats("120|30.5|60|54.25") == {"writes": 120, "write_ms": 30.5,
+                                                     "syncs": 60, "sync_ms": 54.25}
 
 
 def test_configs_follow_targets() -> None:
