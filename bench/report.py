@@ -365,7 +365,20 @@ def machine_line(data: dict[str, Any]) -> str:
             f"{m['memory_bytes'] / 2**30:.0f} GiB; backing: {d.get('backing_size', 0) >> 30} "
             f"GiB file on {d.get('backing_host_fstype')} ({d.get('backing_host_device')}), "
             f"loop device with direct I/O; {m['fio']}; load average at start "
-            f"{m['loadavg_start'][0]:.1f}, at end {m.get('loadavg_end', [0])[0]:.1f}")
+            f"{m['loadavg_start'][0]:.1f}, at end {m.get('loadavg_end', [0])[0]:.1f}"
+            + idle_text(m.get("cpuidle", {})))
+
+
+def idle_text(idle: dict[str, Any]) -> str:
+    """The machine line's part on idle CPUs (see sysutil.cpuidle_info)."""
+    if not idle.get("driver"):
+        return ""
+    text = f"; cpuidle {idle['driver']}"
+    if "guest_halt_poll_ns" in idle:
+        ns = idle["guest_halt_poll_ns"]
+        text += (f" (guest halt polling {ns / 1000:g} µs)" if ns else
+                 " (no guest halt polling: an idle vCPU halts at once)")
+    return text
 
 
 def markdown(data: dict[str, Any]) -> str:

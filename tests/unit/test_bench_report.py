@@ -112,3 +112,11 @@ def test_the_profile_counts_only_the_trio_loops_thread(tmp_path: Any) -> None:
 def test_every_target_has_a_colour_in_the_plots() -> None:
     from bench.targets import ALL_TARGETS
     assert set(report.COLORS) == set(report.ORDER) == set(ALL_TARGETS)
+
+
+def test_the_machine_line_says_how_idle_cpus_wait() -> None:
+    assert report.idle_text({}) == ""
+    assert report.idle_text({"driver": "intel_idle"}) == "; cpuidle intel_idle"
+    assert "halts at once" in report.idle_text({"driver": "haltpoll", "guest_halt_poll_ns": 0})
+    assert "guest halt polling 200 µs" in report.idle_text(
+        {"driver": "haltpoll", "guest_halt_poll_ns": 200000})
