@@ -28,6 +28,9 @@ VENV_BIN = Path(sys.executable).parent
 ATOMICFS = [sys.executable, "-m", "atomicfs"]
 
 
+HALT_POLL = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
+
 class BenchError(RuntimeError):
     """A step of the bench failed (a command, a mount); the message says which."""
 
@@ -245,6 +248,21 @@ class Environment:
         write_zeros(self.backing, self.backing_size)
         marker.touch()
 
+    def set_guest_halt_poll(self, ns: int) -> None:
+        """Set the haltpoll driver's guest_halt_poll_ns for the run; the old value comes
+        back when the environment closes, also after a failure or Ctrl-C."""
+        if ns < 0:
+            raise BenchError(f"--guest-halt-poll-ns must be 0 or more, not {ns}")
+        param = Path(HALT_POLL)
+        try:
+            old = param.read_text().strip()
+            param.write_text(f"{ns}\n")
+        except OSError as exc:
+            raise BenchError(f"cannot set {param} (a VM guest with the haltpoll cpuidle "
+                             f"driver, as root): {exc.strerror or exc}") from None
+        log.info("guest halt polling %d ns for this run (was %s)", ns, old)
+        self._stack.callback(param.write_text, old + "\n")
+
     # -------------------------------------------------------------- description
     def describe(self) -> dict[str, Any]:
         host = run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", "-T", str(self.backing)],
@@ -324,7 +342,7 @@ def cpuidle_info() -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, path in (("driver", "/sys/devices/system/cpu/cpuidle/current_driver"),
                       ("governor", "/sys/devices/system/cpu/cpuidle/current_governor"),
-                      ("guest_halt_poll_ns", "/sys/module/haltpoll/parameters/guest_halt_poll_ns")):
+                      ("guest_halt_poll_ns", HALT_POLL)):
         with contextlib.suppress(OSError, ValueError):
             text = Path(path).read_text().strip()
             out[key] = int(text) if key == "guest_halt_poll_ns" else text
