@@ -1,12 +1,13 @@
 """`make profile`: where the atomicfs daemon's time goes, sampled with py-spy.
 
 For the 16 KiB durable atomic write (O_DSYNC on a 16 KiB-unit file, one fio job and four),
-the cached 16 KiB random write and the buffered 1 MiB sequential write, on atomicfs on the
-bench's loop device (software path; --target atomicfs-hw for the hardware path, nullfs or
-nullfs-xattr for the transport alone), fio runs for a while and `py-spy record` samples
-the daemon meanwhile. The raw samples (collapsed stacks, for flamegraph.pl or speedscope) and a
-summary of the largest costs go to bench/results/profile-DATE/ and, unless --no-latest, to
-bench/latest/profile/ (bench/latest/profile-nullfs/ etc. for the other targets).
+the 16 KiB write + fsync (PostgreSQL's WAL flush cycle in shape), the cached 16 KiB random
+write and the buffered 1 MiB sequential write, on atomicfs on the bench's loop device
+(software path; --target atomicfs-hw for the hardware path, nullfs or nullfs-xattr for the
+transport alone), fio runs for a while and `py-spy record` samples the daemon meanwhile. The
+raw samples (collapsed stacks, for flamegraph.pl or speedscope) and a summary of the largest
+costs go to bench/results/profile-DATE/ and, unless --no-latest, to bench/latest/profile/
+(bench/latest/profile-nullfs/ etc. for the other targets).
 
     python -m bench.profile [--seconds 8] [--rate 250] [--target atomicfs-sw] [--no-native]
 """
@@ -29,7 +30,7 @@ from typing import Any, Sequence
 from bench.sysutil import (REPO, VENV_BIN, BenchError, Environment, kill_group, need_tools,
                            run)
 from bench.targets import Target, make_target
-from bench.workloads import (CACHED, DSYNC, SEQ_SIZE, Spec, Timing, fio_cmd, prepare,
+from bench.workloads import (CACHED, DSYNC, FSYNC, SEQ_SIZE, Spec, Timing, fio_cmd, prepare,
                              cpu_seconds, prewrite)
 from bench.run import BACKING_SIZE
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 CASES: tuple[tuple[str, str, Spec], ...] = (
     ("durable", "16K durable atomic random write (O_DSYNC, 16 KiB unit, 1 job)", DSYNC[1]),
     ("durable4", "16K durable atomic random write (O_DSYNC, 16 KiB unit, 4 jobs)", DSYNC[4]),
+    ("fsync", "16K random write + fsync (16 KiB unit, 1 job: the shape of PostgreSQL's WAL "
+     "flush cycle, a FUSE write and a FUSE fsync)", FSYNC),
     ("cached", "16K random write, cached (16 KiB unit, 1 job)", CACHED),
     ("seqwrite", "1M sequential write, buffered (plain file, 1 job)",
      Spec("seq1m-write-loop", "fio", "buffered, overwrite", where="plain", stem="seq",
