@@ -261,21 +261,16 @@ def aggregate(data: dict[str, Any]) -> None:
     runs = [r for r in data["runs"] if "tps" in r and r["transactions"]]
     figures: dict[str, Any] = {}
     for name, fpw in CONFIGS:
-        tps = {r["round"]: r["tps"] for r in runs
-               if r["target"] == name and r["full_page_writes"] == fpw}
-        if tps:
-            figures[f"{name}/{fpw}"] = {
-                "median": statistics.median(tps.values()), "min": min(tps.values()),
-                "max": max(tps.values()), "runs": {str(k): v for k, v in tps.items()},
-                "wal_bytes_per_txn": statistics.median(
-                    r["wal_bytes"] / r["transactions"] for r in runs
-                    if r["target"] == name and r["full_page_writes"] == fpw
-                    and r["transactions"])}
-    for key, f in figures.items():
-        name, fpw = key.split("/")
         same = [r for r in runs if r["target"] == name and r["full_page_writes"] == fpw]
-        f["wal_io"] = _wal_io(same)
-        f["fuse_rtt"] = _fuse_rtt(same)
+        if not same:
+            continue
+        tps = {r["round"]: r["tps"] for r in same}
+        figures[f"{name}/{fpw}"] = {
+            "median": statistics.median(tps.values()), "min": min(tps.values()),
+            "max": max(tps.values()), "runs": {str(k): v for k, v in tps.items()},
+            "wal_bytes_per_txn": statistics.median(r["wal_bytes"] / r["transactions"]
+                                                   for r in same),
+            "wal_io": _wal_io(same), "fuse_rtt": _fuse_rtt(same)}
     data["figures"] = figures
     ratios = []
     for (a, ra), (b, rb), goal in RATIOS:
