@@ -27,7 +27,7 @@ import sys
 import pyfuse3
 import trio
 
-from atomicfs import daemonlog, runtime
+from atomicfs import daemonlog, fuseloop, runtime
 from atomicfs.errors import UserError
 from atomicfs.control import XATTR_CONTROL, XATTR_STAT
 from atomicfs.fs import AtomicFS
@@ -213,6 +213,9 @@ async def _main(vol: Volume, fs: AtomicFS, mountpoint: str) -> bool:
     async with trio.open_nursery() as nursery:
         await vol.start(nursery)
         nursery.start_soon(_handle_signals, mountpoint)
+        loop = fuseloop.install(vol.dev.completion_fd(), vol.opts.request_poll_us)
+        if loop is not None:
+            nursery.start_soon(loop.watch_end)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         log.info("unmounted; writing back")
         ok = await vol.shutdown()

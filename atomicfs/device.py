@@ -400,6 +400,12 @@ class Device:
         self.latency.add("completion_wakeup", time.perf_counter_ns() - entry[6])
         return self._check(io, what)
 
+    def completion_fd(self) -> int:
+        """The eventfd the I/O threads signal completions on (readable: the reaper has work);
+        -1 once closed. For the request loop's spin (atomicfs/fuseloop.py), which stops
+        when it becomes readable."""
+        return lib.afs_ioq_eventfd(self._q) if self._q is not None else -1
+
     async def run_reaper(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                          ) -> None:
         """Hand completions from the C threads to the tasks waiting for them."""

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import pyfuse3
 
 from atomicfs import format as fmt
-from atomicfs import fuseconn
+from atomicfs import fuseconn, fuseloop
 from atomicfs.control import PREFIX, SETTINGS, Control, InjectedDaemonFault
 from atomicfs.errors import DeviceError, NoSpace
 from atomicfs.filemap import UNCACHED_READ_MIN
@@ -80,7 +80,7 @@ def fuse_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             # tracked by the watchdog: a request that hangs says what it waits for
             with self.vol.watchdog.track(name, str(args[0]) if args else "", fuse=True):
                 self.control.check_fault(name)
-                return await fn(self, *args, **kwargs)
+                return await fuseloop.serve(fn(self, *args, **kwargs))
         except (pyfuse3.FUSEError, InjectedDaemonFault):
             raise
         except NoSpace:
@@ -180,6 +180,9 @@ class AtomicFS(pyfuse3.Operations):
         return self._attr(inode)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        await fuseloop.serve(self._forget(inode_list))
+
+    async def _forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
             inode = self.md.inodes.get(ino)
             if inode is None:

@@ -81,6 +81,14 @@ def state() -> dict[str, Any]:
             "handle_killpriv_v2": killpriv_v2()}
 
 
+def loop_fds() -> tuple[int, int]:
+    """/dev/fuse and the eventfd that says the connection ended, once the wrapper's custom
+    I/O reads the connection (after mounting); (-1, -1) otherwise (atomicfs/fuseloop.py)."""
+    if _lib is None:
+        return -1, -1
+    return _lib.afs_fuseconn_fd(), _lib.afs_fuseconn_end_fd()
+
+
 def killpriv_v2() -> bool:
     """The kernel took FUSE_HANDLE_KILLPRIV_V2: requests flag when the filesystem must clear
     setuid/setgid bits (`kill_suidgid`), and the kernel asks for security.capability once

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from atomicfs import format as fmt
 from atomicfs.device import InjectSpec, parse_inject
+from atomicfs.fuseloop import DEFAULT_POLL_US, MAX_POLL_US
 from atomicfs.sizes import is_power_of_two, parse_size
 
 MIN_CACHE = 4 << 20
@@ -37,6 +38,7 @@ class MountOptions:
     unsafe_atomic: bool = False
     commit_interval: float = 5.0
     folio_size: int = DEFAULT_FOLIO
+    request_poll_us: int = DEFAULT_POLL_US  # the request loop's poll before it sleeps
     testing: bool = False  # the test knobs' controls are allowed (to root)
     knobs: list[str] = field(default_factory=list)  # the test knobs given, in order
     # access times: relatime (the default) or noatime; nodiratime for
@@ -56,14 +58,14 @@ class MountOptions:
             "delay_ms": self.delay_ms, "record": self.record,
             "unsafe_atomic": self.unsafe_atomic, "testing": self.testing,
             "atime": self.atime, "nodiratime": self.nodiratime,
-            "kernel_flags": self.kernel_flags,
+            "kernel_flags": self.kernel_flags, "request_poll_us": self.request_poll_us,
         }
 
 
 FLAGS = {"atomic_strict", "writethrough", "allow_other", "debug", "unsafe_atomic", "testing",
          "ro"}
 VALUED = {"atomic_unit", "cache_size", "dirty_expire", "atomic_path", "inject", "delay",
-          "record", "commit_interval", "folio_size"}
+          "record", "commit_interval", "folio_size", "request_poll_us"}
 # Options for mount(8), fstab and systemd, not for the filesystem: dropped. (mount(8) itself
 # keeps x-* and comment= from helpers; they are dropped here too for a direct command line.)
 IGNORED = {"rw", "defaults", "async", "auto", "noauto", "user", "users", "nouser", "owner",
@@ -120,6 +122,9 @@ OPTION_DOCS: tuple[OptionDoc, ...] = (
               "the defaults)"),
     OptionDoc("commit_interval", "SECONDS", "5", "longest time between metadata commits"),
     OptionDoc("folio_size", "SIZE", "64K", "folio size of files without an atomic unit"),
+    OptionDoc("request_poll_us", "MICROSECONDS", str(DEFAULT_POLL_US), "longest time the "
+              "daemon polls for the next request before it sleeps, 0 to "
+              f"{MAX_POLL_US} (0: never; the window adapts, see README)"),
     OptionDoc("inject", "SPEC", "none", "device fault injection (tests; root only)"),
     OptionDoc("delay", "MS", "0", "added latency of each device request, 0 to 60000 "
               "(tests; root only)"),
@@ -259,6 +264,11 @@ def _set_valued(opts: MountOptions, name: str, value: str) -> None:
         opts.delay_ms = parse_delay(value)
     elif name == "record":
         opts.record = parse_record(value)
+    elif name == "request_poll_us":
+        if not (value.isascii() and value.isdigit()) or int(value) > MAX_POLL_US:
+            raise ValueError(f"request_poll_us must be a whole number of microseconds from 0 "
+                             f"to {MAX_POLL_US}, not {value!r}")
+        opts.request_poll_us = int(value)
     elif name == "folio_size":
         opts.folio_size = parse_size(value)
         if not is_power_of_two(opts.folio_size) or not \

@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from atomicfs import format as fmt
-from atomicfs import fuseconn, owner
+from atomicfs import fuseconn, fuseloop, owner
 from atomicfs.alloc import Allocator
 from atomicfs.checkpoint import Checkpointer
 from atomicfs.delalloc import Delalloc
@@ -439,6 +439,7 @@ class Volume:
                       "inodes": len(self.md.inodes)},
             "options": self.opts.describe(),
             "fuse_conn": fuseconn.state(),
+            "request_loop": fuseloop.state(),
         }
 
     def _folio_states(self) -> dict[str, int]:

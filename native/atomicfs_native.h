@@ -96,3 +96,6 @@ int afs_ioq_set_record(struct afs_ioq *q, int fd);
 #define AFS_REC_FLAG_LOG 0x20
 #define AFS_REC_FLAG_SNAPSHOT 0x40
 #define AFS_REC_FLAG_DATA 0x80
+
+/* the request loop's spin before it sleeps (atomicfs/fuseloop.py) */
+int afs_poll_spin(int fd, int other_fd, int64_t max_ns);

@@ -30,6 +30,11 @@
  * the same task, see _session_loop), so a handler that asks first thing gets the answer
  * for its own request. It fails safe: without the library nothing is added, and the
  * kernel clears the bits and asks for security.capability itself as before.
+ *
+ * The custom I/O also serves the daemon's request loop (atomicfs/fuseloop.py), whose idle
+ * workers wait for work in the loop and not on /dev/fuse: it gives the loop the fd, and an
+ * eventfd that becomes readable when a read finds the connection gone (ENODEV: unmounted),
+ * so the loop can wake them to return.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 32
@@ -39,6 +44,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
+#include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -103,7 +110,12 @@ static uint32_t init_replied;    /* the INIT reply's flags, once custom I/O sent
 static int kill_suidgid;         /* the last request read asks to clear setuid/setgid */
 static uint32_t kill_uid, kill_gid, kill_pid;  /* and who sent it */
 
+static int conn_fd = -1;         /* /dev/fuse, once custom I/O reads it */
+static int end_fd = -1;          /* eventfd: readable once a read found the connection gone */
+
 void afs_fuseconn_add_init(unsigned flags) { add_init = flags; }
+int afs_fuseconn_fd(void) { return conn_fd; }
+int afs_fuseconn_end_fd(void) { return end_fd; }
 unsigned afs_fuseconn_init_replied(void) { return init_replied; }
 int afs_fuseconn_kill_suidgid(void) { return kill_suidgid; }
 unsigned afs_fuseconn_kill_uid(void) { return kill_uid; }
@@ -132,6 +144,14 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
 {
     (void)userdata;
     ssize_t n = read(fd, buf, len);
+    if (n < 0 && errno == ENODEV && end_fd >= 0) {
+        /* unmounted or aborted: libfuse ends the session; tell the request loop's idle
+         * workers (atomicfs/fuseloop.py), which wait for work, not on /dev/fuse */
+        int saved = errno;
+        uint64_t one = 1;
+        if (write(end_fd, &one, sizeof(one)) < 0) { /* cannot fail short of a bug */ }
+        errno = saved;
+    }
     kill_suidgid = 0;
     if (n >= (ssize_t)sizeof(struct fuse_in_header)) {
         const struct fuse_in_header *h = buf;
@@ -188,7 +208,10 @@ int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
         return -1;
     int res = next(se, mountpoint);
     /* custom I/O only when something needs it: the same reads and writes, minus splice */
-    if (res == 0 && add_init && custom_io && session_fd)
-        custom_io(se, &io, session_fd(se)); /* on failure libfuse's own I/O stays */
+    if (res == 0 && add_init && custom_io && session_fd &&
+        custom_io(se, &io, session_fd(se)) == 0) { /* on failure libfuse's own I/O stays */
+        conn_fd = session_fd(se);
+        end_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    }
     return res;
 }

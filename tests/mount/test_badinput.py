@@ -234,6 +234,9 @@ INVALID_OPTIONS = [
     ("delay=", ["delay", "needs a value"]),
     ("record=/nonexistent/dir/rec", ["record", "/nonexistent/dir", "not an existing"]),
     ("inject=data:99999999999999999999", ["inject count"]),
+    ("request_poll_us=1001", ["request_poll_us", "'1001'"]),
+    ("request_poll_us=-1", ["request_poll_us", "'-1'"]),
+    ("request_poll_us=fast", ["request_poll_us", "'fast'"]),
 ]
 
 
