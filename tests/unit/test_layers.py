@@ -21,7 +21,7 @@ PACKAGE = Path(atomicfs.__file__).resolve().parent
 LAYERS: list[set[str]] = [
     {"_native", "errors", "sizes", "stats", "locks"},  # _native: the C core (cffi)
     {"native", "runtime", "probe", "fuseconn"},
-    {"watchdog", "format", "daemonlog"},
+    {"watchdog", "format", "daemonlog", "fuseloop"},  # fuseloop: the FUSE request loop
     {"device", "metadata", "alloc"},                # the backing store; in-memory metadata
     {"superblock", "options"},
     {"owner", "replay", "consistency"},
